@@ -1,0 +1,50 @@
+"""`LLM`: offline batched generation in this process (the vLLM `LLM` shape)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from tqdm import tqdm
+
+from alignedserve.engine.config import EngineConfig
+from alignedserve.engine.llm_engine import LLMEngine, RequestOutput
+from alignedserve.scheduling.sampling_params import SamplingParams
+
+Prompt = str | list[int]
+
+
+class LLM:
+    """Generate from a model folder in-process.
+
+    >>> llm = LLM("/path/to/model", policy="fcfs")
+    >>> out = llm.generate(["Hello"], SamplingParams(temperature=0, max_tokens=8))
+    """
+
+    def __init__(self, model: str, policy: str = "fcfs", **engine_kwargs) -> None:
+        self.engine = LLMEngine(EngineConfig(model=str(model), policy=policy, **engine_kwargs))
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Run all prompts to completion; outputs come back in prompt order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # a single prompt: text, or one list of token ids
+        if params is None or isinstance(params, SamplingParams):
+            params = [params or SamplingParams()] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
+        ids = [self.engine.add_request(p, sp) for p, sp in zip(prompts, params, strict=True)]
+        results: dict[str, RequestOutput] = {}
+        with tqdm(total=len(ids), desc="generate", disable=not use_tqdm) as bar:
+            while self.engine.has_unfinished():
+                for out in self.engine.step():
+                    results[out.request_id] = out
+                    bar.update(1)
+        return [results[i] for i in ids]

@@ -1,0 +1,1 @@
+"""Model execution: forward passes, paged KV cache, attention backends, sampler."""

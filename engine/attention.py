@@ -1,0 +1,189 @@
+"""Attention over the paged KV cache, with interchangeable decode backends.
+
+One step's tokens are laid out flat: first `num_decode` decode tokens (one per sequence),
+then each prefill chunk's tokens contiguously. Every layer first stores the new K/V into
+the cache, then attends:
+- decode tokens through the chosen `DecodeBackend` (dense = padded, one SDPA call;
+  varlen = one SDPA call per sequence, no padding; flash = CUDA paged kernel);
+- prefill chunks one SDPA call each (their cost is compute-bound, so per-call overhead is
+  negligible), causal, reading earlier chunks' KV back from the cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from alignedserve.engine.kv_cache import PagedKVCache
+
+
+@dataclass(frozen=True)
+class DecodeBatch:
+    """Decode sequences of a step. Built once per step, shared by all layers."""
+
+    kv_lens: list[int]  # KV length of each sequence including this step's token
+    tables: torch.Tensor  # dense: [num_seqs, max_blocks] padded with block 0; else [sum blocks]
+    starts: list[int]  # varlen: row of each sequence's first token in the gathered blocks
+    mask: torch.Tensor | None  # dense: [num_seqs, 1, 1, max_blocks*block_size] True = attend
+    window: int | None  # sliding window in tokens, or None
+
+
+class DecodeBackend(Protocol):
+    """Attention of one query token per sequence against its cached KV.
+
+    forward: q [B, heads, head_dim] -> [B, heads, head_dim]. GQA is handled by folding the
+    query heads that share a KV head into the query-length axis, so KV is never repeated.
+    """
+
+    name: str
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b: DecodeBatch, scale: float
+    ) -> torch.Tensor: ...
+
+
+def padding_fraction(kv_lens: list[int]) -> float:
+    """Extra attention work a padded batch does, relative to the real KV tokens."""
+    real = sum(kv_lens)
+    return (len(kv_lens) * max(kv_lens) - real) / real if real else 0.0
+
+
+def build_decode_batch(
+    tables: list[list[int]], kv_lens: list[int], block_size: int, window: int | None, dense: bool
+) -> DecodeBatch:
+    if not dense:
+        starts, row = [], 0
+        for t in tables:
+            starts.append(row)
+            row += len(t) * block_size
+        flat = torch.tensor([b for t in tables for b in t], dtype=torch.long)
+        return DecodeBatch(kv_lens, flat, starts, None, window)
+    width = max(len(t) for t in tables)
+    padded = torch.zeros((len(tables), width), dtype=torch.long)
+    for i, t in enumerate(tables):
+        padded[i, : len(t)] = torch.tensor(t, dtype=torch.long)
+    pos = torch.arange(width * block_size)
+    lens = torch.tensor(kv_lens)[:, None]
+    keep = pos[None, :] < lens
+    if window is not None:
+        keep &= pos[None, :] > lens - 1 - window
+    return DecodeBatch(kv_lens, padded, [], keep[:, None, None, :], window)
+
+
+class DenseDecode:
+    """Pads every sequence to the batch's longest KV; one SDPA call. Best when aligned."""
+
+    name = "dense"
+
+    def forward(self, q, k, v, b: DecodeBatch, scale: float) -> torch.Tensor:
+        n, heads, dim = q.shape
+        kv_heads = k.shape[2]
+        kp = k.index_select(0, b.tables.flatten()).view(n, -1, kv_heads, dim).transpose(1, 2)
+        vp = v.index_select(0, b.tables.flatten()).view(n, -1, kv_heads, dim).transpose(1, 2)
+        qg = q.view(n, kv_heads, heads // kv_heads, dim)  # [B, kv_heads, group, dim]
+        out = F.scaled_dot_product_attention(qg, kp, vp, attn_mask=b.mask, scale=scale)
+        return out.reshape(n, heads, dim)
+
+
+class VarlenDecode:
+    """One SDPA call per sequence over exactly its KV; no padding work."""
+
+    name = "varlen"
+
+    def forward(self, q, k, v, b: DecodeBatch, scale: float) -> torch.Tensor:
+        n, heads, dim = q.shape
+        kv_heads = k.shape[2]
+        kall = k.index_select(0, b.tables).flatten(0, 1)  # [sum blocks*block_size, kv_heads, dim]
+        vall = v.index_select(0, b.tables).flatten(0, 1)
+        out = torch.empty_like(q)
+        for i, (row, length) in enumerate(zip(b.starts, b.kv_lens, strict=True)):
+            lo = max(0, length - b.window) if b.window is not None else 0
+            ki = kall[row + lo : row + length].transpose(0, 1)  # [kv_heads, L, dim]
+            vi = vall[row + lo : row + length].transpose(0, 1)
+            qi = q[i].view(kv_heads, heads // kv_heads, dim)
+            out[i] = F.scaled_dot_product_attention(qi, ki, vi, scale=scale).reshape(heads, dim)
+        return out
+
+
+class FlashAttnDecode:
+    """CUDA only, NOT exercised in CI (no GPU here): flash-attn's paged-KV decode kernel."""
+
+    name = "flash"
+
+    def forward(self, q, k, v, b: DecodeBatch, scale: float) -> torch.Tensor:
+        from flash_attn import flash_attn_with_kvcache
+
+        lens = torch.tensor(b.kv_lens, dtype=torch.int32, device=q.device)
+        window = (b.window - 1, 0) if b.window is not None else (-1, -1)
+        out = flash_attn_with_kvcache(
+            q[:, None], k, v, cache_seqlens=lens, block_table=b.tables.to(q.device, torch.int32),
+            softmax_scale=scale, causal=True, window_size=window,
+        )
+        return out[:, 0]
+
+
+DECODE_BACKENDS: dict[str, DecodeBackend] = {
+    "dense": DenseDecode(),
+    "varlen": VarlenDecode(),
+    "flash": FlashAttnDecode(),
+}
+
+
+@dataclass(frozen=True)
+class PrefillChunk:
+    """A prefill chunk: query rows [q_start, q_start+q_len), positions [start, start+q_len)."""
+
+    q_start: int
+    q_len: int
+    start: int
+    blocks: torch.Tensor  # [blocks] ids covering positions [0, start+q_len)
+    mask: torch.Tensor | None  # [q_len, start+q_len] True = attend; None = causal from 0
+
+
+def prefill_mask(start: int, q_len: int, window: int | None) -> torch.Tensor | None:
+    if start == 0 and (window is None or q_len <= window):
+        return None
+    q_pos = torch.arange(start, start + q_len)[:, None]
+    k_pos = torch.arange(start + q_len)[None, :]
+    keep = k_pos <= q_pos
+    if window is not None:
+        keep &= k_pos > q_pos - window
+    return keep
+
+
+@dataclass
+class AttentionStep:
+    """Everything attention needs for one step; passed explicitly to the model forward."""
+
+    cache: PagedKVCache
+    slot_blocks: torch.Tensor  # [T] block id of each new token
+    slot_offsets: torch.Tensor  # [T] offset within the block
+    num_decode: int
+    decode: DecodeBatch | None
+    backend: DecodeBackend
+    prefills: list[PrefillChunk]
+
+    def forward(self, layer: int, q, k, v, scale: float) -> torch.Tensor:
+        """q: [T, heads, dim]; k, v: [T, kv_heads, dim]. Returns [T, heads*dim]."""
+        self.cache.write(layer, k, v, self.slot_blocks, self.slot_offsets)
+        out = torch.empty_like(q)
+        nd = self.num_decode
+        if nd:
+            kc, vc = self.cache.k[layer], self.cache.v[layer]
+            out[:nd] = self.backend.forward(q[:nd], kc, vc, self.decode, scale)
+        for c in self.prefills:
+            rows = slice(c.q_start, c.q_start + c.q_len)
+            qi = q[rows].transpose(0, 1)  # [heads, q_len, dim]
+            if c.start == 0:
+                ki, vi = k[rows].transpose(0, 1), v[rows].transpose(0, 1)
+            else:
+                ki, vi = self.cache.gather(layer, c.blocks, c.start + c.q_len)
+            oi = F.scaled_dot_product_attention(
+                qi, ki, vi, attn_mask=c.mask, is_causal=c.mask is None, scale=scale,
+                enable_gqa=True,
+            )
+            out[rows] = oi.transpose(0, 1)
+        return out.flatten(1)

@@ -1,0 +1,166 @@
+"""The in-process engine loop: scheduler + model runner + output tracking."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+
+from alignedserve.engine.config import EngineConfig
+from alignedserve.engine.model_runner import ModelRunner, StepStats
+from alignedserve.engine.tokenizer import IncrementalDetokenizer, find_stop, load_tokenizer
+from alignedserve.scheduling.block_manager import KVBlockManager
+from alignedserve.scheduling.fcfs import FCFSScheduler, SchedulerLimits
+from alignedserve.scheduling.interface import Scheduler
+from alignedserve.scheduling.request import FinishReason, Request
+from alignedserve.scheduling.sampling_params import SamplingParams
+
+
+@dataclass
+class RequestOutput:
+    """The result of one finished request. Times are `time.monotonic()` seconds."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]  # generated ids (including a stop token / the one ending a stop string)
+    text: str  # detokenized output (cut before a matched stop string unless asked to keep it)
+    finish_reason: str  # "stop" | "length" | "abort"
+    arrival_time: float
+    first_token_time: float | None = None
+    token_times: list[float] = field(default_factory=list)  # one per generated token
+    logprobs: list[float] | None = None  # raw logprob per generated token, if requested
+    num_preemptions: int = 0
+
+    @property
+    def ttft(self) -> float | None:
+        return None if self.first_token_time is None else self.first_token_time - self.arrival_time
+
+
+@dataclass
+class _Tracked:
+    req: Request
+    out: RequestOutput
+    detok: IncrementalDetokenizer | None  # only for requests with stop strings
+
+
+def make_scheduler(cfg: EngineConfig, num_blocks: int) -> Scheduler:
+    kv = KVBlockManager(num_blocks, cfg.block_size)
+    limits = SchedulerLimits(cfg.max_num_seqs, cfg.max_num_batched_tokens)
+    return FCFSScheduler(kv, limits)
+
+
+class LLMEngine:
+    def __init__(self, cfg: EngineConfig, record_stats: bool = False) -> None:
+        self.cfg = cfg
+        self.runner = ModelRunner(cfg)
+        self.model_cfg = self.runner.model_cfg
+        self.scheduler = make_scheduler(cfg, self.runner.cache.num_blocks)
+        try:
+            self.tokenizer = load_tokenizer(cfg.model)
+        except (OSError, ValueError):
+            self.tokenizer = None  # token-id-only use (benchmarks) still works
+        eos = set(self.model_cfg.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.eos_token_ids = frozenset(eos)
+        self.record_stats = record_stats
+        self.stats: list[StepStats] = []
+        self._tracked: dict[str, _Tracked] = {}
+        self._ids = itertools.count()
+
+    @property
+    def max_model_len(self) -> int:
+        return self.runner.max_model_len
+
+    def encode(self, prompt: str) -> list[int]:
+        if self.tokenizer is None:
+            raise ValueError("this model folder has no tokenizer; pass token ids instead")
+        return self.tokenizer.encode(prompt)
+
+    def add_request(
+        self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None
+    ) -> str:
+        ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise ValueError("prompt is empty")
+        vocab = self.model_cfg.vocab_size
+        if any(not 0 <= t < vocab for t in ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt has {len(ids)} tokens; the limit is {self.max_model_len - 1} "
+                f"(max_model_len {self.max_model_len})"
+            )
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer")
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        req = Request(rid, ids, params, self.eos_token_ids, self.max_model_len)
+        self.scheduler.add_request(req)
+        detok = None
+        if params.stop:
+            detok = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)
+        out = RequestOutput(rid, ids, [], "", "", req.arrival_time,
+                            logprobs=[] if params.logprobs else None)
+        self._tracked[rid] = _Tracked(req, out, detok)
+        return rid
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        if self.scheduler.finish(request_id, FinishReason.ABORT) is None:
+            return None
+        return self._complete(self._tracked[request_id])
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduler step; return the requests that finished in it."""
+        sched = self.scheduler.schedule()
+        if sched.empty:
+            return []
+        res = self.runner.execute(sched)
+        if self.record_stats:
+            self.stats.append(res.stats)
+        now = time.monotonic()
+        finished = {r.request_id for r in self.scheduler.update(sched, res.sampled)}
+        done: list[RequestOutput] = []
+        for rid, token in res.sampled.items():
+            t = self._tracked[rid]
+            t.out.token_times.append(now)
+            if t.out.first_token_time is None:
+                t.out.first_token_time = now
+            if t.out.logprobs is not None:
+                t.out.logprobs.append(res.logprobs[rid])
+            if rid not in finished and self._hit_stop_string(t, token):
+                self.scheduler.finish(rid, FinishReason.STOP)
+                finished.add(rid)
+            if rid in finished:
+                done.append(self._complete(t))
+        return done
+
+    def _hit_stop_string(self, t: _Tracked, token: int) -> bool:
+        if t.detok is None:
+            return False
+        delta = t.detok.push(token)
+        return bool(delta) and find_stop(t.detok.text, t.req.params.stop, len(delta)) is not None
+
+    def _complete(self, t: _Tracked) -> RequestOutput:
+        req, out = t.req, t.out
+        out.token_ids = req.output_token_ids
+        out.finish_reason = req.finish_reason.value if req.finish_reason else "abort"
+        out.num_preemptions = req.num_preemptions
+        if self.tokenizer is not None:
+            out.text = self._final_text(t)
+        self.runner.release(req.request_id)
+        del self._tracked[req.request_id]
+        return out
+
+    def _final_text(self, t: _Tracked) -> str:
+        p = t.req.params
+        text = self.tokenizer.decode(t.req.output_token_ids, skip_special_tokens=p.skip_special_tokens)
+        cut = find_stop(text, p.stop, len(text))
+        if cut is None:
+            return text
+        if p.include_stop_str_in_output:
+            stop = min((s for s in p.stop if text.startswith(s, cut)), key=len)
+            return text[: cut + len(stop)]
+        return text[:cut]

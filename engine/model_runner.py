@@ -1,0 +1,150 @@
+"""Runs one scheduler step on the model: builds flat inputs, runs the forward, samples."""
+
+from __future__ import annotations
+
+import time
+import zlib
+from dataclasses import dataclass
+
+import torch
+
+from alignedserve.engine.attention import (
+    DECODE_BACKENDS,
+    AttentionStep,
+    DecodeBackend,
+    PrefillChunk,
+    build_decode_batch,
+    padding_fraction,
+    prefill_mask,
+)
+from alignedserve.engine.config import EngineConfig, ModelConfig
+from alignedserve.engine.kv_cache import PagedKVCache
+from alignedserve.engine.models import load_model
+from alignedserve.engine.sampler import sample
+from alignedserve.scheduling.interface import ScheduledChunk, SchedulerOutput
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """What one step did; the benchmark aggregates these."""
+
+    seconds: float  # wall time of build + forward + sample
+    num_decode: int  # decode sequences (one token each)
+    num_prefill_tokens: int  # prefill tokens across chunks
+    backend: str  # decode attention backend used ("" when no decode)
+    kv_lens: tuple[int, ...]  # KV length of each decode sequence
+    padding: float  # attention work spent on padding / real work, for this step's decodes
+
+
+@dataclass(frozen=True)
+class StepResult:
+    sampled: dict[str, int]  # request id -> sampled token (only chunks that reached the end)
+    logprobs: dict[str, float]  # request id -> raw logprob, for requests that asked for it
+    stats: StepStats
+
+
+class ModelRunner:
+    def __init__(self, cfg: EngineConfig) -> None:
+        if cfg.num_threads is not None:
+            torch.set_num_threads(cfg.num_threads)
+        self.cfg = cfg
+        self.dtype = DTYPES[cfg.dtype]
+        self.model_cfg = ModelConfig.from_pretrained(cfg.model)
+        self.model = load_model(cfg.model, self.model_cfg, self.dtype)
+        per_block = PagedKVCache.bytes_per_block(self.model_cfg, cfg.block_size, self.dtype)
+        blocks = cfg.num_kv_blocks or max(1, int(cfg.kv_cache_gib * 2**30 // per_block))
+        self.cache = PagedKVCache(self.model_cfg, blocks, cfg.block_size, self.dtype)
+        self.max_model_len = min(
+            cfg.max_model_len or self.model_cfg.max_position_embeddings,
+            self.model_cfg.max_position_embeddings,
+            blocks * cfg.block_size,
+        )
+        self._generators: dict[str, torch.Generator] = {}
+
+    def choose_backend(self, kv_lens: list[int]) -> DecodeBackend:
+        name = self.cfg.attention_backend
+        if name == "auto":
+            fits = padding_fraction(kv_lens) <= self.cfg.dense_max_padding
+            name = "dense" if fits else "varlen"
+        return DECODE_BACKENDS[name]
+
+    def _attention_step(self, chunks: tuple[ScheduledChunk, ...]) -> AttentionStep:
+        bs = self.cfg.block_size
+        window = self.model_cfg.sliding_window
+        blks, offs, prefills = [], [], []
+        decodes = [c for c in chunks if c.is_decode]
+        row = len(decodes)
+        for c in chunks:
+            table = torch.tensor(c.request.block_ids, dtype=torch.long)
+            pos = torch.arange(c.start, c.end)
+            blks.append(table[pos // bs])
+            offs.append(pos % bs)
+            if not c.is_decode:
+                mask = prefill_mask(c.start, c.num_new_tokens, window)
+                prefills.append(PrefillChunk(row, c.num_new_tokens, c.start, table, mask))
+                row += c.num_new_tokens
+        decode, backend, kv_lens = None, DECODE_BACKENDS["varlen"], [c.end for c in decodes]
+        if decodes:
+            backend = self.choose_backend(kv_lens)
+            tables = [c.request.block_ids[: -(-c.end // bs)] for c in decodes]
+            decode = build_decode_batch(tables, kv_lens, bs, window, backend.name != "varlen")
+        return AttentionStep(
+            self.cache, torch.cat(blks), torch.cat(offs), len(decodes), decode, backend, prefills
+        )
+
+    def execute(self, out: SchedulerOutput) -> StepResult:
+        """Run the step; chunks must be ordered decodes first (SchedulerOutput's contract)."""
+        t0 = time.perf_counter()
+        chunks = out.chunks
+        ids = torch.tensor(
+            [t for c in chunks for t in c.request.token_ids[c.start : c.end]], dtype=torch.long
+        )
+        positions = torch.cat([torch.arange(c.start, c.end) for c in chunks])
+        attn = self._attention_step(chunks)
+        with torch.inference_mode():
+            hidden = self.model.forward(ids, positions, attn)
+            ends, rows = [], []
+            last = -1
+            for c in chunks:
+                last += c.num_new_tokens
+                if c.samples:
+                    ends.append(c)
+                    rows.append(last)
+            sampled: dict[str, int] = {}
+            logprobs: dict[str, float] = {}
+            if ends:
+                logits = self.model.logits(hidden[rows])
+                params = [c.request.params for c in ends]
+                gens = [self._generator(c.request.request_id, c.request.params.seed) for c in ends]
+                res = sample(logits, params, gens)
+                for i, c in enumerate(ends):
+                    rid = c.request.request_id
+                    sampled[rid] = res.token_ids[i]
+                    if res.logprobs is not None and c.request.params.logprobs:
+                        logprobs[rid] = res.logprobs[i]
+        kv_lens = tuple(c.end for c in chunks[: attn.num_decode])
+        stats = StepStats(
+            seconds=time.perf_counter() - t0,
+            num_decode=attn.num_decode,
+            num_prefill_tokens=sum(p.q_len for p in attn.prefills),
+            backend=attn.backend.name if attn.num_decode else "",
+            kv_lens=kv_lens,
+            padding=padding_fraction(list(kv_lens)) if attn.backend.name != "varlen" else 0.0,
+        )
+        return StepResult(sampled, logprobs, stats)
+
+    def _generator(self, request_id: str, seed: int | None) -> torch.Generator:
+        g = self._generators.get(request_id)
+        if g is None:
+            g = torch.Generator()
+            if seed is None:  # stable across processes, unlike hash()
+                seed = zlib.crc32(f"{self.cfg.seed}:{request_id}".encode())
+            g.manual_seed(seed)
+            self._generators[request_id] = g
+        return g
+
+    def release(self, request_id: str) -> None:
+        """Forget per-request state (its RNG) once the request has finished."""
+        self._generators.pop(request_id, None)

@@ -1,0 +1,105 @@
+"""Device KV block accounting: a free-list allocator and per-request block tables.
+
+The engine owns the actual KV tensors; this module only decides which block ids each
+request holds. Block `b` of a request covers token positions [b*block_size, (b+1)*block_size).
+"""
+
+from __future__ import annotations
+
+from alignedserve.scheduling.request import Request
+
+
+def blocks_for(num_tokens: int, block_size: int) -> int:
+    """Blocks needed to hold `num_tokens` tokens."""
+    return -(-num_tokens // block_size)
+
+
+class BlockAllocator:
+    """Free-list allocator over block ids [0, num_blocks).
+
+    Invariant: every id is either free or owned by exactly one holder; `free` of an id
+    that is already free is a bug and raises.
+    """
+
+    def __init__(self, num_blocks: int) -> None:
+        if num_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+        self.num_blocks = num_blocks
+        # Pop from the end: lowest ids first, so a fresh pool hands out contiguous runs.
+        self._free: list[int] = list(range(num_blocks - 1, -1, -1))
+        self._is_free = [True] * num_blocks
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def allocate(self, n: int) -> list[int] | None:
+        """Take `n` blocks, or None (and take nothing) if fewer are free."""
+        if n > len(self._free):
+            return None
+        ids = [self._free.pop() for _ in range(n)]
+        for i in ids:
+            self._is_free[i] = False
+        return ids
+
+    def free(self, ids: list[int]) -> None:
+        for i in reversed(ids):
+            if self._is_free[i]:
+                raise RuntimeError(f"block {i} freed twice")
+            self._is_free[i] = True
+            self._free.append(i)
+
+
+class KVBlockManager:
+    """Grows and releases requests' block tables against one BlockAllocator.
+
+    `watermark_blocks` are kept free when admitting new requests, so that running
+    requests can still grow by a token without immediately preempting each other.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int, watermark: float = 0.01) -> None:
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        self.block_size = block_size
+        self.allocator = BlockAllocator(num_blocks)
+        self.watermark_blocks = int(watermark * num_blocks)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.allocator.num_blocks
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.allocator.num_free
+
+    @property
+    def usage(self) -> float:
+        """Fraction of blocks in use, 0..1."""
+        return 1.0 - self.allocator.num_free / self.allocator.num_blocks
+
+    def blocks_needed(self, req: Request, num_new_tokens: int) -> int:
+        total = req.num_computed_tokens + num_new_tokens
+        return max(0, blocks_for(total, self.block_size) - len(req.block_ids))
+
+    def try_grow(self, req: Request, num_new_tokens: int, *, admit: bool = False) -> bool:
+        """Give `req` blocks for `num_new_tokens` more tokens; False (and no change) if short.
+
+        `admit=True` also keeps the watermark free (used for newly admitted requests).
+        """
+        need = self.blocks_needed(req, num_new_tokens)
+        if need == 0:
+            return True
+        reserve = self.watermark_blocks if admit else 0
+        if need + reserve > self.allocator.num_free:
+            return False
+        ids = self.allocator.allocate(need)
+        if ids is None:
+            return False
+        req.block_ids.extend(ids)
+        return True
+
+    def release(self, req: Request) -> None:
+        """Return all of `req`'s blocks to the pool."""
+        if req.block_ids:
+            self.allocator.free(req.block_ids)
+            req.block_ids = []

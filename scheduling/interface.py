@@ -1,0 +1,87 @@
+"""The contract between a batch policy and whatever executes its batches.
+
+An executor (the in-process engine, a compute replica, the simulator) loops:
+    out = scheduler.schedule()
+    sampled = run(out)                   # one token per request that reached its end
+    finished = scheduler.update(out, sampled)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from alignedserve.scheduling.request import FinishReason, Request
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    """One request's share of a step."""
+
+    request: Request  # in-process handle; the executor reads token_ids and block_ids
+    start: int  # first position computed this step (= num_computed_tokens when scheduled)
+    num_new_tokens: int  # positions [start, start + num_new_tokens) are computed
+
+    @property
+    def end(self) -> int:
+        return self.start + self.num_new_tokens
+
+    @property
+    def samples(self) -> bool:
+        """True when this chunk reaches the request's last token, so a token is sampled."""
+        return self.end == self.request.num_tokens
+
+    @property
+    def is_decode(self) -> bool:
+        return self.num_new_tokens == 1 and self.start > 0
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    """What to run in one step. Decode chunks come first, then prefill chunks."""
+
+    chunks: tuple[ScheduledChunk, ...]
+    preempted: tuple[str, ...] = ()  # request ids whose KV was dropped this step
+    batch_switch: bool = False  # set by batch-level policies when the running batch changed
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(c.num_new_tokens for c in self.chunks)
+
+    @property
+    def empty(self) -> bool:
+        return not self.chunks
+
+
+class TokenBudget:
+    """Per-step token budget. `take(want)` grants between 0 and `want` tokens."""
+
+    def __init__(self, limit: int) -> None:
+        self.remaining = limit
+
+    def take(self, want: int) -> int:
+        granted = min(want, self.remaining)
+        self.remaining -= granted
+        return granted
+
+    def give_back(self, n: int) -> None:
+        self.remaining += n
+
+
+class Scheduler(Protocol):
+    """A batch policy. Invariants: a request is in exactly one of waiting, running or
+    finished; a finished or aborted request holds no KV blocks."""
+
+    def add_request(self, req: Request) -> None: ...
+
+    def schedule(self) -> SchedulerOutput: ...
+
+    def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
+        """Advance computed counts, append sampled tokens; return requests that finished."""
+        ...
+
+    def finish(self, request_id: str, reason: FinishReason) -> Request | None:
+        """End a request early (abort, stop string); frees its blocks."""
+        ...
+
+    def has_unfinished(self) -> bool: ...
