@@ -47,6 +47,8 @@ class FCFSScheduler:
                 f"prompt of {req.num_prompt_tokens} tokens cannot fit the KV cache "
                 f"({self.kv.num_blocks} blocks of {self.kv.block_size})"
             )
+        # A request alone must always fit, or it would preempt itself forever.
+        req.max_model_len = min(req.max_model_len, self.kv.num_blocks * self.kv.block_size)
         self.requests[req.request_id] = req
         self.waiting.append(req)
 

@@ -1,0 +1,36 @@
+"""Shared fixtures: models are built once per session (random ones into a temp dir, the
+real SmolLM2 into the user cache, converted once)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory):
+    """name -> folder; builds lazily so each test pays only for the models it uses."""
+    from alignedserve.engine.model_builder import build_model, ensure_model
+
+    root = tmp_path_factory.mktemp("models")
+    built: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in built:
+            if name == "smollm2-135m":
+                built[name] = ensure_model(name)
+            else:
+                built[name] = build_model(name, root / name)
+        return built[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(model_dirs) -> Path:
+    return model_dirs("tiny")
