@@ -62,9 +62,7 @@ def build_decode_batch(
         flat = torch.tensor([b for t in tables for b in t], dtype=torch.long)
         return DecodeBatch(kv_lens, flat, starts, None, window)
     width = max(len(t) for t in tables)
-    padded = torch.zeros((len(tables), width), dtype=torch.long)
-    for i, t in enumerate(tables):
-        padded[i, : len(t)] = torch.tensor(t, dtype=torch.long)
+    padded = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long)
     pos = torch.arange(width * block_size)
     lens = torch.tensor(kv_lens)[:, None]
     keep = pos[None, :] < lens
@@ -94,7 +92,7 @@ class VarlenDecode:
     name = "varlen"
 
     def forward(self, q, k, v, b: DecodeBatch, scale: float) -> torch.Tensor:
-        n, heads, dim = q.shape
+        _, heads, dim = q.shape
         kv_heads = k.shape[2]
         kall = k.index_select(0, b.tables).flatten(0, 1)  # [sum blocks*block_size, kv_heads, dim]
         vall = v.index_select(0, b.tables).flatten(0, 1)

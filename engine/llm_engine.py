@@ -156,7 +156,8 @@ class LLMEngine:
 
     def _final_text(self, t: _Tracked) -> str:
         p = t.req.params
-        text = self.tokenizer.decode(t.req.output_token_ids, skip_special_tokens=p.skip_special_tokens)
+        skip = p.skip_special_tokens
+        text = self.tokenizer.decode(t.req.output_token_ids, skip_special_tokens=skip)
         cut = find_stop(text, p.stop, len(text))
         if cut is None:
             return text

@@ -73,17 +73,20 @@ class ModelRunner:
     def _attention_step(self, chunks: tuple[ScheduledChunk, ...]) -> AttentionStep:
         bs = self.cfg.block_size
         window = self.model_cfg.sliding_window
-        blks, offs, prefills = [], [], []
+        blks: list[int] = []
+        offs: list[int] = []
+        prefills = []
         decodes = [c for c in chunks if c.is_decode]
         row = len(decodes)
         for c in chunks:
-            table = torch.tensor(c.request.block_ids, dtype=torch.long)
-            pos = torch.arange(c.start, c.end)
-            blks.append(table[pos // bs])
-            offs.append(pos % bs)
+            table = c.request.block_ids
+            for p in range(c.start, c.end):
+                blks.append(table[p // bs])
+                offs.append(p % bs)
             if not c.is_decode:
                 mask = prefill_mask(c.start, c.num_new_tokens, window)
-                prefills.append(PrefillChunk(row, c.num_new_tokens, c.start, table, mask))
+                blocks = torch.tensor(table, dtype=torch.long)
+                prefills.append(PrefillChunk(row, c.num_new_tokens, c.start, blocks, mask))
                 row += c.num_new_tokens
         decode, backend, kv_lens = None, DECODE_BACKENDS["varlen"], [c.end for c in decodes]
         if decodes:
@@ -91,7 +94,8 @@ class ModelRunner:
             tables = [c.request.block_ids[: -(-c.end // bs)] for c in decodes]
             decode = build_decode_batch(tables, kv_lens, bs, window, backend.name != "varlen")
         return AttentionStep(
-            self.cache, torch.cat(blks), torch.cat(offs), len(decodes), decode, backend, prefills
+            self.cache, torch.tensor(blks), torch.tensor(offs), len(decodes), decode, backend,
+            prefills,
         )
 
     def execute(self, out: SchedulerOutput) -> StepResult:
@@ -101,7 +105,7 @@ class ModelRunner:
         ids = torch.tensor(
             [t for c in chunks for t in c.request.token_ids[c.start : c.end]], dtype=torch.long
         )
-        positions = torch.cat([torch.arange(c.start, c.end) for c in chunks])
+        positions = torch.tensor([p for c in chunks for p in range(c.start, c.end)])
         attn = self._attention_step(chunks)
         with torch.inference_mode():
             hidden = self.model.forward(ids, positions, attn)
