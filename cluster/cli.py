@@ -1,0 +1,123 @@
+"""The `alignedserve` command line: argument parsing and dispatch only."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def _csv(value: str) -> tuple[str, ...]:
+    """'a,b' -> ('a', 'b'); 'none' or '' -> ()."""
+    if value.strip().lower() in ("", "none"):
+        return ()
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+def _add_model_parser(sub: argparse._SubParsersAction) -> None:
+    model = sub.add_parser("model", help="Build and manage local model folders.")
+    msub = model.add_subparsers(dest="model_cmd", required=True, metavar="ACTION")
+    init = msub.add_parser("init", help="Build a named model into an HF-format folder.")
+    init.add_argument("name", help="Model name (see alignedserve.engine.model_builder).")
+    init.add_argument("--out", required=True, help="Output folder (replaced if it exists).")
+    init.add_argument("--seed", type=int, default=0,
+                      help="Weight seed of the random-weight models (default 0).")
+    init.set_defaults(func=_cmd_model_init)
+
+
+def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
+    bench = sub.add_parser("bench", help="Run benchmarks.")
+    bsub = bench.add_subparsers(dest="bench_cmd", required=True, metavar="KIND")
+    off = bsub.add_parser(
+        "offline", help="Offline throughput: all requests at t=0, engine policies vs peers."
+    )
+    off.add_argument("--model", required=True,
+                     help="Model folder, or a model name (built on first use).")
+    off.add_argument("--workload", default="mix95",
+                     help="Workload name: mix95, mix70, sharegpt, longbench, azure-conv.")
+    off.add_argument("--policy", "--policies", dest="policies", type=_csv, default=("fcfs",),
+                     help="Comma-separated engine policies; the first is the baseline.")
+    off.add_argument("--peers", type=_csv, default=("hf-static", "hf-cb"),
+                     help="Comma-separated peers (hf-static, hf-cb) or 'none'.")
+    off.add_argument("--num-requests", type=int, default=64, help="Requests in the workload.")
+    off.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                     help="Weights/activations dtype for the engine and the peers.")
+    off.add_argument("--threads", type=int, default=2, help="torch intra-op threads.")
+    off.add_argument("--out", default=None,
+                     help="Output folder (default bench-results/<model>-<workload>).")
+    off.add_argument("--seed", type=int, default=0, help="Workload seed.")
+    off.add_argument("--len-scale", type=float, default=4.0,
+                     help="Divide the paper's lengths by this (4 = WORKLOADS.md table).")
+    off.add_argument("--hf-batch-size", type=int, default=8, help="hf-static batch size.")
+    off.add_argument("--kv-cache-gib", type=float, default=1.0,
+                     help="KV pool size in GiB for the engine and hf-cb.")
+    off.add_argument("--max-num-seqs", type=int, default=64,
+                     help="Requests per step at most (engine and hf-cb).")
+    off.add_argument("--max-num-batched-tokens", type=int, default=1024,
+                     help="Tokens per step at most (engine and hf-cb).")
+    off.add_argument("--no-hw-probe", action="store_true",
+                     help="Skip the memory-bandwidth / GEMM / batch-1 decode measurements.")
+    off.add_argument("--no-progress", action="store_true", help="Hide the progress bars.")
+    off.set_defaults(func=_cmd_bench_offline)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="alignedserve", description="AlignedServe tools.")
+    sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    _add_model_parser(sub)
+    _add_bench_parser(sub)
+    return parser
+
+
+def _resolve_model(value: str) -> tuple[str, str]:
+    """(folder, label): an existing folder is used as is, a known name is built if needed."""
+    path = Path(value)
+    if path.is_dir():
+        return str(path), path.name
+    from alignedserve.engine.model_builder import MODEL_NAMES, ensure_model
+
+    if value not in MODEL_NAMES:
+        raise SystemExit(f"--model {value!r} is neither a folder nor one of {list(MODEL_NAMES)}")
+    return str(ensure_model(value)), value
+
+
+def _cmd_model_init(args: argparse.Namespace) -> int:
+    from alignedserve.engine.model_builder import build_model
+
+    print(build_model(args.name, args.out, seed=args.seed))
+    return 0
+
+
+def _cmd_bench_offline(args: argparse.Namespace) -> int:
+    from alignedserve.loadgen.bench_offline import OfflineBenchConfig, run_offline_bench
+
+    folder, label = _resolve_model(args.model)
+    cfg = OfflineBenchConfig(
+        model=folder, label=label, workload=args.workload, num_requests=args.num_requests,
+        seed=args.seed, len_scale=args.len_scale, dtype=args.dtype, threads=args.threads,
+        policies=args.policies, peers=args.peers, hf_batch_size=args.hf_batch_size,
+        kv_cache_gib=args.kv_cache_gib, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, hw_probe=not args.no_hw_probe,
+        out_dir=args.out, progress=not args.no_progress,
+        command=shlex.join(["alignedserve", *args.argv]),
+    )
+    result = run_offline_bench(cfg)
+    print(f"wrote {result.json_path} and {result.png_path}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    try:
+        return args.func(args)
+    except ValueError as exc:  # bad names or values from the user: message, not traceback
+        print(f"alignedserve: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

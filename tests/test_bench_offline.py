@@ -1,0 +1,92 @@
+"""Smoke tests of the offline benchmark and the `alignedserve` CLI on the tiny model.
+
+Sane numbers and complete outputs only: no timing assertions (CI machines are shared).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from alignedserve.cluster.cli import main
+from alignedserve.loadgen.bench_offline import OfflineBenchConfig, run_offline_bench
+
+# 6 short requests: len_scale 16 makes mix95 prompts 4..63 tokens, outputs 4..32.
+SMALL = {"num_requests": 6, "len_scale": 16.0, "threads": 1, "progress": False}
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    from alignedserve.engine.model_builder import build_model
+
+    return build_model("tiny", tmp_path_factory.mktemp("bench-models") / "tiny")
+
+
+def test_offline_bench_all_systems(tiny_model, tmp_path):
+    cfg = OfflineBenchConfig(model=str(tiny_model), out_dir=str(tmp_path / "out"), **SMALL)
+    result = run_offline_bench(cfg)
+    assert result.json_path.is_file() and result.png_path.stat().st_size > 10_000
+    data = json.loads(result.json_path.read_text())
+    assert list(data["systems"]) == ["fcfs", "hf-static", "hf-cb"]
+    for name, s in data["systems"].items():
+        assert s["error"] is None, (name, s["error"], s["notes"])
+        assert s["completed"] == 6 and s["failed"] == 0
+        assert s["generated_tokens"] == data["workload"]["output_tokens"]
+        for metric in ("decode_tps", "output_tps", "total_tps", "wall_s"):
+            assert s[metric] > 0, (name, metric)
+        assert s["ttft_s"]["p50"] > 0 and s["e2e_s"]["p99"] >= s["ttft_s"]["p50"]
+    # Greedy fp32 on the same weights: every system produces the same tokens.
+    assert data["systems"]["hf-static"]["token_match_vs_fcfs"] == 1.0
+    assert data["systems"]["hf-cb"]["token_match_vs_fcfs"] == 1.0
+    fcfs = data["systems"]["fcfs"]
+    assert fcfs["decode_tps_exact"] and fcfs["iteration_s"]["count"] > 0
+    assert 0 <= fcfs["padding_pct"] < 100 and 0 < fcfs["batch_change_rate"] <= 1
+    assert len(data["iteration_latencies_s"]["fcfs"]) == fcfs["iteration_s"]["count"]
+    assert data["systems"]["hf-static"]["padding_pct"] > 0
+    for ref in ("fcfs", "hf-static", "hf-cb"):
+        others = set(data["systems"]) - {ref}
+        assert set(data["ratios"][ref]) == others
+        assert all(data["ratios"][ref][o]["decode_tps"] > 0 for o in others)
+    hw = data["hardware"]
+    assert hw["machine"]["copy_gbps"] > 0 and hw["machine"]["gemm_gflops"]["float32"] > 0
+    bound = hw["decode_bound"]
+    assert bound["mem_bw_fraction"] > 0 and bound["weight_bytes_read"] > 0
+    assert bound["compute_bound_tps"] > 0
+    assert data["equivalent_command"].startswith("alignedserve bench offline")
+
+
+def test_cli_subprocess_and_failed_policy(tiny_model, tmp_path):
+    """The CLI end to end; an unknown policy becomes an error entry, not a crash."""
+    out = tmp_path / "cli"
+    cmd = [sys.executable, "-m", "alignedserve.cluster.cli", "bench", "offline",
+           "--model", str(tiny_model), "--policies", "fcfs,no-such-policy", "--peers", "none",
+           "--num-requests", "3", "--len-scale", "32", "--threads", "1", "--no-hw-probe",
+           "--no-progress", "--out", str(out)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((out / "results.json").read_text())
+    assert (out / "results.png").is_file()
+    assert data["systems"]["fcfs"]["completed"] == 3
+    assert data["systems"]["no-such-policy"]["error"]
+    assert data["command"].startswith("alignedserve bench offline")
+    assert data["hardware"] == {}
+
+
+def test_cli_model_init(tmp_path, capsys):
+    assert main(["model", "init", "tiny", "--out", str(tmp_path / "m"), "--seed", "1"]) == 0
+    assert (tmp_path / "m" / "config.json").is_file()
+    assert str(tmp_path / "m") in capsys.readouterr().out
+
+
+def test_cli_rejects_bad_arguments(tiny_model, capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "offline", "--model", "x", "--dtype", "float16"])
+    assert main(["bench", "offline", "--model", str(tiny_model), "--workload", "nope",
+                 "--peers", "none", "--no-hw-probe", "--no-progress"]) == 2
+    assert "nope" in capsys.readouterr().err
