@@ -84,7 +84,7 @@ class LLMEngine:
         if not ids:
             raise ValueError("prompt is empty")
         vocab = self.model_cfg.vocab_size
-        if any(not 0 <= t < vocab for t in ids):
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in ids):
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
         if len(ids) >= self.max_model_len:
             raise ValueError(

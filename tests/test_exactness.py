@@ -95,10 +95,8 @@ def test_smollm2_greedy_matches_transformers(model_dirs):
     assert_same(outs, hf_greedy(str(d), tuple(map(tuple, prompts))))
     chat = tok.apply_chat_template(
         [{"role": "user", "content": "What is the capital of France?"}],
-        add_generation_prompt=True, tokenize=True,
-    )
-    if isinstance(chat, dict):
-        chat = chat["input_ids"]
+        add_generation_prompt=True, tokenize=True, return_dict=True,
+    )["input_ids"]
     (answer,) = llm.generate([list(chat)], SamplingParams(temperature=0, max_tokens=16),
                              use_tqdm=False)
     assert "Paris" in answer.text

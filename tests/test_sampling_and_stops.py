@@ -111,6 +111,8 @@ def test_incremental_detokenizer_matches_full_decode(llm):
 def test_bad_inputs_raise_clear_errors(llm):
     with pytest.raises(ValueError, match="token ids"):
         llm.generate([[10**9]], SamplingParams(), use_tqdm=False)
+    with pytest.raises(ValueError, match="token ids"):
+        llm.engine.add_request([5, "x"], SamplingParams())
     with pytest.raises(ValueError, match="limit"):
         llm.generate([[5] * 10_000], SamplingParams(), use_tqdm=False)
     with pytest.raises(ValueError, match="prompts but"):
