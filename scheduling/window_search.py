@@ -1,0 +1,102 @@
+"""Density-first search for an aligned batch over requests sorted by KV length.
+
+Pure functions over plain lists, so the engine, the router and the simulator share them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import accumulate
+
+
+@dataclass(frozen=True)
+class Window:
+    """Members [lo, hi) of the length-sorted list."""
+
+    lo: int
+    hi: int
+    spread: float  # longest / shortest KV length in the window (>= 1)
+
+    @property
+    def size(self) -> int:
+        return self.hi - self.lo
+
+
+def _spread(lengths: Sequence[int], lo: int, hi: int) -> float:
+    return lengths[hi - 1] / max(1, lengths[lo])
+
+
+def densest_window(
+    lengths: Sequence[int],
+    costs: Sequence[int],
+    *,
+    min_batch: int,
+    max_batch: int,
+    max_spread: float,
+    budget: int,
+) -> Window | None:
+    """The batch to run next, from `lengths` sorted ascending.
+
+    Rules, in order:
+    1. Members' `costs` (KV blocks each will need) sum to at most `budget`.
+    2. Prefer the largest window of at most `max_batch` members whose spread
+       (longest / shortest) is within `max_spread`, if it holds at least `min_batch`
+       (or all requests, when fewer than `min_batch` exist). Ties: the narrowest spread.
+    3. Otherwise take the narrowest-spread window of exactly that minimum size that fits.
+    None only when not even the cheapest single request fits the budget.
+    Runs in O(n) with two pointers and prefix sums.
+    """
+    n = len(lengths)
+    if n == 0:
+        return None
+    prefix = [0, *accumulate(costs)]
+    need = min(min_batch, n)
+    best: Window | None = None
+    lo = 0
+    for hi in range(1, n + 1):
+        while lo < hi and (
+            lengths[hi - 1] > max_spread * max(1, lengths[lo])
+            or hi - lo > max_batch
+            or prefix[hi] - prefix[lo] > budget
+        ):
+            lo += 1
+        if hi - lo >= need:
+            w = Window(lo, hi, _spread(lengths, lo, hi))
+            if best is None or (w.size, -w.spread) > (best.size, -best.spread):
+                best = w
+    if best is not None:
+        return best
+    return _narrowest_fixed(lengths, prefix, need, budget)
+
+
+def _narrowest_fixed(
+    lengths: Sequence[int], prefix: list[int], size: int, budget: int
+) -> Window | None:
+    """Narrowest window of `size` members that fits, shrinking the size until one does."""
+    for k in range(size, 0, -1):
+        fitting = [
+            Window(lo, lo + k, _spread(lengths, lo, lo + k))
+            for lo in range(len(lengths) - k + 1)
+            if prefix[lo + k] - prefix[lo] <= budget
+        ]
+        if fitting:
+            return min(fitting, key=lambda w: w.spread)
+    return None
+
+
+def nearest_fill(
+    lengths: Sequence[int], costs: Sequence[int], anchor: int, slots: int, budget: int
+) -> list[int]:
+    """Indices of up to `slots` requests whose lengths are closest to `anchor`, cheapest
+    budget permitting. Used to refill a running batch's free slots (candidate-requests
+    buffer) and to fill around starving requests."""
+    order = sorted(range(len(lengths)), key=lambda i: (abs(lengths[i] - anchor), i))
+    picked, spent = [], 0
+    for i in order:
+        if len(picked) == slots:
+            break
+        if spent + costs[i] <= budget:
+            picked.append(i)
+            spent += costs[i]
+    return picked
