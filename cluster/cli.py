@@ -61,6 +61,17 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
                      help="Skip the memory-bandwidth / GEMM / batch-1 decode measurements.")
     off.add_argument("--no-progress", action="store_true", help="Hide the progress bars.")
     off.set_defaults(func=_cmd_bench_offline)
+    step = bsub.add_parser(
+        "step", help="Decode step time vs KV-length spread within a batch (aligned vs mixed)."
+    )
+    step.add_argument("--model", required=True,
+                      help="Model folder, or a model name (built on first use).")
+    step.add_argument("--batch", type=int, default=32, help="Requests per decode batch.")
+    step.add_argument("--mean-kv", type=int, default=256, help="Mean KV length of a batch.")
+    step.add_argument("--steps", type=int, default=6, help="Decode steps timed per point.")
+    step.add_argument("--threads", type=int, default=2, help="torch intra-op threads.")
+    step.add_argument("--out", default="bench-results/step", help="Output folder.")
+    step.set_defaults(func=_cmd_bench_step)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,6 +116,19 @@ def _cmd_bench_offline(args: argparse.Namespace) -> int:
     )
     result = run_offline_bench(cfg)
     print(f"wrote {result.json_path} and {result.png_path}")
+    return 0
+
+
+def _cmd_bench_step(args: argparse.Namespace) -> int:
+    from alignedserve.loadgen.bench_step import run
+
+    folder, _ = _resolve_model(args.model)
+    points = run(folder, batch=args.batch, mean_kv=args.mean_kv, steps=args.steps,
+                 threads=args.threads, out=args.out)
+    for p in points:
+        print(f"{p.spread:>12} {p.backend:>7}: {p.step_ms_p50:8.1f} ms/step "
+              f"(max KV {p.max_kv}, padding {p.padding:.0%})")
+    print(f"wrote {args.out}/results.json and {args.out}/results.png")
     return 0
 
 

@@ -94,6 +94,25 @@ def static_padding_work(batch: Sequence[WorkloadRequest]) -> tuple[int, int]:
     return real, total
 
 
+def static_batches(
+    requests: Sequence[WorkloadRequest], batch_size: int, max_len: int
+) -> list[list[WorkloadRequest]]:
+    """FCFS batches of at most `batch_size` whose padded length (longest prompt + longest
+    output) stays within `max_len`: a longer padded batch overflows learned positions."""
+    batches: list[list[WorkloadRequest]] = []
+    cur: list[WorkloadRequest] = []
+    for r in requests:
+        cand = [*cur, r]
+        width = max(len(x.prompt_token_ids) for x in cand) + max(x.max_tokens for x in cand)
+        if cur and (len(cand) > batch_size or width > max_len):
+            batches.append(cur)
+            cand = [r]
+        cur = cand
+    if cur:
+        batches.append(cur)
+    return batches
+
+
 def run_hf_static(
     model_dir: str | Path, dtype: str, requests: Sequence[WorkloadRequest],
     batch_size: int, progress: bool = True,
@@ -106,8 +125,8 @@ def run_hf_static(
     decode_s, decode_tokens, real, total = 0.0, 0, 0, 0
     bar = tqdm(total=len(requests), desc="hf-static", unit="req", disable=not progress)
     t0 = time.perf_counter()
-    for start in range(0, len(requests), batch_size):
-        batch = requests[start : start + batch_size]
+    batches = static_batches(requests, batch_size, model.config.max_position_embeddings)
+    for batch in batches:
         tokens, times = _generate_static(model, batch)
         done = time.perf_counter() - t0
         times = [t - t0 for t in times]  # times[0]: before prefill; times[k]: k-th token out
@@ -127,13 +146,14 @@ def run_hf_static(
         bar.update(len(batch))
     wall = time.perf_counter() - t0
     bar.close()
-    num_batches = -(-len(requests) // batch_size)
+    num_batches = len(batches)
     return SystemRun(
         name="hf-static", kind="peer", wall_s=wall, requests=tuple(records),
         decode_tokens=decode_tokens, decode_s=decode_s, iteration_s=tuple(iters),
         padding_pct=100.0 * (1 - real / total) if total else 0.0,
         batch_change_rate=num_batches / len(iters) if iters else None,
-        notes=f"transformers generate, static batches of {batch_size}, left padding, "
+        notes=f"transformers generate, FCFS static batches of up to {batch_size} (split where "
+        "the padded length would pass the model's positions), left padding, "
         "each batch runs to its longest output; decode time excludes each batch's prefill",
     )
 

@@ -90,3 +90,20 @@ def test_cli_rejects_bad_arguments(tiny_model, capsys):
     assert main(["bench", "offline", "--model", str(tiny_model), "--workload", "nope",
                  "--peers", "none", "--no-hw-probe", "--no-progress"]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_step_microbenchmark_smoke(tiny_dir, tmp_path):
+    import random
+
+    from alignedserve.loadgen.bench_step import SPREADS, kv_lengths, run
+
+    lens = kv_lengths("mix95-like", 20, 100, random.Random(0))
+    assert len(lens) == 20 and max(lens) == 12 * min(lens)
+    assert abs(sum(lens) / 20 - 100) < 10, "the mean KV length is preserved"
+    points = run(str(tiny_dir), batch=4, mean_kv=24, steps=2, threads=1, out=tmp_path / "out")
+    assert {(p.spread, p.backend) for p in points} == {
+        (s, b) for s in SPREADS for b in ("dense", "varlen")}
+    assert all(p.step_ms_p50 > 0 for p in points)
+    assert (tmp_path / "out" / "results.png").stat().st_size > 0
+    aligned_dense = next(p for p in points if p.spread == "aligned" and p.backend == "dense")
+    assert aligned_dense.padding == 0.0

@@ -118,3 +118,15 @@ def test_errors():
         make_workload("mix95", 0, VOCAB)
     with pytest.raises(ValueError):
         make_workload("mix95", 10, VOCAB, len_scale=0)
+
+
+def test_static_batches_split_where_padding_would_overflow_positions():
+    from alignedserve.loadgen.hf_peers import static_batches
+    from alignedserve.loadgen.workloads import WorkloadRequest
+
+    reqs = [WorkloadRequest([1] * n, m, 0.0) for n, m in [(10, 5), (1900, 20), (50, 150), (8, 8)]]
+    batches = static_batches(reqs, batch_size=3, max_len=2048)
+    assert [[len(r.prompt_token_ids) for r in b] for b in batches] == [[10, 1900], [50, 8]]
+    assert all(max(len(r.prompt_token_ids) for r in b) + max(r.max_tokens for r in b) <= 2048
+               for b in batches)
+    assert [len(b) for b in static_batches(reqs[:1] * 7, 3, 2048)] == [3, 3, 1]
