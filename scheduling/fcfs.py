@@ -124,9 +124,7 @@ class FCFSScheduler:
             return None
         if req.status is RequestStatus.WAITING:
             self.waiting.remove(req)
-        else:
-            self.running.remove(req)
-        self._finish(req, reason)
+        self._finish(req, reason)  # drops it from running
         return req
 
     def _finish(self, req: Request, reason: FinishReason) -> None:
