@@ -130,7 +130,11 @@ class EngineConfig(BaseModel):
     dtype: Literal["float32", "bfloat16"] = Field(
         "float32", description="Weights and activations dtype. bf16 GEMMs are ~2.6x faster here."
     )
-    policy: Literal["fcfs"] = Field("fcfs", description="Batch policy.")
+    policy: Literal["fcfs", "aligned"] = Field(
+        "fcfs",
+        description="Batch policy. fcfs: vLLM-style continuous batching (the baseline). "
+        "aligned: prefix-aware batching of close KV lengths over a host KV pool.",
+    )
     block_size: int = Field(16, ge=1, le=1024, description="Tokens per KV block.")
     num_kv_blocks: int | None = Field(
         None, ge=1, description="Device KV pool size in blocks; None sizes it from kv_cache_gib."
@@ -160,6 +164,38 @@ class EngineConfig(BaseModel):
         "of attention work over the real KV tokens.",
     )
     seed: int = Field(0, description="Seed for requests sampled without their own seed.")
+    # -- aligned policy (ignored by fcfs) --
+    min_batch: int = Field(
+        8, ge=1, description="aligned (the paper's Kmin): a new batch takes at least this many "
+        "requests when that many are in flight. Higher: bigger, better-amortized batches but "
+        "wider KV spread and longer waits for peers.",
+    )
+    max_spread: float = Field(
+        1.5, ge=1.0, description="aligned: longest / shortest KV length allowed in a batch when "
+        "forming or refilling it. Lower: less padding per step, smaller batches.",
+    )
+    batch_kv_fraction: float = Field(
+        0.4, gt=0.0, le=1.0, description="aligned (the paper's Bmax): a new batch's KV, with "
+        "lookahead, fits in this fraction of the device pool, leaving room to copy the next "
+        "batch in while this one runs.",
+    )
+    max_queue_delay_s: float = Field(
+        10.0, gt=0.0, description="aligned starvation bound: a request that waited this long "
+        "for a batch joins the next one whatever its length. Lower: tighter TTFT/ITL tails, "
+        "less alignment under load.",
+    )
+    min_batch_steps: int = Field(
+        8, ge=1, description="aligned: steps a full batch runs before a starving request may "
+        "displace it; bounds batch switches (and copies) per step.",
+    )
+    host_kv_gib: float = Field(
+        4.0, gt=0.0, description="aligned: host KV pool size in GiB (the in-flight set lives "
+        "here); when it is full, new requests wait.",
+    )
+    host_kv_blocks: int | None = Field(
+        None, ge=1, description="aligned: host KV pool size in blocks; None sizes it from "
+        "host_kv_gib.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> EngineConfig:

@@ -7,8 +7,12 @@ import time
 from dataclasses import dataclass, field
 
 from alignedserve.engine.config import EngineConfig
+from alignedserve.engine.kv_cache import PagedKVCache
+from alignedserve.engine.kv_transfer import KVTransferQueue
 from alignedserve.engine.model_runner import ModelRunner, StepStats
 from alignedserve.engine.tokenizer import IncrementalDetokenizer, find_stop, load_tokenizer
+from alignedserve.kv_store.host_pool import HostKVPool
+from alignedserve.scheduling.aligned import AlignedConfig, AlignedScheduler
 from alignedserve.scheduling.block_manager import KVBlockManager
 from alignedserve.scheduling.fcfs import FCFSScheduler, SchedulerLimits
 from alignedserve.scheduling.interface import Scheduler
@@ -43,8 +47,29 @@ class _Tracked:
     detok: IncrementalDetokenizer | None  # only for requests with stop strings
 
 
-def make_scheduler(cfg: EngineConfig, num_blocks: int) -> Scheduler:
+def aligned_config(cfg: EngineConfig) -> AlignedConfig:
+    return AlignedConfig(
+        max_batch=cfg.max_num_seqs, min_batch=min(cfg.min_batch, cfg.max_num_seqs),
+        max_spread=cfg.max_spread, batch_kv_fraction=cfg.batch_kv_fraction,
+        max_queue_delay_s=cfg.max_queue_delay_s, min_batch_steps=cfg.min_batch_steps,
+        max_num_batched_tokens=cfg.max_num_batched_tokens,
+    )
+
+
+def make_host_pool(cfg: EngineConfig, cache: PagedKVCache) -> HostKVPool:
+    block_shape = tuple(cache.kv.shape[1:])
+    per_block = cache.kv[0].numel() * cache.kv.element_size()
+    blocks = cfg.host_kv_blocks or max(1, int(cfg.host_kv_gib * 2**30 // per_block))
+    return HostKVPool(blocks, block_shape, cache.kv.dtype)
+
+
+def make_scheduler(cfg: EngineConfig, num_blocks: int,
+                   host: HostKVPool | None = None) -> Scheduler:
     kv = KVBlockManager(num_blocks, cfg.block_size)
+    if cfg.policy == "aligned":
+        if host is None:
+            raise ValueError("the aligned policy needs a host KV pool")
+        return AlignedScheduler(kv, host.allocator, aligned_config(cfg))
     limits = SchedulerLimits(cfg.max_num_seqs, cfg.max_num_batched_tokens)
     return FCFSScheduler(kv, limits)
 
@@ -54,7 +79,11 @@ class LLMEngine:
         self.cfg = cfg
         self.runner = ModelRunner(cfg)
         self.model_cfg = self.runner.model_cfg
-        self.scheduler = make_scheduler(cfg, self.runner.cache.num_blocks)
+        cache = self.runner.cache
+        self.host_pool = make_host_pool(cfg, cache) if cfg.policy == "aligned" else None
+        self.transfers = (KVTransferQueue(cache, self.host_pool)
+                          if self.host_pool is not None else None)
+        self.scheduler = make_scheduler(cfg, cache.num_blocks, self.host_pool)
         try:
             self.tokenizer = load_tokenizer(cfg.model)
         except (OSError, ValueError):
@@ -114,8 +143,16 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one scheduler step; return the requests that finished in it."""
+        if self.transfers is not None:
+            self.scheduler.transfers_done(self.transfers.poll())
         sched = self.scheduler.schedule()
+        if self.transfers is not None:
+            self.transfers.submit(sched.transfers)
+            self.transfers.wait(sched.fence)
         if sched.empty:
+            if self.transfers is not None and self.scheduler.has_unfinished():
+                # Nothing runnable until copies land (device full of outgoing KV): wait.
+                self.transfers.wait(1 << 62)
             return []
         res = self.runner.execute(sched)
         if self.record_stats:

@@ -36,6 +36,7 @@ class StepStats:
     backend: str  # decode attention backend used ("" when no decode)
     kv_lens: tuple[int, ...]  # KV length of each decode sequence
     padding: float  # attention work spent on padding / real work, for this step's decodes
+    batch_switch: bool = False  # the scheduler replaced the running batch at this step
 
 
 @dataclass(frozen=True)
@@ -136,6 +137,7 @@ class ModelRunner:
             backend=attn.backend.name if attn.num_decode else "",
             kv_lens=kv_lens,
             padding=padding_fraction(list(kv_lens)) if attn.backend.name != "varlen" else 0.0,
+            batch_switch=out.batch_switch,
         )
         return StepResult(sampled, logprobs, stats)
 

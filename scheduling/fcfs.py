@@ -55,6 +55,9 @@ class FCFSScheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def transfers_done(self, seq: int) -> None:
+        """FCFS never moves KV to the host pool (it preempts by recompute)."""
+
     def schedule(self) -> SchedulerOutput:
         budget = TokenBudget(self.limits.max_num_batched_tokens)
         chunks: list[ScheduledChunk] = []

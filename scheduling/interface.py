@@ -9,7 +9,7 @@ An executor (the in-process engine, a compute replica, the simulator) loops:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 from alignedserve.scheduling.request import FinishReason, Request
 
@@ -37,12 +37,29 @@ class ScheduledChunk:
 
 
 @dataclass(frozen=True)
+class KVTransfer:
+    """Copy whole KV blocks between the device pool and the host pool.
+
+    Transfers run in the background, strictly in `seq` order (one FIFO), so a swap-in of a
+    request always reads what an earlier swap-out of it wrote.
+    """
+
+    seq: int  # issue order, from 1; the executor reports progress as "all <= seq done"
+    request_id: str
+    kind: Literal["swap_in", "swap_out"]  # swap_in: host -> device; swap_out: device -> host
+    host_blocks: tuple[int, ...]  # host pool block ids
+    device_blocks: tuple[int, ...]  # device pool block ids, pairwise with host_blocks
+
+
+@dataclass(frozen=True)
 class SchedulerOutput:
     """What to run in one step. Decode chunks come first, then prefill chunks."""
 
     chunks: tuple[ScheduledChunk, ...]
     preempted: tuple[str, ...] = ()  # request ids whose KV was dropped this step
     batch_switch: bool = False  # set by batch-level policies when the running batch changed
+    transfers: tuple[KVTransfer, ...] = ()  # start these now, in order, in the background
+    fence: int = 0  # transfers with seq <= fence must be done before this step computes
 
     @property
     def num_batched_tokens(self) -> int:
@@ -85,3 +102,7 @@ class Scheduler(Protocol):
         ...
 
     def has_unfinished(self) -> bool: ...
+
+    def transfers_done(self, seq: int) -> None:
+        """The executor finished every KVTransfer with seq <= `seq`."""
+        ...

@@ -1,8 +1,10 @@
 """Request state as token counts (vLLM v1 style: no prefill/decode phase flags).
 
 A request holds `token_ids` = prompt followed by generated tokens. The KV of the first
-`num_computed_tokens` of them is in the device cache. Prefill, chunked prefill, decode and
-recompute after preemption are all "compute tokens [num_computed_tokens, num_tokens)".
+`num_computed_tokens` of them exists: in the device cache while the request holds device
+blocks, in the host pool while it is swapped out (aligned policy). Prefill, chunked
+prefill, decode and recompute after preemption are all "compute tokens
+[num_computed_tokens, num_tokens)".
 """
 
 from __future__ import annotations
@@ -37,8 +39,12 @@ class Request:
 
     token_ids: list[int] = field(init=False)  # prompt then output ids
     num_prompt_tokens: int = field(init=False)
-    num_computed_tokens: int = 0  # tokens whose KV is in the device cache
+    num_computed_tokens: int = 0  # tokens whose KV exists (device, or host when swapped out)
     block_ids: list[int] = field(default_factory=list)  # device KV blocks, in position order
+    host_block_ids: list[int] = field(default_factory=list)  # host pool blocks, position order
+    num_host_tokens: int = 0  # leading tokens whose KV in the host pool is up to date
+    kv_ready_seq: int = 0  # KVTransfer seq that must finish before this request computes
+    queued_since: float | None = None  # monotonic s; when it last began waiting for a batch
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0

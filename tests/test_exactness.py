@@ -100,3 +100,34 @@ def test_smollm2_greedy_matches_transformers(model_dirs):
     (answer,) = llm.generate([list(chat)], SamplingParams(temperature=0, max_tokens=16),
                              use_tqdm=False)
     assert "Paris" in answer.text
+
+
+@pytest.mark.parametrize("name", ["tiny", "opt-like"])
+def test_aligned_policy_matches_fcfs_and_transformers(model_dirs, name):
+    d = model_dirs(name)
+    refs = None
+    for policy in ("aligned", "fcfs"):
+        llm = LLM(str(d), policy=policy, max_num_batched_tokens=512, min_batch=4)
+        prompts = random_prompts(llm.engine.model_cfg.vocab_size)
+        outs = llm.generate(prompts, GREEDY, use_tqdm=False)
+        refs = refs or hf_greedy(str(d), tuple(map(tuple, prompts)))
+        assert_same(outs, refs)
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-mistral"])
+def test_aligned_exact_under_forced_swaps_and_starvation(model_dirs, name):
+    """A device pool that holds a fraction of the in-flight KV forces batches through the
+    host pool, and a tiny queue delay makes the starvation bound fire at every chance."""
+    d = model_dirs(name)
+    llm = LLM(str(d), policy="aligned", num_kv_blocks=110, max_num_batched_tokens=256,
+              max_num_seqs=6, min_batch=3, max_queue_delay_s=0.05, min_batch_steps=2,
+              batch_kv_fraction=0.5)
+    prompts = random_prompts(llm.engine.model_cfg.vocab_size)
+    outs = llm.generate(prompts, GREEDY, use_tqdm=False)
+    assert_same(outs, hf_greedy(str(d), tuple(map(tuple, prompts))))
+    sched, moves = llm.engine.scheduler, llm.engine.transfers.stats
+    assert sched.swap.stats.swap_outs > 0 and sched.swap.stats.swap_ins > 0, "no swaps forced"
+    assert sched.stats.starved > 0, "the starvation bound never fired"
+    assert moves.transfers == sched.swap.stats.swap_outs + sched.swap.stats.swap_ins
+    assert sched.device.num_free_blocks == 110 and sched.swap.host.num_free == (
+        sched.swap.host.num_blocks), "every block is free once all requests finish"

@@ -1,0 +1,364 @@
+"""Prefix-aware (aligned) batching with a batch-level scheduler over a host KV pool.
+
+Requests whose KV lengths are close decode together, so no long-KV member stalls a step.
+A batch stays aligned as it decodes (every member grows by one token per step).
+
+Where a request is (`Request.status` in brackets):
+    waiting    arrived; no host pool room reserved yet                  [WAITING]
+    pool       admitted; in the KV-length index; KV (if any) is in the host pool [WAITING]
+    candidate  picked for the next batch; its KV is being copied in    [WAITING]
+    running    a member of the device's running batch                  [RUNNING]
+
+Each step:
+1. Admit waiting requests while the host pool can reserve their prompt (admission control:
+   when it cannot, they wait, in arrival order; nothing is dropped).
+2. Batch level. When the running batch is empty, thin (fewer than `min_batch` members) or
+   must yield to a starving request, pick the next batch from the pool (densest KV-length
+   window; around the oldest starving request if there is one) into the candidate buffer
+   and start copying its KV in. The switch happens at the next step whose schedule finds
+   those copies done, so they overlap the current batch's compute. On the switch, running
+   members inside the new batch's window stay; the rest are swapped out, writing back only
+   the KV blocks the host lacks.
+3. Refill free slots of the running batch from the pool: starving requests first (whatever
+   their length), then the requests nearest the batch's lengths within `max_spread`.
+4. Give each member its decode token or the next chunk of its prefill under the token budget.
+
+Starvation bound: a pooled request that has waited `max_queue_delay_s` joins the running
+batch at the next free slot; when there is none, the running batch yields once it has run
+`min_batch_steps` steps. Under a backlog that every request shares (a burst), starving
+requests of the same age are taken nearest-length first, so alignment survives the bound.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from alignedserve.scheduling.block_manager import BlockAllocator, KVBlockManager, blocks_for
+from alignedserve.scheduling.interface import ScheduledChunk, SchedulerOutput, TokenBudget
+from alignedserve.scheduling.length_index import InMemoryLengthIndex, KVLengthIndex
+from alignedserve.scheduling.request import FinishReason, Request, RequestStatus
+from alignedserve.scheduling.swap import KVSwapper
+from alignedserve.scheduling.window_search import densest_window, nearest_fill
+
+
+@dataclass(frozen=True)
+class AlignedConfig:
+    """Knobs of the aligned policy; see docs in EngineConfig for their user-facing effect."""
+
+    max_batch: int = 64  # members of the running batch at most
+    min_batch: int = 8  # Kmin: a batch is formed from at least this many requests if it can
+    max_spread: float = 1.5  # longest / shortest KV length allowed when forming or refilling
+    batch_kv_fraction: float = 0.4  # Bmax: a new batch's KV (with lookahead) <= this of device
+    max_queue_delay_s: float = 10.0  # starvation bound on the time a request waits in the pool
+    min_batch_steps: int = 8  # steps a batch runs before a starving request may displace it
+    max_num_batched_tokens: int = 1024  # tokens (decode + prefill chunks) in one step at most
+    host_watermark: float = 0.05  # host pool fraction kept free at admission, for KV growth
+    lookahead_tokens: int = 32  # growth per member counted against Bmax when forming a batch
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_batch <= self.max_batch:
+            raise ValueError("need 1 <= min_batch <= max_batch")
+        if self.max_spread < 1.0 or not 0.0 < self.batch_kv_fraction <= 1.0:
+            raise ValueError("need max_spread >= 1 and 0 < batch_kv_fraction <= 1")
+        if self.max_queue_delay_s <= 0 or self.min_batch_steps < 1:
+            raise ValueError("need max_queue_delay_s > 0 and min_batch_steps >= 1")
+        if self.max_num_batched_tokens < 1 or not 0.0 <= self.host_watermark < 1.0:
+            raise ValueError("need max_num_batched_tokens >= 1 and 0 <= host_watermark < 1")
+
+
+@dataclass
+class AlignedStats:
+    batches: int = 0  # batches formed
+    switches: int = 0  # steps whose running batch was replaced by a candidate
+    starved: int = 0  # requests taken out of length order by the starvation bound
+    preemptions: int = 0  # members swapped out because the device ran short
+    recomputes: int = 0  # KV dropped because the host pool could not take it
+
+
+class AlignedScheduler:
+    """The aligned policy for one device. Same contract as FCFSScheduler, plus KV transfers."""
+
+    def __init__(self, device: KVBlockManager, host: BlockAllocator,
+                 cfg: AlignedConfig | None = None, index: KVLengthIndex | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.cfg = cfg or AlignedConfig()
+        self.swap = KVSwapper(device, host)
+        self.device = device
+        self.index = index if index is not None else InMemoryLengthIndex()
+        self.clock = clock
+        self.waiting: deque[Request] = deque()
+        self.pooled: dict[str, Request] = {}
+        self.candidate: list[Request] = []
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.stats = AlignedStats()
+        self._batch_steps = 0  # steps the running batch has run since it was formed
+        self._bmax = max(1, int(self.cfg.batch_kv_fraction * device.num_blocks))
+        self._host_reserve = int(self.cfg.host_watermark * host.num_blocks)
+
+    # -- the Scheduler protocol ---------------------------------------------------------------
+
+    def add_request(self, req: Request) -> None:
+        if req.request_id in self.requests:
+            raise ValueError(f"duplicate request id {req.request_id!r}")
+        bs = self.device.block_size
+        cap = min(self.device.num_blocks, self.swap.host.num_blocks) * bs
+        if req.num_prompt_tokens + 1 > cap:
+            raise ValueError(f"prompt of {req.num_prompt_tokens} tokens cannot fit the KV pools "
+                             f"({cap} tokens)")
+        req.max_model_len = min(req.max_model_len, cap)  # alone, a request always fits
+        req.queued_since = req.arrival_time
+        self.requests[req.request_id] = req
+        self.waiting.append(req)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    def transfers_done(self, seq: int) -> None:
+        self.swap.transfers_done(seq)
+
+    def schedule(self) -> SchedulerOutput:
+        now = self.clock()
+        self._admit()
+        switched = self._advance_batch(now)
+        self._refill(now)
+        chunks, preempted = self._build_chunks(now)
+        fence = max((c.request.kv_ready_seq for c in chunks), default=0)
+        return SchedulerOutput(tuple(chunks), tuple(preempted), switched, self.swap.drain(),
+                               fence if fence > self.swap.done_seq else 0)
+
+    def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
+        finished: list[Request] = []
+        for c in out.chunks:
+            req = c.request
+            if req.status is not RequestStatus.RUNNING:
+                continue  # finished early (abort, stop string) while the step ran
+            req.num_computed_tokens = c.end
+            if c.samples:
+                reason = req.append_token(sampled[req.request_id])
+                if reason is not None:
+                    self._finish(req, reason)
+                    finished.append(req)
+        if out.chunks:
+            self._batch_steps += 1
+        return finished
+
+    def finish(self, request_id: str, reason: FinishReason) -> Request | None:
+        req = self.requests.get(request_id)
+        if req is None:
+            return None
+        self._finish(req, reason)
+        return req
+
+    # -- admission ----------------------------------------------------------------------------
+
+    def _admit(self) -> None:
+        bs = self.device.block_size
+        while self.waiting:
+            req = self.waiting[0]
+            need = blocks_for(req.num_tokens, bs) - len(req.host_block_ids)
+            if self.swap.host_blocks_free() - need < self._host_reserve and self.pooled:
+                return  # the pool is full: wait (an empty pool always admits one)
+            if not self.swap.reserve_host(req, req.num_tokens):
+                return
+            self.waiting.popleft()
+            self._to_pool(req)
+
+    def _to_pool(self, req: Request) -> None:
+        req.status = RequestStatus.WAITING
+        self.pooled[req.request_id] = req
+        self.index.put(req.request_id, req.num_tokens)
+
+    def _take(self, req: Request) -> None:
+        del self.pooled[req.request_id]
+        self.index.remove(req.request_id)
+
+    # -- batch level --------------------------------------------------------------------------
+
+    def _starving(self, now: float) -> list[Request]:
+        """Pooled requests past the bound, most overdue first (ties: shortest KV first)."""
+        limit = self.cfg.max_queue_delay_s
+        late = [r for r in self.pooled.values() if now - r.queued_since >= limit]
+        return sorted(late, key=lambda r: (r.queued_since, r.num_tokens))
+
+    def _advance_batch(self, now: float) -> bool:
+        if not self.candidate and self.pooled and self._wants_new_batch(now):
+            picked = self._pick_batch(now)
+            full = len(self.running) >= self.cfg.max_batch  # only asked when someone starves
+            if not self.running or full or len(picked) > len(self.running):
+                self.candidate = self._stage(picked)
+        if not self.candidate:
+            return False
+        ready = all(r.kv_ready_seq <= self.swap.done_seq for r in self.candidate)
+        if self.running and not ready:
+            return False
+        self._switch(now)
+        return True
+
+    def _wants_new_batch(self, now: float) -> bool:
+        if not self.running or len(self.running) < self.cfg.min_batch:
+            return True
+        full = len(self.running) >= self.cfg.max_batch
+        return (full and self._batch_steps >= self.cfg.min_batch_steps
+                and bool(self._starving(now)))
+
+    def _pick_batch(self, now: float) -> list[Request]:
+        """The next batch from the pool (nothing moves yet)."""
+        items = self.index.sorted_items()
+        lengths = [n for n, _ in items]
+        reqs = [self.pooled[rid] for _, rid in items]
+        costs = [self._cost(r) for r in reqs]
+        starving = self._starving(now)
+        if starving:
+            return self._around_starving(reqs, lengths, costs, starving)
+        w = densest_window(lengths, costs, min_batch=self.cfg.min_batch,
+                           max_batch=self.cfg.max_batch, max_spread=self.cfg.max_spread,
+                           budget=self._bmax)
+        return reqs[w.lo:w.hi] if w is not None else [min(reqs, key=self._age_key)]
+
+    def _stage(self, picked: list[Request]) -> list[Request]:
+        """Move `picked` into the candidate buffer and start copying their KV in."""
+        self.stats.batches += 1
+        batch = []
+        for r in picked:
+            self._take(r)
+            if self.swap.swap_in(r):
+                batch.append(r)
+            else:
+                self._to_pool(r)  # the device is full: it waits for a later batch
+        return batch
+
+    def _around_starving(self, reqs: list[Request], lengths: list[int], costs: list[int],
+                         starving: list[Request]) -> list[Request]:
+        """The oldest starving request, other starving ones nearest its length, then the rest
+        of the pool nearest its length, within max_batch and Bmax (the anchor always)."""
+        anchor = starving[0]
+        late = {r.request_id for r in starving}
+        first = [i for i, r in enumerate(reqs) if r.request_id in late]
+        rest = [i for i, r in enumerate(reqs) if r.request_id not in late]
+        picked, budget, slots = [], self._bmax, self.cfg.max_batch
+        for group in (first, rest):
+            sub = nearest_fill([lengths[i] for i in group], [costs[i] for i in group],
+                               anchor.num_tokens, slots, budget)
+            picked += [group[j] for j in sub]
+            budget -= sum(costs[group[j]] for j in sub)
+            slots -= len(sub)
+        chosen = [reqs[i] for i in picked]
+        if anchor not in chosen:
+            chosen = [anchor]
+        self.stats.starved += sum(r.request_id in late for r in chosen)
+        return chosen
+
+    def _switch(self, now: float) -> None:
+        new = self.candidate
+        lo, hi = min(r.num_tokens for r in new), max(r.num_tokens for r in new)
+        spread = self.cfg.max_spread
+        room = self.cfg.max_batch - len(new)
+        keep = []
+        for r in list(self.running):
+            if room > 0 and hi / spread <= r.num_tokens <= lo * spread:
+                keep.append(r)
+                room -= 1
+            else:
+                self._swap_out(r, now)
+        for r in new:
+            r.status = RequestStatus.RUNNING
+        self.running, self.candidate = keep + new, []
+        self._batch_steps = 0
+        self.stats.switches += 1
+
+    def _refill(self, now: float) -> None:
+        """Fill free slots: starving requests first, then the nearest lengths. A batch
+        thinner than min_batch takes the nearest whatever the spread: size pays more."""
+        free = self.cfg.max_batch - len(self.running)
+        if free <= 0 or not self.pooled or not self.running:
+            return
+        starving = self._starving(now)[:free]
+        late = {r.request_id for r in starving}
+        lens = sorted(r.num_tokens for r in self.running)
+        lo, hi = lens[-1] / self.cfg.max_spread, lens[0] * self.cfg.max_spread
+        thin = len(lens) < self.cfg.min_batch
+        inside = [r for r in self.pooled.values() if r.request_id not in late
+                  and (thin or lo <= r.num_tokens <= hi)]
+        budget = self._bmax - sum(self._cost(r) for r in self.running)
+        near = nearest_fill([r.num_tokens for r in inside], [self._cost(r) for r in inside],
+                            lens[len(lens) // 2], free - len(starving), max(0, budget))
+        self.stats.starved += len(starving)
+        for r in [*starving, *(inside[i] for i in near)]:
+            self._take(r)
+            if not self.swap.swap_in(r):
+                self._to_pool(r)
+                return
+            r.status = RequestStatus.RUNNING
+            self.running.append(r)
+
+    # -- one step -----------------------------------------------------------------------------
+
+    def _build_chunks(self, now: float) -> tuple[list[ScheduledChunk], list[str]]:
+        budget = TokenBudget(self.cfg.max_num_batched_tokens)
+        chunks: list[ScheduledChunk] = []
+        preempted: list[str] = []
+        # Decodes first, prefills last: prefills then never starve decodes of budget, and
+        # preemption (from the end) hits the least-invested members.
+        self.running.sort(key=lambda r: r.num_uncomputed_tokens > 1)
+        i = 0
+        while i < len(self.running):
+            req = self.running[i]
+            n = budget.take(req.num_uncomputed_tokens)
+            if n == 0:
+                i += 1
+                continue  # no budget left for this prefill; it stays and waits a step
+            while not self.device.try_grow(req, n):
+                victim = self.running.pop()
+                if not self._swap_out(victim, now):
+                    preempted.append(victim.request_id)
+                self.stats.preemptions += 1
+                if victim is req:
+                    break
+            if req.status is not RequestStatus.RUNNING:
+                budget.give_back(n)
+                continue
+            chunks.append(ScheduledChunk(req, req.num_computed_tokens, n))
+            i += 1
+        chunks.sort(key=lambda c: not c.is_decode)
+        return chunks, preempted
+
+    def _swap_out(self, req: Request, now: float) -> bool:
+        """Send a member back to the pool. False when its KV was dropped (recompute)."""
+        if req in self.running:
+            self.running.remove(req)
+        kept = self.swap.swap_out(req)
+        if not kept:
+            self.swap.drop_device(req)
+            req.num_computed_tokens = req.num_host_tokens = 0
+            req.num_preemptions += 1
+            self.stats.recomputes += 1
+        req.queued_since = now
+        self._to_pool(req)
+        return kept
+
+    def _finish(self, req: Request, reason: FinishReason) -> None:
+        if req.request_id in self.pooled:
+            self._take(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        elif req in self.candidate:
+            self.candidate.remove(req)
+        elif req in self.running:
+            self.running.remove(req)
+        self.swap.release(req)
+        req.status = RequestStatus.FINISHED
+        req.finish_reason = reason
+        del self.requests[req.request_id]
+
+    def _cost(self, req: Request) -> int:
+        """Device blocks the request needs now plus its lookahead growth."""
+        grow = min(self.cfg.lookahead_tokens, req.params.max_tokens - req.num_output_tokens)
+        return blocks_for(req.num_tokens + max(0, grow), self.device.block_size)
+
+    @staticmethod
+    def _age_key(req: Request) -> tuple[float, int]:
+        return (req.queued_since or 0.0, req.num_tokens)

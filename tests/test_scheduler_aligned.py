@@ -1,0 +1,283 @@
+"""Aligned policy driven by a fake executor that models KV contents block by block.
+
+The fake executor stores, for every device and host block slot, which (request, position,
+token) it holds. Before a chunk computes it checks that the request's device blocks hold
+exactly its earlier tokens, so any swap that loses, misplaces or races a block fails here.
+Transfers run a configurable number of steps late, as a background copy would.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+
+import pytest
+
+from alignedserve.scheduling.aligned import AlignedConfig, AlignedScheduler
+from alignedserve.scheduling.block_manager import BlockAllocator, KVBlockManager
+from alignedserve.scheduling.interface import SchedulerOutput
+from alignedserve.scheduling.request import FinishReason, Request, RequestStatus
+from alignedserve.scheduling.sampling_params import SamplingParams
+
+BS = 4
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class FakeExecutor:
+    """Runs SchedulerOutputs against a block-content model of both pools."""
+
+    def __init__(self, sched: AlignedScheduler, lag_steps: int = 1) -> None:
+        self.s = sched
+        self.device: dict[tuple[int, int], tuple] = {}  # (block, slot) -> (rid, pos, token)
+        self.host: dict[tuple[int, int], tuple] = {}
+        self.queue: deque[tuple[int, object]] = deque()  # (step issued, KVTransfer)
+        self.lag = lag_steps
+        self.step_no = 0
+        self.outs: list[SchedulerOutput] = []
+
+    @staticmethod
+    def token(rid: str, pos: int) -> int:
+        return 100 + (hash((rid, pos)) % 1000)
+
+    def _run_transfer(self, t) -> None:
+        src, dst = (self.host, self.device) if t.kind == "swap_in" else (self.device, self.host)
+        src_ids, dst_ids = ((t.host_blocks, t.device_blocks) if t.kind == "swap_in"
+                            else (t.device_blocks, t.host_blocks))
+        for a, b in zip(src_ids, dst_ids, strict=True):
+            for slot in range(BS):
+                if (a, slot) in src:
+                    dst[(b, slot)] = src[(a, slot)]
+                else:
+                    dst.pop((b, slot), None)
+
+    def _complete(self, upto: int | None) -> None:
+        while self.queue and ((upto is None and self.queue[0][0] + self.lag <= self.step_no)
+                              or (upto is not None and self.queue[0][1].seq <= upto)):
+            _, t = self.queue.popleft()
+            self._run_transfer(t)
+            self.s.transfers_done(t.seq)
+
+    def step(self) -> list[Request]:
+        out = self.s.schedule()
+        self.outs.append(out)
+        for t in out.transfers:
+            self.queue.append((self.step_no, t))
+        self._complete(out.fence)  # the fence: wait for what this step needs
+        sampled = {}
+        for c in out.chunks:
+            req = c.request
+            for pos in range(c.start):  # earlier KV must be in place, exactly
+                b, slot = req.block_ids[pos // BS], pos % BS
+                assert self.device.get((b, slot)) == (req.request_id, pos, req.token_ids[pos]), (
+                    f"{req.request_id} pos {pos}: device block {b} holds "
+                    f"{self.device.get((b, slot))}")
+            for pos in range(c.start, c.end):
+                b = req.block_ids[pos // BS]
+                self.device[(b, pos % BS)] = (req.request_id, pos, req.token_ids[pos])
+            if c.samples:
+                sampled[req.request_id] = self.token(req.request_id, c.end)
+        done = self.s.update(out, sampled)
+        self.step_no += 1
+        self._complete(None)
+        return done
+
+    def run(self, max_steps: int = 5000, clock: FakeClock | None = None,
+            dt: float = 0.1) -> dict[str, list[int]]:
+        outputs = {}
+        for _ in range(max_steps):
+            if not self.s.has_unfinished():
+                break
+            for r in self.step():
+                outputs[r.request_id] = r.output_token_ids
+            if clock is not None:
+                clock.t += dt
+        assert not self.s.has_unfinished(), "scheduler stalled"
+        self._complete(1 << 60)
+        return outputs
+
+
+def make(rid: str, prompt_len: int, max_tokens: int = 6, arrival: float = 0.0) -> Request:
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    return Request(rid, [5 + (i % 50) for i in range(prompt_len)], params, frozenset({2}),
+                   arrival_time=arrival)
+
+
+def sched(device_blocks: int = 256, host_blocks: int = 1024, clock=None,
+          **cfg) -> AlignedScheduler:
+    cfg = {"max_batch": 8, "min_batch": 2, "max_num_batched_tokens": 64, **cfg}
+    return AlignedScheduler(KVBlockManager(device_blocks, BS, watermark=0.0),
+                            BlockAllocator(host_blocks), AlignedConfig(**cfg),
+                            clock=clock or FakeClock())
+
+
+def expected(req: Request) -> list[int]:
+    return [FakeExecutor.token(req.request_id, req.num_prompt_tokens + i)
+            for i in range(req.params.max_tokens)]
+
+
+def test_first_batch_is_the_densest_length_window():
+    s = sched(max_batch=4, min_batch=3, max_spread=1.5)
+    for i, n in enumerate([5, 40, 42, 44, 45, 90, 200]):
+        s.add_request(make(f"r{i}", n))
+    out = s.schedule()
+    assert out.batch_switch
+    assert sorted(r.request_id for r in s.running) == ["r1", "r2", "r3", "r4"]
+    assert {c.request.request_id for c in out.chunks} <= {"r1", "r2", "r3", "r4"}
+    assert len(s.pooled) == 3
+
+
+def test_refill_takes_the_nearest_length_inside_the_window():
+    s = sched(max_batch=3, min_batch=2, max_spread=1.5)
+    reqs = [make("a", 20, 2), make("b", 22, 8), make("c", 24, 8), make("far", 100, 2),
+            make("near", 21, 2)]
+    for r in reqs:
+        s.add_request(r)
+    ex = FakeExecutor(s)
+    ex.step()  # batch {a, near, b} or {a, b, c}: three closest
+    first = {r.request_id for r in s.running}
+    assert "far" not in first
+    while "a" in s.requests:
+        ex.step()
+    assert "far" not in {r.request_id for r in s.running}, "far is outside the window"
+    assert "far" in s.pooled
+
+
+@pytest.mark.parametrize("lag", [0, 1, 3])
+def test_forced_swaps_keep_every_kv_block_exact(lag):
+    """A device pool too small for the in-flight set: batches rotate through the host pool."""
+    rng = random.Random(lag)
+    clock = FakeClock()
+    s = sched(device_blocks=40, host_blocks=600, clock=clock, max_batch=4, min_batch=2,
+              max_queue_delay_s=0.5, min_batch_steps=2, max_num_batched_tokens=32)
+    reqs = [make(f"r{i}", rng.choice([3, 9, 14, 30, 41]), rng.randint(3, 14))
+            for i in range(24)]
+    for r in reqs:
+        s.add_request(r)
+    ex = FakeExecutor(s, lag_steps=lag)
+    outputs = ex.run(clock=clock, dt=0.1)
+    assert outputs == {r.request_id: expected(r) for r in reqs}
+    assert s.swap.stats.swap_outs > 0 and s.swap.stats.swap_ins > 0, "no swaps were forced"
+    assert s.stats.switches > 1
+    assert s.device.num_free_blocks == 40 and s.swap.host.num_free == 600, "blocks leaked"
+
+
+def test_swap_out_writes_back_only_new_blocks():
+    s = sched(device_blocks=64, host_blocks=64, max_batch=2, min_batch=1)
+    r = make("r", 10, 20)
+    s.add_request(r)
+    ex = FakeExecutor(s, lag_steps=0)
+    ex.step()  # prefill 10 tokens + first sample: 11 tokens, 10 with KV
+    assert s.swap.swap_out(r) and s.swap.stats.blocks_out == 3  # positions 0..9: 3 blocks
+    assert s.swap.swap_in(r)
+    s.running = [r]
+    ex.queue.extend((ex.step_no, t) for t in s.swap.drain())
+    ex._complete(1 << 60)
+    for _ in range(3):
+        ex.step()  # 13 tokens of KV now: blocks 2 (partial before) and 3 are new
+    assert s.swap.swap_out(r)
+    assert s.swap.stats.blocks_out == 3 + 2, "only the partial block and the new one"
+
+
+def test_starvation_bound_puts_an_outlier_into_the_next_batch():
+    """A steady stream of short requests never makes room for one long request by length
+    alone; the bound must bring it in within max_queue_delay plus min_batch_steps steps."""
+    clock = FakeClock()
+    delay, dt = 1.0, 0.05
+    s = sched(clock=clock, max_batch=4, min_batch=2, max_spread=1.3, max_queue_delay_s=delay,
+              min_batch_steps=3, device_blocks=512, host_blocks=2048)
+    ex = FakeExecutor(s)
+    s.add_request(make("long", 120, 4, arrival=0.0))
+    n = 0
+    joined_at = None
+    for step in range(400):
+        while len(s.pooled) + len(s.waiting) < 6:  # keep short peers plentiful
+            s.add_request(make(f"s{n}", 10 + n % 3, 30, arrival=clock.t))
+            n += 1
+        ex.step()
+        if joined_at is None and s.requests.get("long") and s.requests["long"].status is (
+                RequestStatus.RUNNING):
+            joined_at = clock.t
+        clock.t += dt
+        if "long" not in s.requests and step > 5:
+            break
+    assert joined_at is not None
+    assert delay <= joined_at <= delay + (3 + 1) * dt + 1e-9, joined_at
+    assert s.stats.starved >= 1
+
+
+def test_without_pressure_the_outlier_waits_for_peers():
+    """Control for the test above: before the bound, length order decides."""
+    clock = FakeClock()
+    s = sched(clock=clock, max_batch=4, min_batch=2, max_spread=1.3, max_queue_delay_s=1e9)
+    ex = FakeExecutor(s)
+    s.add_request(make("long", 120, 4))
+    for i in range(6):
+        s.add_request(make(f"s{i}", 10, 30))
+    for _ in range(10):
+        ex.step()
+    assert s.requests["long"].status is RequestStatus.WAITING
+
+
+def test_full_host_pool_makes_new_requests_wait_not_drop():
+    s = sched(device_blocks=64, host_blocks=12, max_batch=4, min_batch=1, host_watermark=0.0)
+    reqs = [make(f"r{i}", 14, 3) for i in range(6)]  # 4 host blocks each: 3 fit
+    for r in reqs:
+        s.add_request(r)
+    s.schedule()
+    assert len(s.waiting) == 3 and s.swap.host.num_free == 0
+    outputs = FakeExecutor(s).run()
+    assert outputs == {r.request_id: expected(r) for r in reqs}
+
+
+@pytest.mark.parametrize("where", ["waiting", "pooled", "running", "candidate"])
+def test_abort_frees_device_and_host_blocks_in_every_state(where):
+    s = sched(device_blocks=64, host_blocks=24, max_batch=2, min_batch=1, host_watermark=0.0)
+    reqs = [make(f"r{i}", 12, 5) for i in range(12)]
+    for r in reqs:
+        s.add_request(r)
+    ex = FakeExecutor(s, lag_steps=2)
+    ex.step()
+    ex.step()
+    if where == "candidate":
+        victim = s.running[0]
+        s._swap_out(victim, 0.0)  # back to the pool (or recompute if the host is full)
+        s._take(victim)
+        assert s.swap.swap_in(victim)
+        s.candidate = [victim]
+    else:
+        pools = {"waiting": list(s.waiting), "pooled": list(s.pooled.values()),
+                 "running": s.running}
+        victim = pools[where][0]
+    assert s.finish(victim.request_id, FinishReason.ABORT) is victim
+    assert victim.finished and not victim.block_ids and not victim.host_block_ids
+    ex.run()
+    assert s.device.num_free_blocks == 64 and s.swap.host.num_free == 24
+
+
+def test_same_tokens_as_fcfs_schedule_independent():
+    """Outputs depend only on the request, not on which policy or batch ran it."""
+    from alignedserve.scheduling.fcfs import FCFSScheduler, SchedulerLimits
+
+    rng = random.Random(7)
+    specs = [(f"r{i}", rng.randint(2, 60), rng.randint(1, 12)) for i in range(30)]
+    a = sched(device_blocks=60, host_blocks=800, max_batch=6, min_batch=3)
+    for rid, n, m in specs:
+        a.add_request(make(rid, n, m))
+    got = FakeExecutor(a).run()
+    f = FCFSScheduler(KVBlockManager(60, BS), SchedulerLimits(6, 64))
+    for rid, n, m in specs:
+        f.add_request(make(rid, n, m))
+    want = {}
+    while f.has_unfinished():
+        out = f.schedule()
+        sampled = {c.request.request_id: FakeExecutor.token(c.request.request_id, c.end)
+                   for c in out.chunks if c.samples}
+        want.update({r.request_id: r.output_token_ids for r in f.update(out, sampled)})
+    assert got == want
