@@ -27,6 +27,22 @@ def _add_model_parser(sub: argparse._SubParsersAction) -> None:
     init.set_defaults(func=_cmd_model_init)
 
 
+# (flag, type, what) for the aligned policy's knobs; EngineConfig documents each in full.
+ALIGNED_FLAGS: tuple[tuple[str, type, str], ...] = (
+    ("--min-batch", int, "Kmin, requests a new batch takes at least"),
+    ("--max-spread", float, "longest/shortest KV length in a batch"),
+    ("--batch-kv-fraction", float, "Bmax, a batch's share of the device KV pool"),
+    ("--max-queue-delay-s", float, "starvation bound in seconds"),
+    ("--min-batch-steps", int, "steps a batch runs before a starving request displaces it"),
+    ("--host-kv-gib", float, "host KV pool size in GiB"),
+)
+
+
+def _aligned_overrides(args: argparse.Namespace) -> tuple[tuple[str, float], ...]:
+    names = [flag.removeprefix("--").replace("-", "_") for flag, _, _ in ALIGNED_FLAGS]
+    return tuple((n, getattr(args, n)) for n in names if getattr(args, n) is not None)
+
+
 def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser("bench", help="Run benchmarks.")
     bsub = bench.add_subparsers(dest="bench_cmd", required=True, metavar="KIND")
@@ -57,6 +73,12 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
                      help="Requests per step at most (engine and hf-cb).")
     off.add_argument("--max-num-batched-tokens", type=int, default=1024,
                      help="Tokens per step at most (engine and hf-cb).")
+    off.add_argument("--rate", type=float, default=None,
+                     help="Online mode: Poisson arrivals at this many requests/s (engine "
+                     "policies only, --peers none). Default: offline, all at t=0.")
+    for flag, kind, what in ALIGNED_FLAGS:
+        off.add_argument(flag, type=kind, default=None,
+                         help=f"aligned policy: {what} (default: EngineConfig's).")
     off.add_argument("--no-hw-probe", action="store_true",
                      help="Skip the memory-bandwidth / GEMM / batch-1 decode measurements.")
     off.add_argument("--no-progress", action="store_true", help="Hide the progress bars.")
@@ -111,6 +133,7 @@ def _cmd_bench_offline(args: argparse.Namespace) -> int:
         policies=args.policies, peers=args.peers, hf_batch_size=args.hf_batch_size,
         kv_cache_gib=args.kv_cache_gib, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, hw_probe=not args.no_hw_probe,
+        aligned=_aligned_overrides(args), rate=args.rate,
         out_dir=args.out, progress=not args.no_progress,
         command=shlex.join(["alignedserve", *args.argv]),
     )

@@ -160,8 +160,15 @@ class EngineConfig(BaseModel):
     dense_max_padding: float = Field(
         0.25,
         ge=0.0,
-        description="auto backend: use dense when padding would add at most this fraction "
-        "of attention work over the real KV tokens.",
+        description="auto backend: use dense when padding adds at most this fraction of "
+        "attention work over the real KV tokens, or at most dense_max_pad_tokens per sequence.",
+    )
+    dense_max_pad_tokens: int = Field(
+        192,
+        ge=0,
+        description="auto backend: dense is also chosen when the mean padding per sequence is "
+        "at most this many tokens. Measured here: one extra SDPA call per sequence (varlen) "
+        "costs about as much as ~200 padded KV tokens.",
     )
     seed: int = Field(0, description="Seed for requests sampled without their own seed.")
     # -- aligned policy (ignored by fcfs) --
@@ -173,6 +180,11 @@ class EngineConfig(BaseModel):
     max_spread: float = Field(
         1.5, ge=1.0, description="aligned: longest / shortest KV length allowed in a batch when "
         "forming or refilling it. Lower: less padding per step, smaller batches.",
+    )
+    slack_tokens: int = Field(
+        128, ge=0, description="aligned: KV lengths within this many tokens of each other "
+        "also count as aligned, whatever their ratio (short requests batch freely: their "
+        "padding costs little next to the linear layers).",
     )
     batch_kv_fraction: float = Field(
         0.4, gt=0.0, le=1.0, description="aligned (the paper's Bmax): a new batch's KV, with "

@@ -50,7 +50,8 @@ class _Tracked:
 def aligned_config(cfg: EngineConfig) -> AlignedConfig:
     return AlignedConfig(
         max_batch=cfg.max_num_seqs, min_batch=min(cfg.min_batch, cfg.max_num_seqs),
-        max_spread=cfg.max_spread, batch_kv_fraction=cfg.batch_kv_fraction,
+        max_spread=cfg.max_spread, slack_tokens=cfg.slack_tokens,
+        batch_kv_fraction=cfg.batch_kv_fraction,
         max_queue_delay_s=cfg.max_queue_delay_s, min_batch_steps=cfg.min_batch_steps,
         max_num_batched_tokens=cfg.max_num_batched_tokens,
     )

@@ -67,7 +67,9 @@ class ModelRunner:
     def choose_backend(self, kv_lens: list[int]) -> DecodeBackend:
         name = self.cfg.attention_backend
         if name == "auto":
-            fits = padding_fraction(kv_lens) <= self.cfg.dense_max_padding
+            pad = padding_fraction(kv_lens)
+            per_seq = pad * sum(kv_lens) / len(kv_lens)  # mean padded tokens per sequence
+            fits = pad <= self.cfg.dense_max_padding or per_seq <= self.cfg.dense_max_pad_tokens
             name = "dense" if fits else "varlen"
         return DECODE_BACKENDS[name]
 

@@ -13,6 +13,7 @@ import shlex
 import sys
 import time
 import traceback
+from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -49,6 +50,8 @@ class OfflineBenchConfig:
     kv_cache_gib: float = 1.0  # KV pool of the engine and of hf-cb
     max_num_seqs: int = 64  # engine max_num_seqs, hf-cb max_requests_per_batch
     max_num_batched_tokens: int = 1024  # engine token budget, hf-cb max_batch_tokens
+    aligned: tuple[tuple[str, float], ...] = ()  # EngineConfig overrides for policy "aligned"
+    rate: float | None = None  # online mode: Poisson arrivals at this many requests/s
     hw_probe: bool = True  # measure copy / GEMM bounds and a batch-1 decode
     out_dir: str | None = None  # default bench-results/<label>-<workload>
     progress: bool = True  # tqdm bars
@@ -62,6 +65,9 @@ class OfflineBenchConfig:
             raise ValueError(f"unknown peers {unknown}; expected some of {list(PEER_NAMES)}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+        if self.rate is not None and (self.rate <= 0 or self.peers):
+            raise ValueError("online mode (rate) needs rate > 0 and no peers: peers here "
+                             "cannot take requests on a schedule")
         if self.num_requests < 1 or self.threads < 1 or self.hf_batch_size < 1:
             raise ValueError("num_requests, threads and hf_batch_size must be >= 1")
 
@@ -89,6 +95,10 @@ def cli_command(cfg: OfflineBenchConfig) -> str:
             "--peers", ",".join(cfg.peers) or "none", "--num-requests", str(cfg.num_requests),
             "--dtype", cfg.dtype, "--threads", str(cfg.threads), "--seed", str(cfg.seed),
             "--len-scale", f"{cfg.len_scale:g}", "--hf-batch-size", str(cfg.hf_batch_size),
+            "--kv-cache-gib", f"{cfg.kv_cache_gib:g}", "--max-num-seqs", str(cfg.max_num_seqs),
+            "--max-num-batched-tokens", str(cfg.max_num_batched_tokens),
+            *(f"--{k.replace('_', '-')}={v:g}" for k, v in cfg.aligned),
+            *(["--rate", f"{cfg.rate:g}"] if cfg.rate is not None else []),
             "--out", str(cfg.output_dir())]
     return shlex.join(args)
 
@@ -96,10 +106,11 @@ def cli_command(cfg: OfflineBenchConfig) -> str:
 def _engine_config(cfg: OfflineBenchConfig, policy: str):
     from alignedserve.engine.config import EngineConfig
 
+    extra = dict(cfg.aligned) if policy == "aligned" else {}
     return EngineConfig(
         model=cfg.model, dtype=cfg.dtype, policy=policy, block_size=cfg.block_size,
         kv_cache_gib=cfg.kv_cache_gib, max_num_seqs=cfg.max_num_seqs,
-        max_num_batched_tokens=cfg.max_num_batched_tokens, num_threads=cfg.threads,
+        max_num_batched_tokens=cfg.max_num_batched_tokens, num_threads=cfg.threads, **extra,
     )
 
 
@@ -139,7 +150,8 @@ def _engine_padding_pct(stats: list) -> float:
 
 
 def run_engine(engine, policy: str, requests: list[WorkloadRequest], progress: bool) -> SystemRun:
-    """Submit every request at t=0 and step the engine until all have finished."""
+    """Submit each request at its arrival time (all at t=0 offline) and step the engine
+    until all have finished."""
     from alignedserve.scheduling.sampling_params import SamplingParams
 
     def params(n: int) -> SamplingParams:
@@ -151,10 +163,17 @@ def run_engine(engine, policy: str, requests: list[WorkloadRequest], progress: b
     engine.stats.clear()
     outs, done_at = {}, {}
     bar = tqdm(total=len(requests), desc=policy, unit="req", disable=not progress)
+    arrivals = deque(sorted(range(len(requests)), key=lambda i: requests[i].arrival_s))
     t0 = time.monotonic()
-    for i, r in enumerate(requests):
-        engine.add_request(r.prompt_token_ids, params(r.max_tokens), request_id=f"r{i}")
-    while engine.has_unfinished():
+    while arrivals or engine.has_unfinished():
+        now = time.monotonic() - t0
+        while arrivals and requests[arrivals[0]].arrival_s <= now:  # online: on schedule
+            i = arrivals.popleft()
+            engine.add_request(requests[i].prompt_token_ids, params(requests[i].max_tokens),
+                               request_id=f"r{i}")
+        if not engine.has_unfinished():
+            time.sleep(min(0.01, requests[arrivals[0]].arrival_s - now))
+            continue
         for out in engine.step():
             outs[out.request_id], done_at[out.request_id] = out, time.monotonic() - t0
             bar.update(1)
@@ -162,6 +181,11 @@ def run_engine(engine, policy: str, requests: list[WorkloadRequest], progress: b
     bar.close()
     stats = list(engine.stats)
     prefill_s = sum(s.seconds for s in stats if s.num_prefill_tokens)
+    moves = engine.transfers.stats if engine.transfers is not None else None
+    kv_transfer = None if moves is None else {**asdict(moves), "overlap": moves.overlap}
+    counters = getattr(engine.scheduler, "stats", None)
+    swap = getattr(engine.scheduler, "swap", None)
+    sched = None if counters is None else {**asdict(counters), **asdict(swap.stats)}
     records = [_engine_record(r, outs.get(f"r{i}"), done_at.get(f"r{i}"), t0)
                for i, r in enumerate(requests)]
     return SystemRun(
@@ -170,6 +194,9 @@ def run_engine(engine, policy: str, requests: list[WorkloadRequest], progress: b
         decode_s=wall - prefill_s, iteration_s=tuple(s.seconds for s in stats),
         padding_pct=_engine_padding_pct(stats), batch_change_rate=batch_change_rate(stats),
         notes=f"AlignedServe in-process engine, policy {policy}",
+        switch_rate=(sum(s.batch_switch for s in stats) / len(stats)
+                     if policy == "aligned" and stats else None),
+        kv_transfer=kv_transfer, scheduler=sched,
     )
 
 
@@ -242,7 +269,8 @@ def run_offline_bench(cfg: OfflineBenchConfig) -> OfflineBenchResult:
               file=sys.stderr)
     kv_blocks, max_len, vocab = kv_pool_blocks(cfg)
     requests = make_workload(cfg.workload, cfg.num_requests, vocab, seed=cfg.seed,
-                             len_scale=cfg.len_scale, max_model_len=max_len)
+                             len_scale=cfg.len_scale, max_model_len=max_len,
+                             mode="offline" if cfg.rate is None else "online", rate=cfg.rate)
     hw: dict[str, Any] = {}
     machine = measure_machine() if cfg.hw_probe else None
     if machine is not None:
@@ -270,7 +298,8 @@ def _write_outputs(cfg: OfflineBenchConfig, requests: list[WorkloadRequest],
     for r in runs[1:]:
         summaries[r.name][f"token_match_vs_{baseline.name}"] = report.token_match(r, baseline)
     ratios = report.compute_ratios(summaries, [baseline.name, *cfg.peers])
-    title = f"{cfg.name} / {cfg.workload} / {len(requests)} requests / {cfg.dtype}"
+    mode = "offline" if cfg.rate is None else f"online {cfg.rate:g} req/s"
+    title = f"{cfg.name} / {cfg.workload} / {len(requests)} requests / {mode} / {cfg.dtype}"
     hw_plain = {k: asdict(v) if hasattr(v, "__dataclass_fields__") else v
                 for k, v in hw.items()}
     payload = {

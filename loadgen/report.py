@@ -53,6 +53,9 @@ class SystemRun:
     batch_change_rate: float | None  # iterations whose batch changed / iterations
     error: str | None = None  # set when the system failed; metrics are then partial
     notes: str = ""
+    switch_rate: float | None = None  # batch-level switches / iterations (aligned policy)
+    kv_transfer: dict[str, float] | None = None  # host<->device copies: bytes, s, overlap
+    scheduler: dict[str, int] | None = None  # policy counters (batches, starved, ...)
 
 
 def _pct(values: list[float]) -> dict[str, float | None]:
@@ -97,6 +100,9 @@ def summarize(run: SystemRun) -> dict[str, Any]:
         },
         "padding_pct": run.padding_pct,
         "batch_change_rate": run.batch_change_rate,
+        "switch_rate": run.switch_rate,
+        "kv_transfer": run.kv_transfer,
+        "scheduler": run.scheduler,
     }
 
 
@@ -184,8 +190,8 @@ def print_table(summaries: dict[str, dict[str, Any]], ratios: dict[str, Any],
 
     table = Table(title=title)
     for col in ("system", "decode tok/s", "output tok/s", "total tok/s", "wall s",
-                "TTFT p50/p99 s", "TPOT p50/p99 ms", "E2E p50/p99 s", "pad %", "ok/fail",
-                f"decode vs {baseline}"):
+                "TTFT p50/p99 s", "TPOT p50/p99 ms", "E2E p50/p99 s", "pad %", "switch %",
+                "ok/fail", f"decode vs {baseline}"):
         table.add_column(col, justify="left" if col == "system" else "right")
     for name, s in summaries.items():
         vs = ratios.get(baseline, {}).get(name, {}).get("decode_tps")
@@ -197,7 +203,8 @@ def print_table(summaries: dict[str, dict[str, Any]], ratios: dict[str, Any],
             f"{_fmt(s['ttft_s']['p50'], digits=2)}/{_fmt(s['ttft_s']['p99'], digits=2)}",
             f"{_fmt(s['tpot_s']['p50'], 1e3)}/{_fmt(s['tpot_s']['p99'], 1e3)}",
             f"{_fmt(s['e2e_s']['p50'], digits=2)}/{_fmt(s['e2e_s']['p99'], digits=2)}",
-            _fmt(s["padding_pct"]), f"{s['completed']}/{s['failed']}",
+            _fmt(s["padding_pct"]), _fmt(s["switch_rate"], 100.0),
+            f"{s['completed']}/{s['failed']}",
             "1.00x" if name == baseline else (_fmt(vs, digits=2) + "x" if vs else "-"),
         )
     console = Console()
@@ -205,6 +212,13 @@ def print_table(summaries: dict[str, dict[str, Any]], ratios: dict[str, Any],
         console = Console(width=170)  # logs and pipes: don't squeeze columns to 80
     console.print(table)
     console.print("* decode and prefill share steps: decode tok/s = generated / wall")
+    for name, s in summaries.items():
+        kv = s.get("kv_transfer")
+        if kv and kv["transfers"]:
+            console.print(
+                f"{name}: {kv['transfers']} host<->device KV copies, {kv['bytes'] / 1e9:.2f} GB "
+                f"in {kv['copy_s']:.2f} s on the copy thread; step loop stalled "
+                f"{kv['stall_s']:.2f} s -> {kv['overlap']:.0%} of copy time overlapped")
     if hw:
         m, d = hw["machine"], hw.get("decode_bound")
         console.print(

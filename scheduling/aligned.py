@@ -41,7 +41,7 @@ from alignedserve.scheduling.interface import ScheduledChunk, SchedulerOutput, T
 from alignedserve.scheduling.length_index import InMemoryLengthIndex, KVLengthIndex
 from alignedserve.scheduling.request import FinishReason, Request, RequestStatus
 from alignedserve.scheduling.swap import KVSwapper
-from alignedserve.scheduling.window_search import densest_window, nearest_fill
+from alignedserve.scheduling.window_search import aligned, densest_window, nearest_fill
 
 
 @dataclass(frozen=True)
@@ -51,12 +51,13 @@ class AlignedConfig:
     max_batch: int = 64  # members of the running batch at most
     min_batch: int = 8  # Kmin: a batch is formed from at least this many requests if it can
     max_spread: float = 1.5  # longest / shortest KV length allowed when forming or refilling
+    slack_tokens: int = 128  # ... or longest - shortest up to this many tokens
     batch_kv_fraction: float = 0.4  # Bmax: a new batch's KV (with lookahead) <= this of device
     max_queue_delay_s: float = 10.0  # starvation bound on the time a request waits in the pool
     min_batch_steps: int = 8  # steps a batch runs before a starving request may displace it
     max_num_batched_tokens: int = 1024  # tokens (decode + prefill chunks) in one step at most
     host_watermark: float = 0.05  # host pool fraction kept free at admission, for KV growth
-    lookahead_tokens: int = 32  # growth per member counted against Bmax when forming a batch
+    lookahead_tokens: int = 128  # growth per member (up to its max_tokens) counted against Bmax
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_batch <= self.max_batch:
@@ -178,17 +179,26 @@ class AlignedScheduler:
 
     # -- batch level --------------------------------------------------------------------------
 
-    def _starving(self, now: float) -> list[Request]:
-        """Pooled requests past the bound, most overdue first (ties: shortest KV first)."""
+    def _starving(self, now: float, anchor: int | None = None) -> list[Request]:
+        """Pooled requests past the bound. Most overdue first, counted in whole multiples of
+        the bound so that a burst's requests tie; ties go nearest `anchor` (a KV length),
+        or shortest first without one."""
         limit = self.cfg.max_queue_delay_s
         late = [r for r in self.pooled.values() if now - r.queued_since >= limit]
-        return sorted(late, key=lambda r: (r.queued_since, r.num_tokens))
+
+        def key(r: Request) -> tuple[int, int]:
+            overdue = int((now - r.queued_since) // limit)
+            return (-overdue, abs(r.num_tokens - anchor) if anchor is not None else r.num_tokens)
+
+        return sorted(late, key=key)
 
     def _advance_batch(self, now: float) -> bool:
         if not self.candidate and self.pooled and self._wants_new_batch(now):
-            picked = self._pick_batch(now)
-            full = len(self.running) >= self.cfg.max_batch  # only asked when someone starves
-            if not self.running or full or len(picked) > len(self.running):
+            n = len(self.running)
+            full = n >= self.cfg.max_batch  # only asked when someone starves
+            # A drained batch's members stay on with the new one, so leave them room.
+            picked = self._pick_batch(now, self.cfg.max_batch if full else self.cfg.max_batch - n)
+            if not n or full or len(picked) >= max(n + 1, 2 * n):
                 self.candidate = self._stage(picked)
         if not self.candidate:
             return False
@@ -199,13 +209,13 @@ class AlignedScheduler:
         return True
 
     def _wants_new_batch(self, now: float) -> bool:
-        if not self.running or len(self.running) < self.cfg.min_batch:
-            return True
+        if len(self.running) < max(self.cfg.min_batch, self.cfg.max_batch // 2):
+            return True  # drained: a denser batch may be waiting in the pool
         full = len(self.running) >= self.cfg.max_batch
         return (full and self._batch_steps >= self.cfg.min_batch_steps
                 and bool(self._starving(now)))
 
-    def _pick_batch(self, now: float) -> list[Request]:
+    def _pick_batch(self, now: float, cap: int) -> list[Request]:
         """The next batch from the pool (nothing moves yet)."""
         items = self.index.sorted_items()
         lengths = [n for n, _ in items]
@@ -215,8 +225,8 @@ class AlignedScheduler:
         if starving:
             return self._around_starving(reqs, lengths, costs, starving)
         w = densest_window(lengths, costs, min_batch=self.cfg.min_batch,
-                           max_batch=self.cfg.max_batch, max_spread=self.cfg.max_spread,
-                           budget=self._bmax)
+                           max_batch=cap, max_spread=self.cfg.max_spread,
+                           budget=self._bmax, slack_tokens=self.cfg.slack_tokens)
         return reqs[w.lo:w.hi] if w is not None else [min(reqs, key=self._age_key)]
 
     def _stage(self, picked: list[Request]) -> list[Request]:
@@ -255,11 +265,14 @@ class AlignedScheduler:
     def _switch(self, now: float) -> None:
         new = self.candidate
         lo, hi = min(r.num_tokens for r in new), max(r.num_tokens for r in new)
-        spread = self.cfg.max_spread
         room = self.cfg.max_batch - len(new)
         keep = []
+        # Members inside the new window stay first; then others while there is room (they
+        # are old, near their end, and a swap would stall them).
+        self.running.sort(key=lambda r: not self._fits(min(lo, r.num_tokens),
+                                                       max(hi, r.num_tokens)))
         for r in list(self.running):
-            if room > 0 and hi / spread <= r.num_tokens <= lo * spread:
+            if room > 0:
                 keep.append(r)
                 room -= 1
             else:
@@ -271,18 +284,17 @@ class AlignedScheduler:
         self.stats.switches += 1
 
     def _refill(self, now: float) -> None:
-        """Fill free slots: starving requests first, then the nearest lengths. A batch
-        thinner than min_batch takes the nearest whatever the spread: size pays more."""
+        """Fill free slots: starving requests first, then the nearest lengths inside the
+        batch's window; a batch below min_batch takes the nearest whatever their length."""
         free = self.cfg.max_batch - len(self.running)
         if free <= 0 or not self.pooled or not self.running:
             return
-        starving = self._starving(now)[:free]
-        late = {r.request_id for r in starving}
         lens = sorted(r.num_tokens for r in self.running)
-        lo, hi = lens[-1] / self.cfg.max_spread, lens[0] * self.cfg.max_spread
+        starving = self._starving(now, anchor=lens[len(lens) // 2])[:free]
+        late = {r.request_id for r in starving}
         thin = len(lens) < self.cfg.min_batch
-        inside = [r for r in self.pooled.values() if r.request_id not in late
-                  and (thin or lo <= r.num_tokens <= hi)]
+        inside = [r for r in self.pooled.values() if r.request_id not in late and (
+            thin or self._fits(min(lens[0], r.num_tokens), max(lens[-1], r.num_tokens)))]
         budget = self._bmax - sum(self._cost(r) for r in self.running)
         near = nearest_fill([r.num_tokens for r in inside], [self._cost(r) for r in inside],
                             lens[len(lens) // 2], free - len(starving), max(0, budget))
@@ -353,6 +365,9 @@ class AlignedScheduler:
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
         del self.requests[req.request_id]
+
+    def _fits(self, shortest: int, longest: int) -> bool:
+        return aligned(shortest, longest, self.cfg.max_spread, self.cfg.slack_tokens)
 
     def _cost(self, req: Request) -> int:
         """Device blocks the request needs now plus its lookahead growth."""

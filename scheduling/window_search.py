@@ -27,6 +27,13 @@ def _spread(lengths: Sequence[int], lo: int, hi: int) -> float:
     return lengths[hi - 1] / max(1, lengths[lo])
 
 
+def aligned(shortest: int, longest: int, max_spread: float, slack_tokens: int = 0) -> bool:
+    """True when KV lengths from `shortest` to `longest` count as one aligned batch: within
+    the ratio `max_spread`, or within `slack_tokens` of each other (a padding that short
+    costs little next to a step's linear layers, so short requests batch freely)."""
+    return longest <= max(max_spread * max(1, shortest), shortest + slack_tokens)
+
+
 def densest_window(
     lengths: Sequence[int],
     costs: Sequence[int],
@@ -35,13 +42,14 @@ def densest_window(
     max_batch: int,
     max_spread: float,
     budget: int,
+    slack_tokens: int = 0,
 ) -> Window | None:
     """The batch to run next, from `lengths` sorted ascending.
 
     Rules, in order:
     1. Members' `costs` (KV blocks each will need) sum to at most `budget`.
-    2. Prefer the largest window of at most `max_batch` members whose spread
-       (longest / shortest) is within `max_spread`, if it holds at least `min_batch`
+    2. Prefer the largest window of at most `max_batch` members that is `aligned` (spread
+       within `max_spread`, or width within `slack_tokens`), if it holds at least `min_batch`
        (or all requests, when fewer than `min_batch` exist). Ties: the narrowest spread.
     3. Otherwise take the narrowest-spread window of exactly that minimum size that fits.
     None only when not even the cheapest single request fits the budget.
@@ -56,7 +64,7 @@ def densest_window(
     lo = 0
     for hi in range(1, n + 1):
         while lo < hi and (
-            lengths[hi - 1] > max_spread * max(1, lengths[lo])
+            not aligned(lengths[lo], lengths[hi - 1], max_spread, slack_tokens)
             or hi - lo > max_batch
             or prefix[hi] - prefix[lo] > budget
         ):

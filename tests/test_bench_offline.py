@@ -107,3 +107,25 @@ def test_step_microbenchmark_smoke(tiny_dir, tmp_path):
     assert (tmp_path / "out" / "results.png").stat().st_size > 0
     aligned_dense = next(p for p in points if p.spread == "aligned" and p.backend == "dense")
     assert aligned_dense.padding == 0.0
+
+
+def test_aligned_vs_fcfs_online_arrivals(tiny_model, tmp_path):
+    """Online mode submits on a Poisson schedule; the aligned policy reports its batch
+    switches, KV copies and counters, and produces the baseline's tokens."""
+    cfg = OfflineBenchConfig(model=str(tiny_model), out_dir=str(tmp_path / "on"),
+                             policies=("aligned", "fcfs"), peers=(), rate=40.0,
+                             hw_probe=False, aligned=(("min_batch", 2),), **SMALL)
+    data = json.loads(run_offline_bench(cfg).json_path.read_text())
+    al, fc = data["systems"]["aligned"], data["systems"]["fcfs"]
+    assert al["completed"] == fc["completed"] == 6
+    assert fc["token_match_vs_aligned"] == 1.0
+    assert 0 < al["switch_rate"] <= 1 and fc["switch_rate"] is None
+    assert al["kv_transfer"]["stall_s"] >= 0 and al["scheduler"]["batches"] >= 1
+    assert "--rate 40" in data["equivalent_command"] and "--min-batch=2" in data[
+        "equivalent_command"]
+    assert data["config"]["rate"] == 40.0
+
+
+def test_online_mode_refuses_peers(tiny_model):
+    with pytest.raises(ValueError, match="online"):
+        OfflineBenchConfig(model=str(tiny_model), rate=5.0, peers=("hf-cb",))

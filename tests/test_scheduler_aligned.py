@@ -111,7 +111,8 @@ def make(rid: str, prompt_len: int, max_tokens: int = 6, arrival: float = 0.0) -
 
 def sched(device_blocks: int = 256, host_blocks: int = 1024, clock=None,
           **cfg) -> AlignedScheduler:
-    cfg = {"max_batch": 8, "min_batch": 2, "max_num_batched_tokens": 64, **cfg}
+    cfg = {"max_batch": 8, "min_batch": 2, "max_num_batched_tokens": 64, "slack_tokens": 0,
+           **cfg}
     return AlignedScheduler(KVBlockManager(device_blocks, BS, watermark=0.0),
                             BlockAllocator(host_blocks), AlignedConfig(**cfg),
                             clock=clock or FakeClock())

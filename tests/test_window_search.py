@@ -52,11 +52,13 @@ def test_window_is_optimal_against_brute_force():
         lengths = sorted(rng.randint(1, 3000) for _ in range(n))
         costs = [max(1, x // 64) for x in lengths]
         kw = dict(min_batch=rng.randint(1, 6), max_batch=rng.randint(6, 12),
-                  max_spread=rng.choice([1.1, 1.5, 2.0]), budget=rng.randint(5, 200))
+                  max_spread=rng.choice([1.1, 1.5, 2.0]), budget=rng.randint(5, 200),
+                  slack_tokens=rng.choice([0, 0, 50, 400]))
         w = search(lengths, costs, **kw)
         ok = [(lo, hi) for lo in range(n) for hi in range(lo + 1, n + 1)
               if hi - lo <= kw["max_batch"] and sum(costs[lo:hi]) <= kw["budget"]
-              and lengths[hi - 1] <= kw["max_spread"] * lengths[lo]]
+              and (lengths[hi - 1] <= kw["max_spread"] * lengths[lo]
+                   or lengths[hi - 1] - lengths[lo] <= kw["slack_tokens"])]
         big = [(hi - lo, -(lengths[hi - 1] / lengths[lo])) for lo, hi in ok
                if hi - lo >= min(kw["min_batch"], n)]
         if big:
