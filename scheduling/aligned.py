@@ -20,7 +20,8 @@ Each step:
    members inside the new batch's window stay; the rest are swapped out, writing back only
    the KV blocks the host lacks.
 3. Refill free slots of the running batch from the pool: starving requests first (whatever
-   their length), then the requests nearest the batch's lengths within `max_spread`.
+   their length), then the requests nearest the batch's lengths within its window
+   (`max_spread`, or `slack_tokens`); a batch below `min_batch` takes the nearest of any.
 4. Give each member its decode token or the next chunk of its prefill under the token budget.
 
 Starvation bound: a pooled request that has waited `max_queue_delay_s` joins the running
@@ -196,9 +197,9 @@ class AlignedScheduler:
         if not self.candidate and self.pooled and self._wants_new_batch(now):
             n = len(self.running)
             full = n >= self.cfg.max_batch  # only asked when someone starves
-            # A drained batch's members stay on with the new one, so leave them room.
+            # Members inside the new batch's window stay on with it, so leave them room.
             picked = self._pick_batch(now, self.cfg.max_batch if full else self.cfg.max_batch - n)
-            if not n or full or len(picked) >= max(n + 1, 2 * n):
+            if not n or full or len(picked) > n:
                 self.candidate = self._stage(picked)
         if not self.candidate:
             return False
@@ -209,8 +210,8 @@ class AlignedScheduler:
         return True
 
     def _wants_new_batch(self, now: float) -> bool:
-        if len(self.running) < max(self.cfg.min_batch, self.cfg.max_batch // 2):
-            return True  # drained: a denser batch may be waiting in the pool
+        if len(self.running) < self.cfg.min_batch:
+            return True  # drained below Kmin: a denser batch may be waiting in the pool
         full = len(self.running) >= self.cfg.max_batch
         return (full and self._batch_steps >= self.cfg.min_batch_steps
                 and bool(self._starving(now)))
@@ -267,12 +268,8 @@ class AlignedScheduler:
         lo, hi = min(r.num_tokens for r in new), max(r.num_tokens for r in new)
         room = self.cfg.max_batch - len(new)
         keep = []
-        # Members inside the new window stay first; then others while there is room (they
-        # are old, near their end, and a swap would stall them).
-        self.running.sort(key=lambda r: not self._fits(min(lo, r.num_tokens),
-                                                       max(hi, r.num_tokens)))
-        for r in list(self.running):
-            if room > 0:
+        for r in list(self.running):  # members inside the new window stay; the rest swap out
+            if room > 0 and self._fits(min(lo, r.num_tokens), max(hi, r.num_tokens)):
                 keep.append(r)
                 room -= 1
             else:
