@@ -56,7 +56,8 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
     off.add_argument("--policy", "--policies", dest="policies", type=_csv, default=("fcfs",),
                      help="Comma-separated engine policies; the first is the baseline.")
     off.add_argument("--peers", type=_csv, default=("hf-static", "hf-cb"),
-                     help="Comma-separated peers (hf-static, hf-cb) or 'none'.")
+                     help="Comma-separated peers (hf-static, hf-cb, vllm, vllm-reserved; "
+                     "vllm needs `make bench-peers`) or 'none'.")
     off.add_argument("--num-requests", type=int, default=64, help="Requests in the workload.")
     off.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                      help="Weights/activations dtype for the engine and the peers.")

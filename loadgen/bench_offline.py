@@ -31,6 +31,7 @@ from alignedserve.loadgen.workloads import WorkloadRequest, make_workload
 # vllm: vLLM's CPU build with VLLM_CPU_NUM_OF_RESERVED_CPU=0 (its best setting here: every core
 # runs the model); vllm-reserved: its default, one core kept for its scheduler process.
 PEER_NAMES: tuple[str, ...] = ("hf-static", "hf-cb", "vllm", "vllm-reserved")
+DEFAULT_PEERS: tuple[str, ...] = ("hf-static", "hf-cb")  # vllm needs `make bench-peers`
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,7 @@ class OfflineBenchConfig:
     dtype: str = "float32"  # "float32" | "bfloat16", engine and peers alike
     threads: int = 2  # torch intra-op threads
     policies: tuple[str, ...] = ("fcfs",)  # engine policies; the first is the baseline
-    peers: tuple[str, ...] = PEER_NAMES
+    peers: tuple[str, ...] = DEFAULT_PEERS
     hf_batch_size: int = 8  # hf-static batch size
     block_size: int = 16  # KV block (engine) and page (hf-cb) size, tokens
     kv_cache_gib: float = 1.0  # KV pool of the engine and of hf-cb
