@@ -59,6 +59,7 @@ class AlignedConfig:
     max_num_batched_tokens: int = 1024  # tokens (decode + prefill chunks) in one step at most
     host_watermark: float = 0.05  # host pool fraction kept free at admission, for KV growth
     lookahead_tokens: int = 128  # growth per member (up to its max_tokens) counted against Bmax
+    refill_buffer: int = 4  # candidate-requests buffer: pooled requests whose KV is prefetched
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_batch <= self.max_batch:
@@ -78,6 +79,8 @@ class AlignedStats:
     starved: int = 0  # requests taken out of length order by the starvation bound
     preemptions: int = 0  # members swapped out because the device ran short
     recomputes: int = 0  # KV dropped because the host pool could not take it
+    refills: int = 0  # requests that joined a running batch in a freed slot
+    refill_hits: int = 0  # ... whose KV the candidate-requests buffer had already prefetched
 
 
 class AlignedScheduler:
@@ -95,6 +98,7 @@ class AlignedScheduler:
         self.pooled: dict[str, Request] = {}
         self.candidate: list[Request] = []
         self.running: list[Request] = []
+        self.staged: dict[str, Request] = {}  # candidate-requests buffer (still pooled)
         self.requests: dict[str, Request] = {}
         self.stats = AlignedStats()
         self._batch_steps = 0  # steps the running batch has run since it was formed
@@ -127,6 +131,7 @@ class AlignedScheduler:
         self._admit()
         switched = self._advance_batch(now)
         self._refill(now)
+        self._stage_refills()
         chunks, preempted = self._build_chunks(now)
         fence = max((c.request.kv_ready_seq for c in chunks), default=0)
         return SchedulerOutput(tuple(chunks), tuple(preempted), switched, self.swap.drain(),
@@ -303,6 +308,34 @@ class AlignedScheduler:
                 return
             r.status = RequestStatus.RUNNING
             self.running.append(r)
+            self.stats.refills += 1
+            self.stats.refill_hits += self.staged.pop(r.request_id, None) is not None
+
+    def _stage_refills(self) -> None:
+        """Candidate-requests buffer: start copying in the KV of the pooled requests nearest
+        the running batch's lengths, so that a freed slot is refilled without waiting on a
+        copy. Staged requests stay in the pool (any batch may still take them); one that
+        falls out of the window gives its device blocks back."""
+        self.staged = {k: r for k, r in self.staged.items() if k in self.pooled}
+        if not self.running or self.cfg.refill_buffer == 0:
+            self._unstage(list(self.staged))
+            return
+        lens = sorted(r.num_tokens for r in self.running)
+        fits = [r for r in self.pooled.values()
+                if self._fits(min(lens[0], r.num_tokens), max(lens[-1], r.num_tokens))]
+        self._unstage([k for k in self.staged if self.staged[k] not in fits])
+        mid = lens[len(lens) // 2]
+        todo = sorted((r for r in fits if r.num_computed_tokens and not r.block_ids),
+                      key=lambda r: abs(r.num_tokens - mid))
+        headroom = len(self.running)  # one new block per member per step, at most
+        for r in todo[: self.cfg.refill_buffer - len(self.staged)]:
+            if self.device.num_free_blocks - self._cost(r) < headroom or not self.swap.swap_in(r):
+                return
+            self.staged[r.request_id] = r
+
+    def _unstage(self, ids: list[str]) -> None:
+        for k in ids:
+            self.swap.drop_device(self.staged.pop(k))
 
     # -- one step -----------------------------------------------------------------------------
 
@@ -321,6 +354,9 @@ class AlignedScheduler:
                 i += 1
                 continue  # no budget left for this prefill; it stays and waits a step
             while not self.device.try_grow(req, n):
+                if self.staged:  # prefetched refills yield their blocks before members do
+                    self._unstage(list(self.staged))
+                    continue
                 victim = self.running.pop()
                 if not self._swap_out(victim, now):
                     preempted.append(victim.request_id)

@@ -82,10 +82,11 @@ class KVSwapper:
 
     def swap_in(self, req: Request) -> bool:
         """Give `req` device blocks for its computed tokens and copy them from the host.
-        False (no change) when the device pool is short. No-op for a request with no KV."""
+        False (no change) when the device pool is short. No-op for a request with no KV or
+        one that already holds device blocks (staged by the candidate-requests buffer)."""
         n = req.num_computed_tokens
-        if n == 0:
-            return True
+        if n == 0 or req.block_ids:
+            return True  # nothing to copy, or already on the device (or on its way)
         if n > req.num_host_tokens:
             raise RuntimeError(f"{req.request_id}: host holds {req.num_host_tokens} of {n} tokens")
         if not self.device.try_grow(req, 0):

@@ -282,3 +282,29 @@ def test_same_tokens_as_fcfs_schedule_independent():
                    for c in out.chunks if c.samples}
         want.update({r.request_id: r.output_token_ids for r in f.update(out, sampled)})
     assert got == want
+
+
+def test_staged_requests_join_without_a_fence():
+    """Candidate-requests buffer: a swapped-out request near the running batch's lengths
+    is copied in ahead of time, and joins a freed slot without the step waiting on it."""
+    s = sched(max_batch=3, min_batch=1, refill_buffer=4, max_spread=2.0)
+    ex = FakeExecutor(s, lag_steps=0)
+    for r in (make("short", 30, 4), make("x", 31, 40), make("y", 33, 40)):
+        s.add_request(r)
+    ex.step()
+    ex.step()
+    y = s.requests["y"]
+    s._swap_out(y, 0.0)  # y waits in the pool, its KV in the host pool
+    s.add_request(make("z", 33, 40))  # fresh, and nearer the batch: it takes the free slot
+    ex.step()
+    assert s.requests["z"].status is RequestStatus.RUNNING
+    assert "y" in s.staged and y.block_ids, "y's KV is being prefetched"
+    while "short" in s.requests:
+        ex.step()
+    ex.step()
+    assert y.status is RequestStatus.RUNNING and s.stats.refill_hits == 1
+    assert ex.outs[-1].fence == 0 or all(
+        t.seq <= s.swap.done_seq for t in ex.outs[-1].transfers), "no wait on y's copy"
+    outputs = ex.run()
+    assert set(outputs) == {"x", "y", "z"}
+    assert s.device.num_free_blocks == 256 and s.swap.host.num_free == 1024
