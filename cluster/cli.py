@@ -102,7 +102,33 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     _add_model_parser(sub)
     _add_bench_parser(sub)
+    _add_sim_parser(sub)
     return parser
+
+
+def _add_sim_parser(sub: argparse._SubParsersAction) -> None:
+    sim = sub.add_parser("sim", help="Simulate GPU clusters with the real scheduling policies.")
+    ssub = sim.add_subparsers(dest="sim_cmd", required=True, metavar="KIND")
+    run = ssub.add_parser("run", help="One workload through aligned / fcfs / the ablation.")
+    run.add_argument("--hardware", default="h100-sxm",
+                     help="Hardware profile (sim/profiles/hardware.json), e.g. h100-sxm; "
+                     "a suffix xN (h100x8) sets --gpus.")
+    run.add_argument("--gpus", type=int, default=8,
+                     help="GPUs per system: fcfs = N replicas, aligned = N/2 pairs.")
+    run.add_argument("--model", default="opt-13b", help="Model profile (sim/profiles/models.json).")
+    run.add_argument("--workload", default="mix95", help="mix95, mix70, sharegpt, longbench, "
+                     "azure-conv.")
+    run.add_argument("--num-requests", type=int, default=2000, help="Requests in the workload.")
+    run.add_argument("--len-scale", type=float, default=1.0, help="1 = the paper's lengths.")
+    run.add_argument("--rate", type=float, default=None, help="Online: Poisson req/s.")
+    run.add_argument("--seed", type=int, default=0, help="Workload seed.")
+    run.add_argument("--policies", "--systems", dest="systems", type=_csv,
+                     default=("aligned", "fcfs", "aligned-noprefetch"),
+                     help="Systems: aligned, fcfs, aligned-noprefetch.")
+    run.add_argument("--split-kv", action="store_true",
+                     help="Model a load-balanced (split-KV) decode kernel instead of "
+                     "PagedAttention V1.")
+    run.set_defaults(func=_cmd_sim_run)
 
 
 def _resolve_model(value: str) -> tuple[str, str]:
@@ -153,6 +179,22 @@ def _cmd_bench_step(args: argparse.Namespace) -> int:
         print(f"{p.spread:>12} {p.backend:>7}: {p.step_ms_p50:8.1f} ms/step "
               f"(max KV {p.max_kv}, padding {p.padding:.0%})")
     print(f"wrote {args.out}/results.json and {args.out}/results.png")
+    return 0
+
+
+def _cmd_sim_run(args: argparse.Namespace) -> int:
+    from alignedserve.sim.cluster import SimConfig
+    from alignedserve.sim.run import print_table, run_sim
+
+    hw, gpus = args.hardware, args.gpus
+    if "x" in hw and hw.rsplit("x", 1)[1].isdigit():  # h100x8 -> h100-sxm, 8 GPUs
+        short, n = hw.rsplit("x", 1)
+        hw, gpus = {"h100": "h100-sxm", "a100": "a100-80g"}.get(short, short), int(n)
+    base = SimConfig(hardware=hw, model=args.model, split_kv=args.split_kv)
+    res = run_sim(base, args.workload, args.num_requests, gpus, tuple(args.systems),
+                  seed=args.seed, len_scale=args.len_scale, rate=args.rate)
+    print_table(res, f"{args.model} on {gpus} x {hw} / {args.workload} / "
+                     f"{args.num_requests} requests (simulated)")
     return 0
 
 

@@ -1,0 +1,167 @@
+"""Analytic cost of one device step and of KV transfers, from hardware and model profiles.
+
+Times are seconds; sizes are bytes. fp16/bf16 weights and KV (2 bytes per element) on GPUs.
+
+Decode attention models vLLM's PagedAttention V1 kernel, the decode kernel of the paper's
+vLLM baseline: one thread block per (sequence, KV head) work unit, each streaming its
+sequence's K and V from HBM. The GPU dispatches blocks in index order to whichever SM is
+free (list scheduling, not sorted by length), so by Graham's bound the kernel ends at most
+one longest unit after the SMs' average finish, and we take that bound as its time:
+    t_attn = total / (SMs x per-SM bandwidth) + (1 - 1/SMs) x longest unit   per layer
+One long-KV sequence thus holds an SM while the others idle: the straggler. In an aligned
+batch the longest unit is about the average, and the second term is small. A split-KV
+kernel (FlashDecoding, FlashInfer's load balancing) cuts units to `split_tokens` and
+removes most of the second term; `split_kv=True` models that.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields
+from functools import cache
+from pathlib import Path
+
+PROFILES = Path(__file__).with_name("profiles")
+BYTES = 2  # fp16 / bf16
+
+
+@dataclass(frozen=True)
+class Hardware:
+    name: str
+    hbm_gbps: float  # HBM bandwidth, GB/s
+    hbm_gib: float  # HBM capacity, GiB
+    peak_tflops: float  # dense fp16/bf16 tensor throughput, TFLOP/s
+    num_sms: int  # attention work units run this many at a time
+    bw_eff: float  # achievable fraction of hbm_gbps
+    flops_eff: float  # achievable fraction of peak_tflops
+    kernel_overhead_us: float  # fixed cost per attention kernel launch
+    layer_overhead_us: float  # fixed cost per layer per step (launches, norms, glue)
+    pcie_gbps: float  # host <-> device, per direction
+    pcie_eff: float
+    pcie_latency_us: float
+    nvlink_gbps: float  # device <-> device, per direction
+    nvlink_eff: float
+    nvlink_latency_us: float
+
+    @property
+    def bw(self) -> float:
+        return self.hbm_gbps * 1e9 * self.bw_eff
+
+    @property
+    def flops(self) -> float:
+        return self.peak_tflops * 1e12 * self.flops_eff
+
+
+@dataclass(frozen=True)
+class Model:
+    name: str
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    ffn: int
+    vocab: int
+    gated_ffn: bool  # SwiGLU (3 FFN matrices) or a plain MLP (2)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    @property
+    def layer_params(self) -> int:
+        attn = self.hidden * (self.heads + 2 * self.kv_heads) * self.head_dim
+        attn += self.heads * self.head_dim * self.hidden
+        return attn + (3 if self.gated_ffn else 2) * self.hidden * self.ffn
+
+    @property
+    def params(self) -> int:
+        """Weights read by one step: every layer plus the LM head (embedding lookups are
+        gathers, not reads of the whole table)."""
+        return self.layers * self.layer_params + self.vocab * self.hidden
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return 2 * self.layers * self.kv_heads * self.head_dim * BYTES
+
+
+def _load(name: str) -> dict[str, dict]:
+    return json.loads((PROFILES / f"{name}.json").read_text())
+
+
+@cache
+def hardware(name: str) -> Hardware:
+    data = _load("hardware")
+    local = PROFILES / "cpu-local.json"
+    if name == "cpu-local" and local.is_file():
+        data[name] = json.loads(local.read_text())
+    if name not in data or name.startswith("_"):
+        raise ValueError(f"unknown hardware {name!r}; known: {known('hardware')}")
+    keys = {f.name for f in fields(Hardware)} - {"name"}
+    return Hardware(name=name, **{k: v for k, v in data[name].items() if k in keys})
+
+
+@cache
+def model(name: str) -> Model:
+    data = _load("models")
+    if name not in data or name.startswith("_"):
+        raise ValueError(f"unknown model {name!r}; known: {known('models')}")
+    return Model(name=name, **data[name])
+
+
+def known(kind: str) -> list[str]:
+    return sorted(k for k in _load(kind) if not k.startswith("_"))
+
+
+@dataclass(frozen=True)
+class CostModel:
+    hw: Hardware
+    m: Model
+    split_kv: bool = False  # a load-balanced decode kernel instead of PagedAttention V1
+    split_tokens: int = 512  # KV tokens per work unit when split_kv
+
+    def linear(self, tokens: int) -> float:
+        """All layers' GEMMs plus the LM head for `tokens` tokens (decode + prefill alike):
+        weights are read once per step (memory bound) or the FLOPs dominate."""
+        if tokens == 0:
+            return 0.0
+        return max(self.m.params * BYTES / self.hw.bw, 2 * self.m.params * tokens / self.hw.flops)
+
+    def decode_attention(self, kv_lens: list[int]) -> float:
+        """Attention of one decode token per sequence, summed over layers (see module doc)."""
+        if not kv_lens:
+            return 0.0
+        per_token = self.m.kv_heads * self.m.head_dim * 2 * BYTES  # K and V, all KV heads
+        total = sum(kv_lens) * per_token / self.hw.bw  # every SM streaming: whole-HBM rate
+        longest = max(kv_lens) if not self.split_kv else min(max(kv_lens), self.split_tokens)
+        per_sm = self.hw.bw / self.hw.num_sms
+        unit = longest * self.m.head_dim * 2 * BYTES / per_sm  # one (sequence, KV head) block
+        tail = (1 - 1 / self.hw.num_sms) * unit
+        return self.m.layers * (total + tail + self.hw.kernel_overhead_us * 1e-6)
+
+    def prefill_attention(self, chunks: list[tuple[int, int]]) -> float:
+        """Causal attention FLOPs of prefill chunks given as (start, length)."""
+        flops = 0.0
+        for start, n in chunks:
+            flops += 4 * self.m.heads * self.m.head_dim * n * (start + (n + 1) / 2)
+        return self.m.layers * flops / self.hw.flops
+
+    def step(self, decode_lens: list[int], prefill: list[tuple[int, int]]) -> float:
+        """One engine step: decodes with these KV lengths plus prefill chunks."""
+        tokens = len(decode_lens) + sum(n for _, n in prefill)
+        if tokens == 0:
+            return 0.0
+        fixed = self.m.layers * self.hw.layer_overhead_us * 1e-6
+        return (self.linear(tokens) + self.decode_attention(decode_lens)
+                + self.prefill_attention(prefill) + fixed)
+
+    def pcie(self, nbytes: int) -> float:
+        """Host -> device (or back) over this device's PCIe link."""
+        return self.hw.pcie_latency_us * 1e-6 + nbytes / (
+            self.hw.pcie_gbps * 1e9 * self.hw.pcie_eff)
+
+    def nvlink(self, nbytes: int) -> float:
+        return self.hw.nvlink_latency_us * 1e-6 + nbytes / (
+            self.hw.nvlink_gbps * 1e9 * self.hw.nvlink_eff)
+
+    def kv_bytes(self, blocks: int, block_size: int) -> int:
+        return blocks * block_size * self.m.kv_bytes_per_token
