@@ -84,6 +84,9 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
                      help="Skip the memory-bandwidth / GEMM / batch-1 decode measurements.")
     off.add_argument("--no-progress", action="store_true", help="Hide the progress bars.")
     off.set_defaults(func=_cmd_bench_offline)
+    table = bsub.add_parser("table", help="Markdown table from results.json files.")
+    table.add_argument("files", nargs="+", help="results.json files of bench runs.")
+    table.set_defaults(func=_cmd_bench_table)
     step = bsub.add_parser(
         "step", help="Decode step time vs KV-length spread within a batch (aligned vs mixed)."
     )
@@ -166,6 +169,13 @@ def _cmd_bench_offline(args: argparse.Namespace) -> int:
     )
     result = run_offline_bench(cfg)
     print(f"wrote {result.json_path} and {result.png_path}")
+    return 0
+
+
+def _cmd_bench_table(args: argparse.Namespace) -> int:
+    from alignedserve.loadgen.bench_table import markdown
+
+    print(markdown(args.files))
     return 0
 
 

@@ -115,7 +115,8 @@ def test_aligned_vs_fcfs_online_arrivals(tiny_model, tmp_path):
     cfg = OfflineBenchConfig(model=str(tiny_model), out_dir=str(tmp_path / "on"),
                              policies=("aligned", "fcfs"), peers=(), rate=40.0,
                              hw_probe=False, aligned=(("min_batch", 2),), **SMALL)
-    data = json.loads(run_offline_bench(cfg).json_path.read_text())
+    path = run_offline_bench(cfg).json_path
+    data = json.loads(path.read_text())
     al, fc = data["systems"]["aligned"], data["systems"]["fcfs"]
     assert al["completed"] == fc["completed"] == 6
     assert fc["token_match_vs_aligned"] == 1.0
@@ -124,6 +125,11 @@ def test_aligned_vs_fcfs_online_arrivals(tiny_model, tmp_path):
     assert "--rate 40" in data["equivalent_command"] and "--min-batch=2" in data[
         "equivalent_command"]
     assert data["config"]["rate"] == 40.0
+    from alignedserve.loadgen.bench_table import markdown
+
+    md = markdown([path]).splitlines()
+    assert md[0].startswith("| model |") and len(md) >= 4
+    assert any("| **aligned** |" in line and "(online 40/s)" in line for line in md)
 
 
 def test_online_mode_refuses_peers(tiny_model):
