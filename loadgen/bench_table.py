@@ -47,12 +47,13 @@ def rows(data: dict[str, Any]) -> list[str]:
 def overlap_lines(data: dict[str, Any]) -> list[str]:
     """One line per engine policy that moved KV: copies, bytes and the overlap achieved."""
     out = []
+    label = data["config"].get("label") or Path(data["config"]["model"]).name
     for name, s in data["systems"].items():
         kv = s.get("kv_transfer")
         if kv and kv.get("transfers"):
-            out.append(f"- {data['workload']['name']} `{name}`: {kv['transfers']} KV copies, "
-                       f"{kv['bytes'] / 1e9:.2f} GB, {kv['copy_s']:.2f} s on the copy thread, "
-                       f"{kv['stall_s']:.2f} s stalled: {kv['overlap']:.0%} overlapped")
+            out.append(f"- {label} {data['workload']['name']} `{name}`: {kv['transfers']} KV "
+                       f"copies, {kv['bytes'] / 1e9:.2f} GB, {kv['copy_s']:.2f} s on the copy "
+                       f"thread, {kv['stall_s']:.2f} s stalled: {kv['overlap']:.0%} overlapped")
     return out
 
 
