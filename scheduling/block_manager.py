@@ -42,6 +42,17 @@ class BlockAllocator:
             self._is_free[i] = False
         return ids
 
+    def extend_to(self, held: list[int], total: int, reserve: int = 0) -> bool:
+        """Grow the block list `held` in place to `total` blocks, keeping `reserve` blocks
+        free; False (and no change) when short."""
+        need = total - len(held)
+        if need <= 0:
+            return True
+        if need + reserve > len(self._free):
+            return False
+        held.extend(self.allocate(need) or ())  # cannot be None: checked above
+        return True
+
     def free(self, ids: list[int]) -> None:
         for i in reversed(ids):
             if self._is_free[i]:
@@ -86,17 +97,9 @@ class KVBlockManager:
 
         `admit=True` also keeps the watermark free (used for newly admitted requests).
         """
-        need = self.blocks_needed(req, num_new_tokens)
-        if need == 0:
-            return True
+        total = blocks_for(req.num_computed_tokens + num_new_tokens, self.block_size)
         reserve = self.watermark_blocks if admit else 0
-        if need + reserve > self.allocator.num_free:
-            return False
-        ids = self.allocator.allocate(need)
-        if ids is None:
-            return False
-        req.block_ids.extend(ids)
-        return True
+        return self.allocator.extend_to(req.block_ids, total, reserve)
 
     def release(self, req: Request) -> None:
         """Return all of `req`'s blocks to the pool."""

@@ -49,14 +49,7 @@ class KVSwapper:
 
     def reserve_host(self, req: Request, num_tokens: int) -> bool:
         """Hold host blocks for `num_tokens` of `req`'s KV; False (no change) when short."""
-        need = blocks_for(num_tokens, self.block_size) - len(req.host_block_ids)
-        if need <= 0:
-            return True
-        ids = self.host.allocate(need)
-        if ids is None:
-            return False
-        req.host_block_ids.extend(ids)
-        return True
+        return self.host.extend_to(req.host_block_ids, blocks_for(num_tokens, self.block_size))
 
     def swap_out(self, req: Request) -> bool:
         """Write the blocks the host lacks, then drop `req`'s device blocks.
