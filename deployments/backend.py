@@ -1,0 +1,53 @@
+"""The contract between the router's front ends (OpenAI HTTP, gRPC) and whatever generates.
+
+The front ends tokenize, validate and turn token events into text; a `GenerationBackend`
+only moves token ids. The production backend is the Redis-queue cluster
+(`deployments/redis_backend.py`); tests of the front ends use a fake one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from alignedserve.scheduling.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """One accepted request, as the router hands it to the backend."""
+
+    request_id: str  # unique; client-supplied (gRPC) or made by the router
+    prompt_token_ids: tuple[int, ...]  # already validated: non-empty, < max_model_len
+    params: SamplingParams  # max_tokens already resolved (never exceeds the context)
+    arrival_time: float  # time.time() seconds when the router accepted it
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """New output of one request. Events of a request arrive in order; the last one has
+    `finish_reason` set (or `error`)."""
+
+    token_ids: tuple[int, ...]  # output ids new since the previous event (may be empty)
+    num_output_tokens: int  # output ids so far, cumulative
+    finish_reason: str | None = None  # "stop" | "length" | "abort" on the last event
+    logprobs: tuple[float, ...] | None = None  # one per id in token_ids, if asked for
+    error: str | None = None  # the backend failed this request; ends the stream
+
+
+class GenerationBackend(Protocol):
+    """Invariant: every accepted request ends with exactly one final event (finish_reason
+    or error), or is aborted; nothing accepted is silently dropped."""
+
+    def generate(self, req: GenerateRequest) -> AsyncIterator[TokenEvent]:
+        """Submit `req` and stream its events. Cancelling the iterator does not abort."""
+        ...
+
+    async def abort(self, request_id: str) -> None:
+        """Stop `request_id` wherever it is and free its KV. Unknown ids are ignored."""
+        ...
+
+    async def server_info(self) -> dict[str, object]:
+        """Queue depths, replica count and the like, for /v1 status and gRPC ServerInfo."""
+        ...
