@@ -37,18 +37,18 @@ from collections import deque
 from collections.abc import Callable
 
 from alignedserve.scheduling.aligned_config import AlignedConfig, AlignedStats
-from alignedserve.scheduling.block_manager import BlockAllocator, KVBlockManager, blocks_for
+from alignedserve.scheduling.block_manager import KVBlockManager, blocks_for
 from alignedserve.scheduling.interface import ScheduledChunk, SchedulerOutput, TokenBudget
 from alignedserve.scheduling.length_index import InMemoryLengthIndex, KVLengthIndex
 from alignedserve.scheduling.request import FinishReason, Request, RequestStatus
-from alignedserve.scheduling.swap import KVSwapper
+from alignedserve.scheduling.swap import HostAllocator, KVSwapper
 from alignedserve.scheduling.window_search import aligned, densest_window, nearest_fill
 
 
 class AlignedScheduler:
     """The aligned policy for one device. Same contract as FCFSScheduler, plus KV transfers."""
 
-    def __init__(self, device: KVBlockManager, host: BlockAllocator,
+    def __init__(self, device: KVBlockManager, host: HostAllocator,
                  cfg: AlignedConfig | None = None, index: KVLengthIndex | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.cfg = cfg or AlignedConfig()

@@ -53,6 +53,14 @@ class BlockAllocator:
         held.extend(self.allocate(need) or ())  # cannot be None: checked above
         return True
 
+    def reserve(self, owner: str, held: list[int], total: int) -> bool:
+        """`HostAllocator.reserve`: in-process block ids need no owner to be unambiguous."""
+        return self.extend_to(held, total)
+
+    def release(self, owner: str, held: list[int]) -> None:
+        """`HostAllocator.release`."""
+        self.free(held)
+
     def free(self, ids: list[int]) -> None:
         for i in reversed(ids):
             if self._is_free[i]:

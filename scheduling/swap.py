@@ -16,10 +16,30 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from typing import Protocol
 
-from alignedserve.scheduling.block_manager import BlockAllocator, KVBlockManager, blocks_for
+from alignedserve.scheduling.block_manager import KVBlockManager, blocks_for
 from alignedserve.scheduling.interface import KVTransfer
 from alignedserve.scheduling.request import Request
+
+
+class HostAllocator(Protocol):
+    """Host pool capacity, owned by one allocator. In-process it is a `BlockAllocator`; in
+    the cluster it is the node's KV store, which knows blocks by (request id, index)."""
+
+    num_blocks: int
+
+    @property
+    def num_free(self) -> int: ...
+
+    def reserve(self, owner: str, held: list[int], total: int) -> bool:
+        """Grow `held` (owner's block ids, in position order) in place to `total` blocks;
+        False and no change when the pool is short."""
+        ...
+
+    def release(self, owner: str, held: list[int]) -> None:
+        """Free every block in `held`."""
+        ...
 
 
 @dataclass
@@ -34,7 +54,7 @@ class KVSwapper:
     """Device/host block moves for one device. Host block ids come from `host`, the host
     pool's own allocator, so capacity accounting has a single owner."""
 
-    def __init__(self, device: KVBlockManager, host: BlockAllocator) -> None:
+    def __init__(self, device: KVBlockManager, host: HostAllocator) -> None:
         self.device = device
         self.host = host
         self.block_size = device.block_size
@@ -49,7 +69,8 @@ class KVSwapper:
 
     def reserve_host(self, req: Request, num_tokens: int) -> bool:
         """Hold host blocks for `num_tokens` of `req`'s KV; False (no change) when short."""
-        return self.host.extend_to(req.host_block_ids, blocks_for(num_tokens, self.block_size))
+        total = blocks_for(num_tokens, self.block_size)
+        return self.host.reserve(req.request_id, req.host_block_ids, total)
 
     def swap_out(self, req: Request) -> bool:
         """Write the blocks the host lacks, then drop `req`'s device blocks.
@@ -100,7 +121,7 @@ class KVSwapper:
         """Free everything `req` holds, device and host."""
         self.drop_device(req)
         if req.host_block_ids:
-            self.host.free(req.host_block_ids)
+            self.host.release(req.request_id, req.host_block_ids)
             req.host_block_ids = []
         req.num_host_tokens = 0
 
