@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_parser(sub)
     _add_bench_parser(sub)
     _add_sim_parser(sub)
+    from alignedserve.cluster.serve import add_serve_parsers
+
+    add_serve_parsers(sub)
     return parser
 
 

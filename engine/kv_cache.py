@@ -15,15 +15,28 @@ from alignedserve.engine.config import ModelConfig
 
 class PagedKVCache:
     def __init__(
-        self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype
+        self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
+        storage: torch.Tensor | None = None,
     ) -> None:
         self.num_blocks = num_blocks
         self.block_size = block_size
         shape = (num_blocks, cfg.num_layers, 2, block_size, cfg.num_kv_heads, cfg.head_dim)
-        self.kv = torch.zeros(shape, dtype=dtype)  # zeros: pages are touched now, not mid-step
+        if storage is None:
+            storage = torch.zeros(shape, dtype=dtype)  # zeros: pages are touched now, not mid-step
+        elif tuple(storage.shape) != shape or storage.dtype != dtype:
+            raise ValueError(f"KV storage is {tuple(storage.shape)} {storage.dtype}, the model "
+                             f"needs {shape} {dtype}")
+        # storage: an owned tensor, or a shared-memory arena another process copies into
+        # (a compute replica's pool, filled by its prefetch worker).
+        self.kv = storage
         # Per-layer views [num_blocks, block_size, kv_heads, head_dim] (strided, no copies).
         self.k = [self.kv[:, i, 0] for i in range(cfg.num_layers)]
         self.v = [self.kv[:, i, 1] for i in range(cfg.num_layers)]
+
+    @staticmethod
+    def block_shape(cfg: ModelConfig, block_size: int) -> tuple[int, ...]:
+        """One block: [layers, K|V, block_size, kv_heads, head_dim]."""
+        return (cfg.num_layers, 2, block_size, cfg.num_kv_heads, cfg.head_dim)
 
     @staticmethod
     def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:

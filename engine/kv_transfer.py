@@ -16,6 +16,7 @@ import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -37,6 +38,25 @@ class TransferStats:
         return 1.0 - min(1.0, self.stall_s / self.copy_s) if self.copy_s > 0 else None
 
 
+class TransferExecutor(Protocol):
+    """Runs a scheduler's KVTransfers in the background, finishing them in `seq` order."""
+
+    stats: TransferStats
+    submitted: int  # highest seq handed to the executor so far
+
+    def submit(self, transfers: tuple[KVTransfer, ...]) -> None: ...
+
+    def poll(self) -> int:
+        """The highest seq such that every transfer <= it is done; never blocks."""
+        ...
+
+    def wait(self, seq: int) -> float:
+        """Block until every transfer <= `seq` is done; the seconds waited."""
+        ...
+
+    def close(self) -> None: ...
+
+
 class KVTransferQueue:
     def __init__(self, cache: PagedKVCache, host: HostKVPool, copy_threads: int = 1) -> None:
         self.cache = cache
@@ -45,6 +65,7 @@ class KVTransferQueue:
         self.stats = TransferStats()
         self._pending: deque[tuple[int, Future[float]]] = deque()
         self._done_seq = 0
+        self.submitted = 0
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="kv-transfer",
                                         initializer=torch.set_num_threads,
                                         initargs=(copy_threads,))
@@ -52,6 +73,7 @@ class KVTransferQueue:
     def submit(self, transfers: tuple[KVTransfer, ...]) -> None:
         for t in transfers:
             self._pending.append((t.seq, self._pool.submit(self._copy, t)))
+            self.submitted = t.seq
             self.stats.bytes += len(t.host_blocks) * self.block_bytes
 
     def _copy(self, t: KVTransfer) -> float:

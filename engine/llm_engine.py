@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+
+import torch
 
 from alignedserve.engine.config import EngineConfig
 from alignedserve.engine.kv_cache import PagedKVCache
-from alignedserve.engine.kv_transfer import KVTransferQueue
+from alignedserve.engine.kv_transfer import KVTransferQueue, TransferExecutor
 from alignedserve.engine.model_runner import ModelRunner, StepStats
 from alignedserve.engine.tokenizer import IncrementalDetokenizer, find_stop, load_tokenizer
 from alignedserve.kv_store.host_pool import HostKVPool
@@ -18,6 +21,7 @@ from alignedserve.scheduling.fcfs import FCFSScheduler, SchedulerLimits
 from alignedserve.scheduling.interface import Scheduler
 from alignedserve.scheduling.request import FinishReason, Request
 from alignedserve.scheduling.sampling_params import SamplingParams
+from alignedserve.scheduling.swap import HostAllocator
 
 
 @dataclass
@@ -57,34 +61,52 @@ def aligned_config(cfg: EngineConfig) -> AlignedConfig:
     )
 
 
+def host_pool_blocks(cfg: EngineConfig, bytes_per_block: int) -> int:
+    """Host KV pool size in blocks: host_kv_blocks, else host_kv_gib worth."""
+    return cfg.host_kv_blocks or max(1, int(cfg.host_kv_gib * 2**30 // bytes_per_block))
+
+
 def make_host_pool(cfg: EngineConfig, cache: PagedKVCache) -> HostKVPool:
-    block_shape = tuple(cache.kv.shape[1:])
     per_block = cache.kv[0].numel() * cache.kv.element_size()
-    blocks = cfg.host_kv_blocks or max(1, int(cfg.host_kv_gib * 2**30 // per_block))
-    return HostKVPool(blocks, block_shape, cache.kv.dtype)
+    return HostKVPool(host_pool_blocks(cfg, per_block), tuple(cache.kv.shape[1:]), cache.kv.dtype)
 
 
 def make_scheduler(cfg: EngineConfig, num_blocks: int,
-                   host: HostKVPool | None = None) -> Scheduler:
+                   host: HostAllocator | None = None) -> Scheduler:
     kv = KVBlockManager(num_blocks, cfg.block_size)
     if cfg.policy == "aligned":
         if host is None:
             raise ValueError("the aligned policy needs a host KV pool")
-        return AlignedScheduler(kv, host.allocator, aligned_config(cfg))
+        return AlignedScheduler(kv, host, aligned_config(cfg))
     limits = SchedulerLimits(cfg.max_num_seqs, cfg.max_num_batched_tokens)
     return FCFSScheduler(kv, limits)
 
 
+@dataclass(frozen=True)
+class EngineParts:
+    """Pieces a compute replica supplies instead of the in-process defaults (all or none)."""
+
+    kv_storage: Callable[[int], torch.Tensor]  # num_blocks -> the device pool's tensor
+    host: HostAllocator  # host KV capacity (the node's KV store)
+    transfers: TransferExecutor  # runs KVTransfers (the paired prefetch worker)
+
+
 class LLMEngine:
-    def __init__(self, cfg: EngineConfig, record_stats: bool = False) -> None:
+    def __init__(self, cfg: EngineConfig, record_stats: bool = False,
+                 parts: EngineParts | None = None) -> None:
         self.cfg = cfg
-        self.runner = ModelRunner(cfg)
+        self.runner = ModelRunner(cfg, parts.kv_storage if parts else None)
         self.model_cfg = self.runner.model_cfg
         cache = self.runner.cache
-        self.host_pool = make_host_pool(cfg, cache) if cfg.policy == "aligned" else None
-        self.transfers = (KVTransferQueue(cache, self.host_pool)
-                          if self.host_pool is not None else None)
-        self.scheduler = make_scheduler(cfg, cache.num_blocks, self.host_pool)
+        self.host_pool: HostKVPool | None = None
+        self.transfers: TransferExecutor | None = None
+        host: HostAllocator | None = None
+        if parts is not None:
+            host, self.transfers = parts.host, parts.transfers
+        elif cfg.policy == "aligned":
+            self.host_pool = make_host_pool(cfg, cache)
+            host, self.transfers = self.host_pool.allocator, KVTransferQueue(cache, self.host_pool)
+        self.scheduler = make_scheduler(cfg, cache.num_blocks, host)
         try:
             self.tokenizer = load_tokenizer(cfg.model)
         except (OSError, ValueError):
@@ -95,6 +117,8 @@ class LLMEngine:
         self.eos_token_ids = frozenset(eos)
         self.record_stats = record_stats
         self.stats: list[StepStats] = []
+        self.last_sampled: dict[str, int] = {}  # request id -> token sampled by the last step
+        self.last_logprobs: dict[str, float] = {}  # request id -> its logprob (if asked for)
         self._tracked: dict[str, _Tracked] = {}
         self._ids = itertools.count()
 
@@ -110,6 +134,28 @@ class LLMEngine:
     def add_request(
         self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None
     ) -> str:
+        req = self._new_request(prompt, params, request_id)
+        self._track(req)
+        self.scheduler.add_request(req)
+        return req.request_id
+
+    def add_restored(self, req: Request) -> None:
+        """Take over a request whose KV for `req.num_computed_tokens` tokens is already in
+        the host pool (`req.host_block_ids`): prefilled by a prefetch worker."""
+        if req.num_host_tokens < req.num_computed_tokens:
+            raise ValueError(f"{req.request_id}: host holds {req.num_host_tokens} of "
+                             f"{req.num_computed_tokens} computed tokens")
+        req.eos_token_ids = self.eos_token_ids
+        req.max_model_len = min(req.max_model_len, self.max_model_len)
+        self._track(req)
+        self.scheduler.add_request(req)
+
+    def new_request(self, prompt: list[int], params: SamplingParams, request_id: str) -> Request:
+        """A validated `Request` for this engine's model (not added to any scheduler)."""
+        return self._new_request(prompt, params, request_id)
+
+    def _new_request(self, prompt: str | list[int], params: SamplingParams,
+                     request_id: str | None) -> Request:
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise ValueError("prompt is empty")
@@ -124,15 +170,18 @@ class LLMEngine:
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer")
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
-        req = Request(rid, ids, params, self.eos_token_ids, self.max_model_len)
-        self.scheduler.add_request(req)
+        return Request(rid, ids, params, self.eos_token_ids, self.max_model_len)
+
+    def _track(self, req: Request) -> None:
+        params = req.params
         detok = None
         if params.stop:
             detok = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)
-        out = RequestOutput(rid, ids, [], "", "", req.arrival_time,
+            for t in req.output_token_ids:
+                detok.push(t)
+        out = RequestOutput(req.request_id, req.prompt_token_ids, [], "", "", req.arrival_time,
                             logprobs=[] if params.logprobs else None)
-        self._tracked[rid] = _Tracked(req, out, detok)
-        return rid
+        self._tracked[req.request_id] = _Tracked(req, out, detok)
 
     def abort(self, request_id: str) -> RequestOutput | None:
         if self.scheduler.finish(request_id, FinishReason.ABORT) is None:
@@ -142,10 +191,28 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    @property
+    def num_requests(self) -> int:
+        """Requests this engine holds (waiting, pooled or running)."""
+        return len(self._tracked)
+
+    def get_request(self, request_id: str) -> Request | None:
+        """The live request (read-only use: its token ids and device blocks)."""
+        t = self._tracked.get(request_id)
+        return t.req if t is not None else None
+
+    def detach(self, request_id: str) -> None:
+        """Stop tracking a live request and free its device KV: it continues elsewhere (a
+        prefetch worker hands a prefilled request to the decode index this way)."""
+        if self.scheduler.finish(request_id, FinishReason.ABORT) is not None:
+            self.runner.release(request_id)
+            del self._tracked[request_id]
+
     def step(self) -> list[RequestOutput]:
         """Run one scheduler step; return the requests that finished in it."""
         if self.transfers is not None:
             self.scheduler.transfers_done(self.transfers.poll())
+        self.last_sampled, self.last_logprobs = {}, {}
         sched = self.scheduler.schedule()
         if self.transfers is not None:
             self.transfers.submit(sched.transfers)
@@ -153,12 +220,13 @@ class LLMEngine:
         if sched.empty:
             if self.transfers is not None and self.scheduler.has_unfinished():
                 # Nothing runnable until copies land (device full of outgoing KV): wait.
-                self.transfers.wait(1 << 62)
+                self.transfers.wait(self.transfers.submitted)
             return []
         res = self.runner.execute(sched)
         if self.record_stats:
             self.stats.append(res.stats)
         now = time.monotonic()
+        self.last_sampled, self.last_logprobs = res.sampled, res.logprobs
         finished = {r.request_id for r in self.scheduler.update(sched, res.sampled)}
         done: list[RequestOutput] = []
         for rid, token in res.sampled.items():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -47,7 +48,10 @@ class StepResult:
 
 
 class ModelRunner:
-    def __init__(self, cfg: EngineConfig) -> None:
+    def __init__(self, cfg: EngineConfig,
+                 kv_storage: Callable[[int], torch.Tensor] | None = None) -> None:
+        """`kv_storage(num_blocks)` provides the device pool's tensor (a shared-memory arena
+        in a compute replica); by default the pool is a private tensor."""
         if cfg.num_threads is not None:
             torch.set_num_threads(cfg.num_threads)
         self.cfg = cfg
@@ -56,7 +60,8 @@ class ModelRunner:
         self.model = load_model(cfg.model, self.model_cfg, self.dtype)
         per_block = PagedKVCache.bytes_per_block(self.model_cfg, cfg.block_size, self.dtype)
         blocks = cfg.num_kv_blocks or max(1, int(cfg.kv_cache_gib * 2**30 // per_block))
-        self.cache = PagedKVCache(self.model_cfg, blocks, cfg.block_size, self.dtype)
+        storage = kv_storage(blocks) if kv_storage is not None else None
+        self.cache = PagedKVCache(self.model_cfg, blocks, cfg.block_size, self.dtype, storage)
         self.max_model_len = min(
             cfg.max_model_len or self.model_cfg.max_position_embeddings,
             self.model_cfg.max_position_embeddings,

@@ -1,0 +1,98 @@
+"""Typed configuration of a serving deployment.
+
+Sources, highest precedence first: `alignedserve serve` flags, environment variables
+(`ALIGNEDSERVE_<FIELD>`, e.g. `ALIGNEDSERVE_HTTP_PORT=8001`; nested engine knobs as
+`ALIGNEDSERVE_ENGINE__MIN_BATCH=16`), a YAML file (`--config F`), then the defaults below.
+Environment variables are read once, when the config is built.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict, YamlConfigSettingsSource
+
+
+class EngineKnobs(BaseModel):
+    """Engine knobs of the compute replicas (`EngineConfig` documents each in full)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    policy: Literal["aligned"] = Field(
+        "aligned", description="The cluster runs the aligned policy: prefilled KV lives in the "
+        "KV store and replicas swap it in. The fcfs baseline runs in-process "
+        "(`alignedserve bench`).")
+    dtype: str = Field("float32", description="float32 or bfloat16.")
+    kv_cache_gib: float = Field(0.5, gt=0, description="Device KV pool per compute replica.")
+    max_num_seqs: int = Field(64, ge=1, description="Requests per decode step at most.")
+    max_num_batched_tokens: int = Field(1024, ge=16, description="Tokens per step at most.")
+    max_model_len: int | None = Field(None, ge=2, description="Context length cap.")
+    min_batch: int = Field(8, ge=1, description="aligned: Kmin, a new batch's minimum size.")
+    max_spread: float = Field(1.5, ge=1.0, description="aligned: longest/shortest KV length.")
+    slack_tokens: int = Field(128, ge=0, description="aligned: lengths this close always align.")
+    batch_kv_fraction: float = Field(0.4, gt=0, le=1, description="aligned: Bmax.")
+    max_queue_delay_s: float = Field(10.0, gt=0, description="aligned: starvation bound.")
+    min_batch_steps: int = Field(8, ge=1, description="aligned: steps before a batch yields.")
+
+
+class ServeConfig(BaseSettings):
+    """One AlignedServe deployment: where it listens, its topology and its engine."""
+
+    model_config = SettingsConfigDict(env_prefix="ALIGNEDSERVE_", env_nested_delimiter="__",
+                                      frozen=True, extra="forbid")
+
+    model: str = Field("smollm2-135m", description="Model folder, or a built-in model name "
+                       "(prepared on first use).")
+    served_model_name: str | None = Field(None, description="Name clients pass as `model`; "
+                                          "default: the model argument's basename.")
+    host: str = Field("127.0.0.1", description="HTTP and gRPC bind address.")
+    http_port: int = Field(8000, ge=1, le=65535, description="OpenAI HTTP port.")
+    grpc_port: int = Field(9000, ge=0, le=65535, description="gRPC port (0 disables gRPC).")
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="The global queue's Redis.")
+    redis_prefix: str = Field("alignedserve:", description="Key prefix in Redis; one per app.")
+    start_redis: bool = Field(True, description="Start a local redis-server on the URL's "
+                              "loopback port when none answers.")
+    ray_address: str | None = Field(None, description="Join this Ray cluster; None starts a "
+                                    "local one.")
+    num_replicas: int = Field(1, ge=1, description="Compute replicas (each gets a paired "
+                              "prefetch worker).")
+    num_routers: int = Field(1, ge=1, description="Router replicas (one is the scheduler "
+                             "leader at a time).")
+    replica_cpus: float = Field(0.5, ge=0, description="Ray CPUs a compute replica reserves.")
+    worker_cpus: float = Field(0.5, ge=0, description="Ray CPUs a prefetch worker reserves.")
+    router_cpus: float = Field(0.1, ge=0, description="Ray CPUs a router reserves.")
+    replica_threads: int = Field(1, ge=1, description="torch threads of a compute replica.")
+    worker_threads: int = Field(1, ge=1, description="torch threads of a prefetch worker.")
+    host_kv_gib: float = Field(2.0, gt=0, description="KV store (host pool) size per node.")
+    prefill_token_budget: int = Field(1024, ge=16, description="Prefill tokens per worker step.")
+    replica_inflight: int = Field(256, ge=1, description="Requests the leader keeps assigned "
+                                  "to each compute replica (its local pool to batch from).")
+    leader_ttl_s: float = Field(3.0, gt=0, description="Scheduler leader lock TTL; a new "
+                                "leader takes over this long after the old one dies.")
+    drain_timeout_s: float = Field(20.0, ge=0, description="On shutdown, in-flight requests "
+                                   "get this long to finish.")
+    engine: EngineKnobs = Field(default_factory=EngineKnobs)
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or Path(self.model).name
+
+
+def load_config(path: str | Path | None = None, **flags: Any) -> ServeConfig:
+    """Flags (None values ignored) > environment > YAML file `path` > defaults."""
+    yaml_file = Path(path) if path is not None else None
+    if yaml_file is not None and not yaml_file.is_file():
+        raise FileNotFoundError(f"config file {yaml_file} does not exist")
+
+    class _Sources(ServeConfig):
+        @classmethod
+        def settings_customise_sources(cls, settings_cls, init_settings, env_settings,
+                                       dotenv_settings, file_secret_settings):
+            if yaml_file is None:
+                return init_settings, env_settings
+            return init_settings, env_settings, YamlConfigSettingsSource(settings_cls, yaml_file)
+
+    loaded = _Sources(**{k: v for k, v in flags.items() if v is not None})
+    return ServeConfig.model_validate(loaded.model_dump())

@@ -1,0 +1,164 @@
+"""`alignedserve serve` and `alignedserve status`: local bootstrap (Redis, Ray, Serve).
+
+serve: prepare the model, start Redis if the URL is loopback and silent, start local Ray (or
+join `ray_address`), run the Serve app on `host:http_port` (HTTP) and `host:grpc_port`
+(gRPC), print how to call it, and on SIGINT/SIGTERM drain and shut everything down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import threading
+import time
+from pathlib import Path
+
+from alignedserve.cluster.config import ServeConfig, load_config
+from alignedserve.cluster.redis_server import LocalRedis
+
+# Flags of `serve` (each overrides the config file and the environment); ServeConfig
+# documents every field.
+SERVE_FLAGS: tuple[tuple[str, type], ...] = (
+    ("--model", str), ("--served-model-name", str), ("--host", str), ("--http-port", int),
+    ("--grpc-port", int), ("--redis-url", str), ("--ray-address", str),
+    ("--num-replicas", int), ("--num-routers", int), ("--host-kv-gib", float),
+    ("--drain-timeout-s", float),
+)
+
+
+def add_serve_parsers(sub: argparse._SubParsersAction) -> None:
+    serve = sub.add_parser("serve", help="Serve the OpenAI HTTP and gRPC APIs on Ray Serve.")
+    serve.add_argument("--config", default=None, help="YAML file of ServeConfig fields.")
+    for flag, kind in SERVE_FLAGS:
+        field = flag.removeprefix("--").replace("-", "_")
+        desc = ServeConfig.model_fields[field].description
+        serve.add_argument(flag, type=kind, default=None, help=desc)
+    serve.set_defaults(func=_cmd_serve)
+    status = sub.add_parser("status", help="Replicas, queue depths, pool usage, alignment.")
+    status.add_argument("--config", default=None, help="YAML file of ServeConfig fields.")
+    status.add_argument("--redis-url", default=None, help="The deployment's Redis.")
+    status.add_argument("--json", action="store_true", help="Print JSON.")
+    status.set_defaults(func=_cmd_status)
+
+
+def _flags(args: argparse.Namespace) -> dict[str, object]:
+    names = [f.removeprefix("--").replace("-", "_") for f, _ in SERVE_FLAGS]
+    return {n: getattr(args, n, None) for n in names}
+
+
+def resolve_model(model: str) -> str:
+    """A model folder, preparing a built-in name (e.g. smollm2-135m) on first use."""
+    if Path(model).is_dir():
+        return str(Path(model).resolve())
+    from alignedserve.engine.model_builder import MODEL_NAMES, ensure_model
+
+    if model not in MODEL_NAMES:
+        raise ValueError(f"model {model!r} is neither a folder nor one of {list(MODEL_NAMES)}")
+    return str(ensure_model(model))
+
+
+def start(cfg: ServeConfig, model_dir: str) -> None:
+    """Start Ray (if needed) and run the app; returns once it is deployed and healthy."""
+    import ray
+    from ray import serve
+    from ray.serve.config import gRPCOptions
+
+    from alignedserve.deployments.app import APP_NAME, GRPC_SERVICER, build_app
+
+    if not ray.is_initialized():
+        ray.init(address=cfg.ray_address, include_dashboard=cfg.ray_address is None,
+                 dashboard_host="127.0.0.1", log_to_driver=False)
+    grpc = (gRPCOptions(port=cfg.grpc_port, grpc_servicer_functions=[GRPC_SERVICER])
+            if cfg.grpc_port else None)
+    serve.start(http_options={"host": cfg.host, "port": cfg.http_port}, grpc_options=grpc)
+    serve.run(build_app(cfg, model_dir), name=APP_NAME, route_prefix="/")
+
+
+def stop() -> None:
+    """Delete the app (Serve drains: routers finish open requests, replicas their batches)
+    and shut Serve down."""
+    from ray import serve
+
+    from alignedserve.deployments.app import APP_NAME
+
+    serve.delete(APP_NAME)
+    serve.shutdown()
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, **_flags(args))
+    model_dir = resolve_model(cfg.model)
+    cfg = cfg.model_copy(update={"served_model_name": cfg.served_model_name or
+                                 Path(cfg.model).name})
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    redis_srv = LocalRedis(cfg.redis_url) if cfg.start_redis else None
+    if redis_srv is not None:
+        redis_srv.start()
+    try:
+        start(cfg, model_dir)
+        _print_usage(cfg)
+        done.wait()
+        print("draining...", flush=True)
+        stop()
+    finally:
+        if redis_srv is not None:
+            redis_srv.stop()
+    return 0
+
+
+def _print_usage(cfg: ServeConfig) -> None:
+    base = f"http://{cfg.host}:{cfg.http_port}"
+    print(f"""
+AlignedServe is serving {cfg.model_name!r} ({cfg.num_replicas} compute replica(s), each with
+a prefetch worker).
+  OpenAI HTTP: {base}/v1   (health {base}/health, metrics {base}/metrics)
+  gRPC:        {cfg.host}:{cfg.grpc_port} (service alignedserve.v1.AlignedServe, metadata
+               application=alignedserve)
+Try:
+  curl {base}/v1/chat/completions -H 'Content-Type: application/json' \\
+    -d '{{"model": "{cfg.model_name}", "messages": [{{"role": "user", "content": "Hi!"}}]}}'
+  alignedserve status
+Ctrl-C drains and stops.""", flush=True)
+
+
+def status_snapshot(redis_url: str, prefix: str) -> dict[str, object]:
+    import redis
+
+    from alignedserve.deployments.redis_queue import RedisKeys
+
+    r = redis.Redis.from_url(redis_url)
+    keys = RedisKeys(prefix)
+    now = time.time()
+    replicas = [json.loads(v) for v in r.hgetall(keys.replicas).values()]
+    for rep in replicas:
+        rep["age_s"] = round(now - rep.pop("ts"), 2)
+    holder = r.get(keys.leader)
+    return {"prefill_queue": r.llen(keys.prefill), "decode_index": r.zcard(keys.decode),
+            "leader_held": holder is not None, "replicas": replicas}
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, redis_url=args.redis_url)
+    snap = status_snapshot(cfg.redis_url, cfg.redis_prefix)
+    if args.json:
+        print(json.dumps(snap, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(f"prefill queue {snap['prefill_queue']}, decode index "
+                  f"{snap['decode_index']}, leader {'held' if snap['leader_held'] else 'none'}")
+    table = Table("replica", "requests", "running", "pooled", "KV usage", "prefetch hits",
+                  "batch switches", "state age s")
+    for rep in snap["replicas"]:
+        hit = rep.get("prefetch_hit_rate")
+        table.add_row(rep["replica"], str(rep["requests"]), str(rep["running"]),
+                      str(rep["pooled"]), f"{rep['kv_usage']:.0%}",
+                      "-" if hit is None else f"{hit:.0%}", str(rep["switches"]),
+                      str(rep["age_s"]))
+    console.print(table)
+    return 0

@@ -1,0 +1,271 @@
+"""The compute replica: the decode loop over the requests the scheduler leader assigns it.
+
+Start-up: load the model, create the device KV pool as a shared-memory arena, start the
+paired prefetch worker (which maps that arena and the node's KV store), and register in
+Redis. Then one thread loops:
+1. take newly assigned requests from this replica's Redis inbox (their prompt KV is in the
+   KV store, written by a prefetch worker) into the engine's host pool;
+2. abort requests the router abandoned (Redis pub/sub);
+3. run one step of the engine's batch-level scheduler (aligned batches, candidate buffers,
+   swaps) whose KV copies the prefetch worker performs ahead of time;
+4. publish every new token to its request's Redis stream, in one pipeline per step;
+5. publish this replica's state (pool sizes, usage) for the leader and `alignedserve status`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+
+import ray
+import redis
+import torch
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from alignedserve.cluster.config import ServeConfig
+from alignedserve.deployments.redis_queue import (
+    RedisKeys,
+    StreamEvent,
+    is_aborted,
+    load_records,
+    publish,
+)
+from alignedserve.engine.config import EngineConfig, ModelConfig
+from alignedserve.engine.kv_cache import PagedKVCache
+from alignedserve.engine.llm_engine import EngineParts, LLMEngine, host_pool_blocks
+from alignedserve.engine.model_runner import DTYPES
+from alignedserve.kv_store.host_allocator import StoreHostAllocator
+from alignedserve.kv_store.shm_arena import ShmArena
+from alignedserve.kv_store.store import get_or_create_store
+from alignedserve.prefetch_workers.transfer_client import PrefetchTransferQueue
+from alignedserve.prefetch_workers.worker import PrefetchConfig, PrefetchWorker
+
+_STATE_EVERY_S = 0.1
+_IDLE_WAIT_S = 0.02
+
+
+def engine_config(cfg: ServeConfig, model_dir: str, threads: int, **over) -> EngineConfig:
+    knobs = cfg.engine.model_dump()
+    return EngineConfig(model=model_dir, num_threads=threads,
+                        host_kv_gib=cfg.host_kv_gib, **{**knobs, **over})
+
+
+@dataclass(frozen=True)
+class ServingLimits:
+    """Sizes every process of a deployment agrees on, derived from the config and model."""
+
+    block_shape: tuple[int, ...]  # one KV block: [layers, K|V, block_size, kv_heads, head_dim]
+    dtype: torch.dtype
+    block_bytes: int
+    device_blocks: int  # a compute replica's device pool
+    host_blocks: int  # the node's KV store
+    max_model_len: int  # prompt + output tokens a request may have
+    vocab_size: int
+
+
+def serving_limits(cfg: ServeConfig, model_dir: str) -> ServingLimits:
+    ecfg = engine_config(cfg, model_dir, cfg.replica_threads)
+    mcfg = ModelConfig.from_pretrained(model_dir)
+    dtype = DTYPES[ecfg.dtype]
+    block_bytes = PagedKVCache.bytes_per_block(mcfg, ecfg.block_size, dtype)
+    device = ecfg.num_kv_blocks or max(1, int(ecfg.kv_cache_gib * 2**30 // block_bytes))
+    host = host_pool_blocks(ecfg, block_bytes)
+    max_len = min(ecfg.max_model_len or mcfg.max_position_embeddings,
+                  mcfg.max_position_embeddings, min(device, host) * ecfg.block_size)
+    return ServingLimits(PagedKVCache.block_shape(mcfg, ecfg.block_size), dtype, block_bytes,
+                         device, host, max_len, mcfg.vocab_size)
+
+
+class ComputeReplica:
+    """Wrapped by `serve.deployment` in `deployments/app.py`."""
+
+    def __init__(self, cfg: ServeConfig, model_dir: str) -> None:
+        self.cfg = cfg
+        self.keys = RedisKeys(cfg.redis_prefix)
+        self.replica_id = f"r-{uuid.uuid4().hex[:8]}"
+        self.r = redis.Redis.from_url(cfg.redis_url)
+        ecfg = engine_config(cfg, model_dir, cfg.replica_threads)
+        lim = serving_limits(cfg, model_dir)
+        self.store = get_or_create_store(lim.host_blocks, lim.block_shape, lim.dtype)
+        self.arena: ShmArena | None = None
+
+        def device_pool(num_blocks: int) -> torch.Tensor:
+            self.arena = ShmArena.create(f"as-dev-{self.replica_id}", num_blocks,
+                                         lim.block_shape, lim.dtype)
+            return self.arena.blocks
+
+        # The engine is built in two stages: its runner creates the arena, then the worker
+        # (which needs the arena's name) and the transfer client exist.
+        self.host = StoreHostAllocator(self.store, lim.host_blocks)
+        self.transfers = _LateTransfers()
+        self.engine = LLMEngine(ecfg, parts=EngineParts(device_pool, self.host, self.transfers))
+        node = ray.get_runtime_context().get_node_id()
+        pcfg = PrefetchConfig(
+            engine=engine_config(cfg, model_dir, cfg.worker_threads, policy="fcfs",
+                                 kv_cache_gib=0.25,
+                                 max_num_batched_tokens=cfg.prefill_token_budget),
+            redis_url=cfg.redis_url, keys=self.keys, worker_id=self.replica_id)
+        self.worker = ray.remote(PrefetchWorker).options(
+            name=f"alignedserve-prefetch-{self.replica_id}", num_cpus=cfg.worker_cpus,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
+        ).remote(pcfg, self.store, self.arena.spec)
+        ray.get(self.worker.get_stats.remote())  # the worker's model is loaded
+        self.transfers.bind(PrefetchTransferQueue(self.worker, self.arena.header,
+                                                  lim.block_bytes))
+        self.counts: dict[str, int] = {}  # request id -> output tokens so far
+        self.metrics = None
+        self._stop = threading.Event()
+        self._draining = threading.Event()
+        self._error: BaseException | None = None
+        self._pubsub = self.r.pubsub(ignore_subscribe_messages=True)
+        self._pubsub.subscribe(self.keys.abort_channel)
+        self._state_at = 0.0
+        self._thread = threading.Thread(target=self._run, name="decode-loop", daemon=True)
+        self._thread.start()
+
+    # -- Serve-facing -------------------------------------------------------------------------
+
+    def check_health(self) -> None:
+        """Serve's health check: a dead loop or prefetch worker fails the replica."""
+        if self._error is not None or not self._thread.is_alive():
+            raise RuntimeError(f"decode loop stopped: {self._error!r}")
+        ray.get(self.worker.get_stats.remote(), timeout=30)
+
+    def state(self) -> dict[str, object]:
+        return self._state()
+
+    def __del__(self) -> None:
+        self.shutdown()
+
+    def shutdown(self) -> None:
+        """Drain: stop taking work, let in-flight requests finish within drain_timeout_s,
+        then fail the rest with an error event (their clients get an answer, not a hang)."""
+        if self._stop.is_set():
+            return
+        self.r.hdel(self.keys.replicas, self.replica_id)
+        self._draining.set()
+        deadline = time.monotonic() + self.cfg.drain_timeout_s
+        while self.counts and time.monotonic() < deadline and self._thread.is_alive():
+            time.sleep(0.05)
+        self._stop.set()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout=10)
+        pipe = self.r.pipeline(transaction=False)
+        for rid, n in self.counts.items():
+            publish(pipe, self.keys, rid, StreamEvent((), n, error="server shutting down"))
+            self.store.free.remote(rid)
+        pipe.execute()
+        self.counts.clear()
+        with contextlib.suppress(Exception):  # the worker may be gone; the arena must still go
+            ray.get(self.worker.stop.remote(), timeout=15)
+        if self.arena is not None:
+            self.arena.close()
+            self.arena.unlink()
+            self.arena = None
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                if not self._draining.is_set():
+                    self._pull_inbox()
+                self._apply_aborts()
+                if self.engine.has_unfinished():
+                    self._step()
+                else:
+                    self._publish_state()
+                    time.sleep(_IDLE_WAIT_S)
+        except BaseException as e:
+            self._error = e
+            raise
+
+    def _pull_inbox(self) -> None:
+        rids = [x.decode() for x in self.r.lpop(self.keys.inbox(self.replica_id), 256) or ()]
+        if not rids:
+            return
+        records = load_records(self.r, self.keys, rids)
+        aborted = is_aborted(self.r, self.keys, [rec.request_id for rec in records])
+        for rec, dead in zip(records, aborted, strict=True):
+            slots = [int(s) for s in self.r.hget(self.keys.req(rec.request_id), "slots").split()]
+            if dead:
+                self.store.free.remote(rec.request_id)
+                continue
+            req = self.engine.new_request(list(rec.prompt_token_ids), rec.params,
+                                          rec.request_id)
+            req.arrival_time = time.monotonic() - max(0.0, time.time() - rec.arrival_time)
+            req.token_ids.extend(rec.output_token_ids)
+            req.num_computed_tokens = req.num_host_tokens = len(rec.prompt_token_ids)
+            req.host_block_ids = slots
+            self.engine.add_restored(req)
+            self.counts[rec.request_id] = len(rec.output_token_ids)
+
+    def _apply_aborts(self) -> None:
+        while (msg := self._pubsub.get_message(timeout=0)) is not None:
+            rid = msg["data"].decode()
+            if rid in self.counts:
+                self.engine.abort(rid)
+                self.counts.pop(rid, None)
+
+    def _step(self) -> None:
+        finished = {o.request_id: o for o in self.engine.step()}
+        q = self.transfers.inner
+        self.host.flush(q.submitted, q.poll())
+        if self.engine.last_sampled:
+            pipe = self.r.pipeline(transaction=False)
+            for rid, tok in self.engine.last_sampled.items():
+                n = self.counts[rid] = self.counts[rid] + 1
+                lp = self.engine.last_logprobs.get(rid)
+                reason = finished[rid].finish_reason if rid in finished else None
+                publish(pipe, self.keys, rid, StreamEvent(
+                    (tok,), n, reason, (lp,) if lp is not None else None))
+                if reason is not None:
+                    del self.counts[rid]
+            pipe.execute()
+        if self.metrics is not None:
+            self.metrics.observe(self)
+        self._publish_state()
+
+    def _state(self) -> dict[str, object]:
+        sched = self.engine.scheduler
+        q = self.transfers.inner
+        return {
+            "replica": self.replica_id, "ts": time.time(),
+            "requests": self.engine.num_requests,
+            "running": len(getattr(sched, "running", ())),
+            "pooled": len(getattr(sched, "pooled", ())),
+            "waiting": len(getattr(sched, "waiting", ())),
+            "free": max(0, self.cfg.replica_inflight - self.engine.num_requests),
+            "kv_usage": sched.device.usage,
+            "prefetch_hit_rate": q.hit_rate,
+            "switches": getattr(getattr(sched, "stats", None), "switches", 0),
+        }
+
+    def _publish_state(self) -> None:
+        now = time.monotonic()
+        if self._draining.is_set():
+            return
+        if now - self._state_at < _STATE_EVERY_S:
+            return
+        self._state_at = now
+        self.r.hset(self.keys.replicas, self.replica_id, json.dumps(self._state()))
+
+
+class _LateTransfers:
+    """A `TransferExecutor` bound after construction (the worker needs the engine's arena)."""
+
+    def __init__(self) -> None:
+        self.inner: PrefetchTransferQueue | None = None
+
+    def bind(self, inner: PrefetchTransferQueue) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name: str):
+        if self.inner is None:
+            raise RuntimeError("the prefetch worker is not bound yet")
+        return getattr(self.inner, name)
+

@@ -1,0 +1,116 @@
+"""The router's `GenerationBackend` over the Redis global queue.
+
+generate(): write the request record, queue it for prefill, then read its token stream.
+One reader task per router multiplexes every open stream in a single blocking XREAD, so
+hundreds of concurrent requests cost one Redis connection, not hundreds.
+abort(): mark the request aborted, tell compute replicas (pub/sub), and take it out of
+whichever Redis structure holds it; the stage that holds it frees its KV (see redis_queue).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+
+import redis.asyncio as aioredis
+
+from alignedserve.deployments.backend import GenerateRequest, TokenEvent
+from alignedserve.deployments.redis_queue import RedisKeys, RequestRecord, StreamEvent
+
+_BLOCK_MS = 50  # reader's XREAD block; new streams join within this long
+_ABORTED_TTL_S = 3600
+
+
+class RedisBackend:
+    def __init__(self, redis_url: str, keys: RedisKeys,
+                 free_kv: Callable[[str], None] | None = None) -> None:
+        self.url = redis_url
+        self.keys = keys
+        self.free_kv = free_kv  # frees a request's KV-store blocks (when the router holds it)
+        self.r = aioredis.Redis.from_url(redis_url)
+        self._reader_conn = aioredis.Redis.from_url(redis_url)
+        self._queues: dict[str, asyncio.Queue[StreamEvent]] = {}
+        self._last_ids: dict[str, bytes] = {}
+        self._reader: asyncio.Task | None = None
+        self.started = time.time()
+
+    # -- GenerationBackend ------------------------------------------------------------------
+
+    async def generate(self, req: GenerateRequest) -> AsyncIterator[TokenEvent]:
+        rid = req.request_id
+        rec = RequestRecord(rid, req.prompt_token_ids, req.params, req.arrival_time)
+        q: asyncio.Queue[StreamEvent] = asyncio.Queue()
+        self._queues[rid] = q
+        self._last_ids[rid] = b"0-0"
+        self._ensure_reader()
+        try:
+            pipe = self.r.pipeline(transaction=False)
+            pipe.hset(self.keys.req(rid), mapping=rec.to_redis())
+            pipe.rpush(self.keys.prefill, rid)
+            await pipe.execute()
+            while True:
+                ev = await q.get()
+                yield TokenEvent(ev.token_ids, ev.num_output_tokens, ev.finish_reason,
+                                 ev.logprobs, ev.error)
+                if ev.finish_reason or ev.error:
+                    return
+        finally:
+            self._queues.pop(rid, None)
+            self._last_ids.pop(rid, None)
+
+    async def abort(self, request_id: str) -> None:
+        keys = self.keys
+        pipe = self.r.pipeline(transaction=False)
+        pipe.sadd(keys.aborted, request_id)
+        pipe.expire(keys.aborted, _ABORTED_TTL_S)
+        pipe.publish(keys.abort_channel, request_id)
+        pipe.lrem(keys.prefill, 1, request_id)  # not prefilled yet: no KV anywhere
+        pipe.zrem(keys.decode, request_id)  # in the decode index: this router now holds it
+        *_, in_prefill, in_index = await pipe.execute()
+        if in_prefill or in_index:
+            await self.r.delete(keys.req(request_id))
+        if in_index and self.free_kv is not None:
+            self.free_kv(request_id)
+
+    async def server_info(self) -> dict[str, object]:
+        pipe = self.r.pipeline(transaction=False)
+        pipe.llen(self.keys.prefill)
+        pipe.zcard(self.keys.decode)
+        pipe.hlen(self.keys.replicas)
+        prefill, decode, replicas = await pipe.execute()
+        return {"prefill_queue": prefill, "decode_index": decode, "replicas": replicas,
+                "active_requests": len(self._queues), "uptime_s": time.time() - self.started}
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._reader
+        await self.r.aclose()
+        await self._reader_conn.aclose()
+
+    # -- the stream reader ------------------------------------------------------------------
+
+    def _ensure_reader(self) -> None:
+        if self._reader is None or self._reader.done():
+            self._reader = asyncio.get_running_loop().create_task(self._read_streams())
+
+    async def _read_streams(self) -> None:
+        while self._queues:
+            streams = {self.keys.tok(rid): last for rid, last in self._last_ids.items()}
+            try:
+                got = await self._reader_conn.xread(streams, block=_BLOCK_MS)
+            except aioredis.RedisError as e:
+                for q in self._queues.values():
+                    q.put_nowait(StreamEvent((), 0, error=f"queue unavailable: {e}"))
+                return
+            for key, entries in got or ():
+                rid = key.decode().removeprefix(self.keys.tok(""))
+                q = self._queues.get(rid)
+                if q is None:
+                    continue
+                for entry_id, fields in entries:
+                    self._last_ids[rid] = entry_id
+                    q.put_nowait(StreamEvent.from_fields(fields))

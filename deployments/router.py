@@ -1,0 +1,78 @@
+"""The router deployment: the OpenAI HTTP ingress (FastAPI) and the gRPC service, over the
+Redis global queue; one router replica at a time is also the scheduler leader.
+
+The HTTP and gRPC behaviour lives in `OpenAIFrontend` and `GrpcApiMixin`; this class only
+wires them to the Redis backend, the KV store and the leader loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import FastAPI, Request
+from fastapi.responses import PlainTextResponse, Response
+from ray import serve
+
+from alignedserve.cluster.config import ServeConfig
+from alignedserve.deployments.grpc_api import GrpcApiMixin
+from alignedserve.deployments.leader import LeaderLoop
+from alignedserve.deployments.metrics import FrontendMetrics, prometheus_text
+from alignedserve.deployments.openai_api import OpenAIFrontend, install_error_handlers
+from alignedserve.deployments.redis_backend import RedisBackend
+from alignedserve.deployments.redis_queue import RedisKeys
+
+app = FastAPI(title="AlignedServe", description="OpenAI-compatible LLM serving with "
+              "prefix-aware batching.")
+install_error_handlers(app)
+
+
+@serve.ingress(app)
+class Router(GrpcApiMixin):
+    def __init__(self, cfg: ServeConfig, model_dir: str, compute: object) -> None:
+        from alignedserve.deployments.compute_replica import serving_limits
+        from alignedserve.engine.tokenizer import load_tokenizer
+        from alignedserve.kv_store.store import get_or_create_store
+
+        self.cfg = cfg
+        self.compute = compute  # the ComputeReplica deployment's handle (keeps it deployed)
+        keys = RedisKeys(cfg.redis_prefix)
+        limits = serving_limits(cfg, model_dir)
+        store = get_or_create_store(limits.host_blocks, limits.block_shape, limits.dtype)
+        self.backend = RedisBackend(cfg.redis_url, keys, free_kv=lambda rid: store.free.remote(rid))
+        self.frontend = OpenAIFrontend(self.backend, load_tokenizer(model_dir), cfg.model_name,
+                                       limits.max_model_len, limits.vocab_size,
+                                       FrontendMetrics(cfg.model_name))
+        e = cfg.engine
+        self.leader = LeaderLoop(cfg.redis_url, keys, cfg.leader_ttl_s, e.max_spread,
+                                 e.slack_tokens, lambda rid: store.free.remote(rid),
+                                 e.max_queue_delay_s).start()
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request) -> Response:
+        return await self.frontend.completions(request)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Response:
+        return await self.frontend.chat_completions(request)
+
+    @app.get("/v1/models")
+    async def models(self) -> Response:
+        return await self.frontend.models()
+
+    @app.get("/health")
+    async def health(self) -> Response:
+        return await self.frontend.health()
+
+    @app.get("/metrics")
+    async def metrics(self) -> Response:
+        text = await asyncio.get_running_loop().run_in_executor(None, prometheus_text)
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/status")
+    async def status(self) -> dict[str, object]:
+        info = await self.backend.server_info()
+        info["leader"] = self.leader.is_leader
+        return info
+
+    def __del__(self) -> None:
+        self.leader.stop()

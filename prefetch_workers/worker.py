@@ -1,0 +1,221 @@
+"""The prefetch worker: one per compute replica. It runs prefill, writes the KV into the
+node's KV store, and moves KV between the store and its replica's device pool ahead of the
+replica's batch schedule (GPU-Prefetch-For-GPU; on the CPU both pools are shared memory).
+
+Two loops, each on its own thread:
+- prefill: FCFS over the Redis prefill queue under a token budget (the engine's FCFS policy
+  with `max_num_batched_tokens`). After a request's first token it copies the prompt's KV
+  into store blocks owned by the request id, publishes the token, and puts the request in
+  the decode index. When the store is full the request waits here (admission control).
+- transfers: the replica's KVTransfers, strictly in `seq` order. After each one it writes
+  the seq into slot 0 of the device arena's header, which the replica polls (no RPC).
+
+On CUDA the transfer loop would copy host -> this GPU -> the replica's GPU over NVLink (IPC
+handles / peer access) on a side stream; that path is not exercised in CI (no GPU here).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+import redis
+import torch
+
+from alignedserve.deployments.redis_queue import (
+    RedisKeys,
+    RedisQueueIndex,
+    RequestRecord,
+    StreamEvent,
+    is_aborted,
+    load_records,
+    publish,
+)
+from alignedserve.engine.config import EngineConfig
+from alignedserve.engine.llm_engine import LLMEngine
+from alignedserve.kv_store.shm_arena import ArenaSpec, ShmArena
+from alignedserve.scheduling.block_manager import blocks_for
+from alignedserve.scheduling.interface import KVTransfer
+
+HEADER_DONE_SEQ = 0  # device-arena header slot: every transfer with seq <= it has finished
+
+
+@dataclass(frozen=True)
+class PrefetchConfig:
+    engine: EngineConfig  # prefill engine (fcfs); max_num_batched_tokens is the prefill budget
+    redis_url: str
+    keys: RedisKeys
+    worker_id: str  # pairs with the compute replica of the same id
+    admission_timeout_s: float = 600.0  # a prefilled request waits this long for store room
+
+
+@dataclass
+class PrefetchStats:
+    prefills: int = 0  # requests prefilled
+    prefill_tokens: int = 0
+    prefill_s: float = 0.0  # seconds in prefill steps
+    admission_waits: int = 0  # times the store was full when a prefill finished
+    transfers: int = 0  # KVTransfers run for the replica
+    bytes: int = 0  # bytes moved between the store and the replica's device pool
+    copy_s: float = 0.0
+
+
+class PrefetchWorker:
+    """Run as a Ray actor (`PrefetchWorkerActor`); the methods below are its RPCs."""
+
+    def __init__(self, cfg: PrefetchConfig, store: object, device: ArenaSpec) -> None:
+        from alignedserve.kv_store.client import KVStoreClient
+
+        self.cfg = cfg
+        self.engine = LLMEngine(cfg.engine)
+        self.store = store
+        self.host = KVStoreClient(store)
+        self.device = ShmArena.attach(device)
+        self.r = redis.Redis.from_url(cfg.redis_url)
+        self.index = RedisQueueIndex(self.r, cfg.keys)
+        self.stats = PrefetchStats()
+        self._stop = threading.Event()
+        self._pending: dict[int, KVTransfer] = {}
+        self._cv = threading.Condition()
+        self._next_seq = int(self.device.header[HEADER_DONE_SEQ]) + 1
+        self._error: BaseException | None = None
+        self._threads = [threading.Thread(target=self._guard, args=(f,), daemon=True, name=n)
+                         for f, n in ((self._prefill_loop, "prefill"),
+                                      (self._transfer_loop, "transfers"))]
+        for t in self._threads:
+            t.start()
+
+    # -- RPCs ---------------------------------------------------------------------------------
+
+    def submit_transfers(self, transfers: tuple[KVTransfer, ...]) -> None:
+        with self._cv:
+            for t in transfers:
+                self._pending[t.seq] = t
+            self._cv.notify()
+
+    def get_stats(self) -> PrefetchStats:
+        if self._error is not None:
+            raise RuntimeError(f"prefetch worker {self.cfg.worker_id} failed") from self._error
+        return self.stats
+
+    def stop(self) -> None:
+        self._stop.set()
+        with self._cv:
+            self._cv.notify()
+        for t in self._threads:
+            t.join(timeout=10)
+        self.device.close()
+        self.host.close()
+
+    # -- transfers ----------------------------------------------------------------------------
+
+    def _guard(self, loop) -> None:
+        try:
+            loop()
+        except BaseException as e:  # surfaced by get_stats (the replica's health check)
+            self._error = e
+            raise
+
+    def _transfer_loop(self) -> None:
+        torch.set_num_threads(1)
+        while not self._stop.is_set():
+            with self._cv:
+                while self._next_seq not in self._pending and not self._stop.is_set():
+                    self._cv.wait(timeout=0.5)
+                t = self._pending.pop(self._next_seq, None)
+            if t is None:
+                continue
+            t0 = time.perf_counter()
+            host = torch.tensor(t.host_blocks, dtype=torch.long)
+            dev = torch.tensor(t.device_blocks, dtype=torch.long)
+            if t.kind == "swap_in":
+                self.device.blocks.index_copy_(0, dev, self.host.arena.blocks.index_select(0, host))
+            else:
+                self.host.arena.blocks.index_copy_(0, host, self.device.blocks.index_select(0, dev))
+            self.stats.copy_s += time.perf_counter() - t0
+            self.stats.transfers += 1
+            self.stats.bytes += len(t.host_blocks) * self.device.blocks[0].nbytes
+            self.device.header[HEADER_DONE_SEQ] = t.seq  # after the copy: the replica's fence
+            self._next_seq = t.seq + 1
+
+    # -- prefill ------------------------------------------------------------------------------
+
+    def _prefill_loop(self) -> None:
+        budget = self.cfg.engine.max_num_batched_tokens
+        while not self._stop.is_set():
+            if not self.engine.has_unfinished():
+                got = self.r.blpop([self.cfg.keys.prefill], timeout=0.2)
+                if got is None:
+                    continue
+                self._admit([got[1].decode()])
+            room = self.cfg.engine.max_num_seqs - self.engine.num_requests
+            if room > 0:  # top up to the budget's worth of sequences, FCFS
+                more = self.r.lpop(self.cfg.keys.prefill, min(room, max(1, budget // 64)))
+                self._admit([m.decode() for m in more or ()])
+            t0 = time.perf_counter()
+            finished = {o.request_id: o for o in self.engine.step()}
+            self.stats.prefill_s += time.perf_counter() - t0
+            self._hand_off(finished)
+
+    def _admit(self, rids: list[str]) -> None:
+        records = load_records(self.r, self.cfg.keys, rids)
+        pipe = self.r.pipeline(transaction=False)
+        for rec, aborted in zip(records, is_aborted(self.r, self.cfg.keys, [
+                r.request_id for r in records]), strict=True):
+            if aborted:
+                continue  # the router already answered the client
+            try:
+                req = self.engine.new_request(list(rec.prompt_token_ids), rec.params,
+                                              rec.request_id)
+            except ValueError as e:
+                publish(pipe, self.cfg.keys, rec.request_id, StreamEvent((), 0, error=str(e)))
+                continue
+            req.arrival_time = time.monotonic() - max(0.0, time.time() - rec.arrival_time)
+            self.engine.add_restored(req)
+        pipe.execute()
+
+    def _hand_off(self, finished: dict) -> None:
+        """Requests that just sampled their first token leave for the decode index."""
+        keys = self.cfg.keys
+        pipe = self.r.pipeline(transaction=False)
+        handed: list[tuple[str, int]] = []
+        rids = list(self.engine.last_sampled)
+        for rid, aborted in zip(rids, is_aborted(self.r, keys, rids), strict=True):
+            tok = self.engine.last_sampled[rid]
+            lp = self.engine.last_logprobs.get(rid)
+            lps = (lp,) if lp is not None else None
+            if rid in finished:
+                o = finished[rid]
+                publish(pipe, keys, rid, StreamEvent((tok,), 1, o.finish_reason, lps))
+            elif aborted:
+                self.engine.detach(rid)
+            else:
+                req = self.engine.get_request(rid)
+                self.stats.prefills += 1
+                self.stats.prefill_tokens += req.num_prompt_tokens
+                slots = self._to_store(rid, req.block_ids, req.num_computed_tokens)
+                rec = RequestRecord(rid, tuple(req.prompt_token_ids), req.params, 0.0, (tok,))
+                pipe.hset(keys.req(rid), mapping={"out": rec.to_redis()["out"],
+                                                  "slots": " ".join(map(str, slots))})
+                publish(pipe, keys, rid, StreamEvent((tok,), 1, None, lps))
+                handed.append((rid, rec.kv_len))
+                self.engine.detach(rid)
+        pipe.execute()
+        for rid, kv_len in handed:  # hand-off last: from here the leader may take it
+            self.index.put(rid, kv_len)
+
+    def _to_store(self, rid: str, device_blocks: list[int], num_tokens: int) -> list[int]:
+        """Copy a prefilled request's KV into store blocks it owns; waits while the store is
+        full (nothing is dropped)."""
+        from alignedserve.kv_store.store import allocate_wait
+
+        n = blocks_for(num_tokens, self.engine.cfg.block_size)
+        try:
+            slots = allocate_wait(self.store, rid, n, timeout_s=0.0)
+        except TimeoutError:
+            self.stats.admission_waits += 1
+            slots = allocate_wait(self.store, rid, n, timeout_s=self.cfg.admission_timeout_s)
+        src = self.engine.runner.cache.kv.index_select(0, torch.tensor(device_blocks[:n]))
+        self.host.arena.blocks.index_copy_(0, torch.tensor(slots[:n]), src)
+        return slots

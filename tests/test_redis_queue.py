@@ -1,0 +1,107 @@
+"""The Redis global queue: the decode index matches the in-memory one, records and token
+events round-trip, and the scheduler leader fails over (real redis-server on loopback)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+import redis
+
+from alignedserve.deployments.leader import Dispatcher, LeaderLoop, LeaderLock
+from alignedserve.deployments.redis_queue import (
+    RedisKeys,
+    RedisQueueIndex,
+    RequestRecord,
+    StreamEvent,
+    publish,
+)
+from alignedserve.scheduling.length_index import InMemoryLengthIndex
+from alignedserve.scheduling.sampling_params import SamplingParams
+
+
+@pytest.fixture
+def r(redis_url):
+    return redis.Redis.from_url(redis_url)
+
+
+@pytest.fixture
+def keys():
+    return RedisKeys(f"test-{uuid.uuid4().hex[:8]}:")
+
+
+def test_redis_index_orders_like_the_in_memory_index(r, keys):
+    red, mem = RedisQueueIndex(r, keys), InMemoryLengthIndex()
+    ops = [("a", 50), ("b", 7), ("c", 50), ("d", 3000), ("b", 60), ("e", 7), ("f", 50)]
+    for rid, n in ops:
+        red.put(rid, n)
+        mem.put(rid, n)
+    assert red.sorted_items() == mem.sorted_items()  # ties keep insertion order
+    assert red.remove("c") and mem.remove("c")
+    assert not red.remove("zz")
+    assert red.sorted_items() == mem.sorted_items()
+    assert len(red) == len(mem) == 5
+
+
+def test_record_and_stream_event_round_trip(r, keys):
+    params = SamplingParams(max_tokens=9, temperature=0.0, stop=("x", "yy"), seed=3,
+                            stop_token_ids=(4,), ignore_eos=True, logprobs=True)
+    rec = RequestRecord("q1", (1, 2, 3), params, 1234.5, (7,))
+    r.hset(keys.req("q1"), mapping=rec.to_redis())
+    back = RequestRecord.from_redis("q1", r.hgetall(keys.req("q1")))
+    assert back == rec and back.kv_len == 4
+    pipe = r.pipeline()
+    publish(pipe, keys, "q1", StreamEvent((5, 6), 2, None, (-0.5, -1.25)))
+    publish(pipe, keys, "q1", StreamEvent((9,), 3, "length"))
+    pipe.execute()
+    events = [StreamEvent.from_fields(f) for _, f in r.xrange(keys.tok("q1"))]
+    assert events == [StreamEvent((5, 6), 2, None, (-0.5, -1.25)),
+                      StreamEvent((9,), 3, "length")]
+    assert not r.exists(keys.req("q1"))  # a finished request's record is dropped
+    assert 0 < r.ttl(keys.tok("q1")) <= 600
+
+
+def test_leader_lock_fails_over_after_ttl(r, keys):
+    a, b = LeaderLock(r, keys.leader, 0.3), LeaderLock(r, keys.leader, 0.3)
+    assert a.hold() and a.hold()  # acquire, then renew
+    assert not b.hold()
+    time.sleep(0.45)  # a stops renewing (dies): the lock expires
+    assert b.hold() and not a.hold()
+    b.release()
+    assert a.hold()
+
+
+def test_dispatcher_assigns_aligned_groups_and_skips_aborted(r, keys):
+    index = RedisQueueIndex(r, keys)
+    for i, n in enumerate([10, 11, 12, 13, 500, 510, 2000]):
+        index.put(f"q{i}", n)
+    r.sadd(keys.aborted, "q1")
+    freed: list[str] = []
+    r.hset(keys.replicas, "rep", f'{{"replica": "rep", "ts": {time.time()}, "free": 3}}')
+    d = Dispatcher(r, keys, max_spread=1.5, slack_tokens=0, free_kv=freed.append)
+    # The narrowest aligned window of 3 is 11..13 (q1..q3); q1 was aborted: freed, not sent.
+    assert d.tick() == 2
+    assert [x.decode() for x in r.lrange(keys.inbox("rep"), 0, -1)] == ["q2", "q3"]
+    assert freed == ["q1"]
+    assert [rid for _, rid in index.sorted_items()] == ["q0", "q4", "q5", "q6"]
+
+
+def test_leader_loop_only_one_dispatches(redis_url, r, keys):
+    loops = [LeaderLoop(redis_url, keys, ttl_s=0.5, max_spread=1.5, slack_tokens=0).start()
+             for _ in range(2)]
+    try:
+        deadline = time.monotonic() + 5
+        while sum(lp.is_leader for lp in loops) != 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sum(lp.is_leader for lp in loops) == 1
+        leader = next(lp for lp in loops if lp.is_leader)
+        leader.stop()  # releases the lock: the other takes over within a TTL
+        other = next(lp for lp in loops if lp is not leader)
+        deadline = time.monotonic() + 5
+        while not other.is_leader and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert other.is_leader
+    finally:
+        for lp in loops:
+            lp.stop()
