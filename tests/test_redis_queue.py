@@ -9,7 +9,7 @@ import uuid
 import pytest
 import redis
 
-from alignedserve.deployments.leader import Dispatcher, LeaderLoop, LeaderLock
+from alignedserve.deployments.leader import Dispatcher, LeaderLock, LeaderLoop
 from alignedserve.deployments.redis_queue import (
     RedisKeys,
     RedisQueueIndex,

@@ -1,0 +1,226 @@
+"""The whole cluster end to end: real Redis, real Ray Serve, HTTP and gRPC on loopback.
+
+One deployment serves every test here: 2 compute replicas, each with its prefetch worker,
+1 router (the scheduler leader), the node's KV store, on the tiny random model. The official
+`openai` client talks HTTP; the generated stub talks gRPC.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+
+import httpx
+import pytest
+
+from alignedserve import LLM, SamplingParams
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = ["the quick brown fox", "a b c d e f g h i j k l m n o p", "hello",
+           " ".join(["word"] * 90)]
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_dir, redis_url):
+    import ray
+
+    from alignedserve.cluster import serve as cli_serve
+    from alignedserve.cluster.config import ServeConfig
+
+    cfg = ServeConfig(
+        model=str(tiny_dir), served_model_name="tiny", http_port=free_port(),
+        grpc_port=free_port(), redis_url=redis_url, redis_prefix=f"t{uuid.uuid4().hex[:6]}:",
+        start_redis=False, num_replicas=2, replica_cpus=0.25, worker_cpus=0.25,
+        host_kv_gib=0.05, drain_timeout_s=5,
+        engine={"kv_cache_gib": 0.02, "min_batch": 4, "max_num_seqs": 32},
+    )
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        cli_serve.start(cfg, str(tiny_dir))
+        yield cfg
+        cli_serve.stop()
+    finally:
+        ray.shutdown()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _base(cfg) -> str:
+    return f"http://127.0.0.1:{cfg.http_port}"
+
+
+def _client(cfg):
+    import openai
+
+    return openai.OpenAI(base_url=f"{_base(cfg)}/v1", api_key="none", max_retries=0,
+                         timeout=120)
+
+
+def _status(cfg) -> dict:
+    from alignedserve.cluster.serve import status_snapshot
+
+    return status_snapshot(cfg.redis_url, cfg.redis_prefix)
+
+
+def _wait_idle(cfg, timeout_s: float = 30) -> dict:
+    """The cluster holds no request and no KV anywhere (bounded poll)."""
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        snap = _status(cfg)
+        busy = sum(rep["requests"] for rep in snap["replicas"]) + snap["decode_index"] + \
+            snap["prefill_queue"]
+        used = _store_used(ray)
+        if (busy == 0 and used == 0) or time.monotonic() > deadline:
+            return {"busy": busy, "store_used_blocks": used, **snap}
+        time.sleep(0.2)
+
+
+def _store_used(ray) -> int:
+    node = ray.get_runtime_context().get_node_id()
+    store = ray.get_actor(f"alignedserve-kvstore-{node}")
+    return ray.get(store.stats.remote()).used_blocks
+
+
+def test_greedy_completions_equal_the_in_process_engine(cluster, tiny_dir):
+    client = _client(cluster)
+    llm = LLM(str(tiny_dir), policy="aligned")
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    want = llm.generate(PROMPTS, params, use_tqdm=False)
+    for prompt, ref in zip(PROMPTS, want, strict=True):
+        got = client.completions.create(model="tiny", prompt=prompt, max_tokens=24,
+                                        temperature=0, extra_body={"ignore_eos": True})
+        assert got.choices[0].text == ref.text
+        assert got.usage.completion_tokens == len(ref.token_ids) == 24
+        assert got.usage.prompt_tokens == len(ref.prompt_token_ids)
+        assert got.choices[0].finish_reason == "length"
+
+
+def test_streamed_chat_concatenates_to_the_non_streamed_text(cluster):
+    client = _client(cluster)
+    msgs = [{"role": "user", "content": "tell me about batching"}]
+    full = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=30,
+                                          temperature=0, stop=["e t"])
+    stream = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=30,
+                                            temperature=0, stop=["e t"], stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full.choices[0].message.content
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == \
+        full.usage.completion_tokens
+    reasons = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert reasons[-1] == full.choices[0].finish_reason
+
+
+def test_64_concurrent_mixed_length_requests_all_complete_on_both_replicas(cluster):
+    import openai
+
+    async def run() -> list:
+        client = openai.AsyncOpenAI(base_url=f"{_base(cluster)}/v1", api_key="none",
+                                    max_retries=0, timeout=300)
+        calls = [client.completions.create(
+            model="tiny", prompt=" ".join(["tok"] * (2 + (i * 37) % 150)),
+            max_tokens=4 + (i * 13) % 40, temperature=0, extra_body={"ignore_eos": True})
+            for i in range(64)]
+        return await asyncio.gather(*calls)
+
+    outs = asyncio.run(run())
+    assert [o.usage.completion_tokens for o in outs] == [4 + (i * 13) % 40 for i in range(64)]
+    snap = _status(cluster)
+    assert len(snap["replicas"]) == 2
+    assert all(rep["switches"] > 0 for rep in snap["replicas"]), snap  # both did batches
+
+
+def test_client_disconnect_frees_kv_everywhere(cluster):
+    body = {"model": "tiny", "prompt": "a long one", "max_tokens": 400, "temperature": 0,
+            "ignore_eos": True}
+    with httpx.Client(timeout=60) as http:
+        with http.stream("POST", f"{_base(cluster)}/v1/completions",
+                         json={**body, "stream": True}) as resp:
+            assert resp.status_code == 200
+            for i, _ in enumerate(resp.iter_lines()):
+                if i >= 6:
+                    break  # leave mid-stream: the connection closes
+        with pytest.raises(httpx.ReadTimeout):  # non-streaming: give up waiting
+            http.post(f"{_base(cluster)}/v1/completions", json={**body, "max_tokens": 2000},
+                      timeout=1.5)
+    idle = _wait_idle(cluster)
+    assert idle["busy"] == 0 and idle["store_used_blocks"] == 0, idle
+
+
+@pytest.mark.parametrize(("body", "status", "param"), [
+    ({"model": "tiny", "prompt": "x", "n": 2}, 400, "n"),
+    ({"model": "nope", "prompt": "x"}, 404, "model"),
+    ({"model": "tiny"}, 400, None),
+    ({"model": "tiny", "prompt": "x", "max_tokens": 10**7}, 400, None),
+    ({"model": "tiny", "prompt": "x", "temperature": -1}, 400, None),
+    ({"model": "tiny", "prompt": "x", "repetition_penalty": 1.3}, 400, None),
+])
+def test_bad_requests_get_openai_errors(cluster, body, status, param):
+    resp = httpx.post(f"{_base(cluster)}/v1/completions", json=body, timeout=30)
+    assert resp.status_code == status, resp.text
+    err = resp.json()["error"]
+    assert set(err) >= {"message", "type", "param", "code"} and err["message"]
+    if param is not None:
+        assert err["param"] == param
+
+
+def test_malformed_json_is_a_400(cluster):
+    resp = httpx.post(f"{_base(cluster)}/v1/chat/completions", content=b"{not json",
+                      headers={"content-type": "application/json"}, timeout=30)
+    assert resp.status_code == 400 and "error" in resp.json()
+
+
+def test_grpc_generate_abort_health_and_info(cluster, tiny_dir):
+    import grpc
+
+    from alignedserve.deployments.protos import alignedserve_pb2 as pb
+    from alignedserve.deployments.protos import alignedserve_pb2_grpc as pbg
+
+    llm = LLM(str(tiny_dir), policy="aligned")
+    ref = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=12,
+                                                  ignore_eos=True), use_tqdm=False)[0]
+    meta = (("application", "alignedserve"),)
+    with grpc.insecure_channel(f"127.0.0.1:{cluster.grpc_port}") as ch:
+        stub = pbg.AlignedServeStub(ch)
+        req = pb.GenerateRequest(request_id="g1", text=PROMPTS[0], sampling=pb.SamplingParams(
+            max_tokens=12, temperature=0, ignore_eos=True))
+        msgs = list(stub.Generate(req, metadata=meta, timeout=120))
+        ids = [t for m in msgs if m.HasField("chunk") for t in m.chunk.token_ids]
+        assert ids == ref.token_ids
+        assert "".join(m.chunk.text for m in msgs if m.HasField("chunk")) == ref.text
+        done = msgs[-1].complete
+        assert done.finish_reason == "length" and done.usage.completion_tokens == 12
+        assert stub.Health(pb.HealthRequest(), metadata=meta, timeout=30) is not None
+        info = stub.ServerInfo(pb.ServerInfoRequest(), metadata=meta, timeout=30)
+        assert info.model == "tiny"
+        stub.Abort(pb.AbortRequest(request_id="unknown"), metadata=meta, timeout=30)
+
+
+def test_metrics_and_status(cluster):
+    client = _client(cluster)
+    client.completions.create(model="tiny", prompt="metrics please", max_tokens=5)
+    deadline = time.monotonic() + 40
+    text = ""
+    while time.monotonic() < deadline:
+        text = httpx.get(f"{_base(cluster)}/metrics", timeout=30).text
+        if "time_to_first_token_seconds" in text and "batch_switches" in text:
+            break
+        time.sleep(1)
+    assert "alignedserve" in text and "time_to_first_token_seconds" in text
+    snap = _status(cluster)
+    assert snap["leader_held"] and json.dumps(snap)
+    assert httpx.get(f"{_base(cluster)}/health", timeout=10).status_code == 200
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["tiny"]
