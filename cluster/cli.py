@@ -98,6 +98,18 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
     step.add_argument("--threads", type=int, default=2, help="torch intra-op threads.")
     step.add_argument("--out", default="bench-results/step", help="Output folder.")
     step.set_defaults(func=_cmd_bench_step)
+    srv = bsub.add_parser("serve", help="Serving overhead: the Serve path (HTTP, Redis, "
+                          "replicas) against the in-process engine, same workload.")
+    srv.add_argument("--model", required=True, help="Model folder or name.")
+    srv.add_argument("--workload", default="mix95", help="Workload name.")
+    srv.add_argument("--num-requests", type=int, default=128, help="Requests in the workload.")
+    srv.add_argument("--rate", type=float, default=None, help="Online: Poisson req/s.")
+    srv.add_argument("--len-scale", type=float, default=4.0, help="As in bench offline.")
+    srv.add_argument("--num-replicas", type=int, default=1, help="Compute replicas.")
+    srv.add_argument("--kv-cache-gib", type=float, default=2.0, help="Device KV pool GiB.")
+    srv.add_argument("--out", default=None, help="Output folder.")
+    srv.add_argument("--no-progress", action="store_true", help="Hide the progress bars.")
+    srv.set_defaults(func=_cmd_bench_serve)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -179,6 +191,20 @@ def _cmd_bench_table(args: argparse.Namespace) -> int:
     from alignedserve.loadgen.bench_table import markdown
 
     print(markdown(args.files))
+    return 0
+
+
+def _cmd_bench_serve(args: argparse.Namespace) -> int:
+    from alignedserve.loadgen.bench_serve import ServeBenchConfig, print_summary, run_serve_bench
+
+    folder, label = _resolve_model(args.model)
+    cfg = ServeBenchConfig(model=folder, label=label, workload=args.workload,
+                           num_requests=args.num_requests, rate=args.rate,
+                           len_scale=args.len_scale, num_replicas=args.num_replicas,
+                           kv_cache_gib=args.kv_cache_gib, out_dir=args.out,
+                           progress=not args.no_progress,
+                           command=shlex.join(["alignedserve", *args.argv]))
+    print_summary(run_serve_bench(cfg))
     return 0
 
 
