@@ -13,7 +13,12 @@ from alignedserve.engine.config import EngineConfig
 from alignedserve.engine.kv_cache import PagedKVCache
 from alignedserve.engine.kv_transfer import KVTransferQueue, TransferExecutor
 from alignedserve.engine.model_runner import ModelRunner, StepStats
-from alignedserve.engine.tokenizer import IncrementalDetokenizer, find_stop, load_tokenizer
+from alignedserve.engine.tokenizer import (
+    IncrementalDetokenizer,
+    final_text,
+    find_stop,
+    load_tokenizer,
+)
 from alignedserve.kv_store.host_pool import HostKVPool
 from alignedserve.scheduling.aligned import AlignedConfig, AlignedScheduler
 from alignedserve.scheduling.block_manager import KVBlockManager
@@ -261,13 +266,4 @@ class LLMEngine:
         return out
 
     def _final_text(self, t: _Tracked) -> str:
-        p = t.req.params
-        skip = p.skip_special_tokens
-        text = self.tokenizer.decode(t.req.output_token_ids, skip_special_tokens=skip)
-        cut = find_stop(text, p.stop, len(text))
-        if cut is None:
-            return text
-        if p.include_stop_str_in_output:
-            stop = min((s for s in p.stop if text.startswith(s, cut)), key=len)
-            return text[: cut + len(stop)]
-        return text[:cut]
+        return final_text(self.tokenizer, t.req.output_token_ids, t.req.params)

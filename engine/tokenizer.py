@@ -52,3 +52,16 @@ def find_stop(text: str, stops: tuple[str, ...], new_chars: int) -> int | None:
     lo = max(0, len(text) - new_chars - max(len(s) for s in stops) + 1)
     hits = [i for s in stops if (i := text.find(s, lo)) != -1]
     return min(hits) if hits else None
+
+
+def final_text(tokenizer, output_ids: list[int], params) -> str:
+    """A finished request's text: its output decoded, cut before the earliest stop string
+    (or after it, with `include_stop_str_in_output`). `params`: SamplingParams."""
+    text = tokenizer.decode(output_ids, skip_special_tokens=params.skip_special_tokens)
+    cut = find_stop(text, params.stop, len(text))
+    if cut is None:
+        return text
+    if params.include_stop_str_in_output:
+        stop = min((s for s in params.stop if text.startswith(s, cut)), key=len)
+        return text[: cut + len(stop)]
+    return text[:cut]

@@ -1,0 +1,326 @@
+"""The OpenAI-compatible front end: validation, tokenization, SSE, usage, errors, aborts.
+
+`OpenAIFrontend` holds no Serve state: the Serve router delegates its routes to it, and
+`create_app` mounts it on a plain FastAPI app (tests, or running without Ray). A request
+that is abandoned (the client disconnects, or Serve cancels the handler) is aborted in the
+backend, streaming or not, so its KV is freed everywhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from pydantic import ValidationError
+
+from alignedserve.deployments.backend import GenerateRequest, GenerationBackend, TokenEvent
+from alignedserve.deployments.metrics import FrontendMetrics
+from alignedserve.deployments.openai_protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    new_id,
+    now,
+    to_sampling_params,
+    usage,
+)
+from alignedserve.deployments.text_stream import TextStream
+from alignedserve.scheduling.sampling_params import SamplingParams
+
+_DISCONNECT_POLL_S = 0.5
+
+
+@dataclass
+class Generation:
+    """One request in flight, as the front ends see it."""
+
+    request: GenerateRequest
+    text: TextStream
+    finish_reason: str | None = None
+    completion_tokens: int = 0
+    logprobs: list[float] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    first_token_at: float | None = None
+    token_times: list[float] = field(default_factory=list)
+
+
+class OpenAIFrontend:
+    def __init__(self, backend: GenerationBackend, tokenizer, model_name: str,
+                 max_model_len: int, vocab_size: int,
+                 metrics: FrontendMetrics | None = None) -> None:
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.max_model_len = max_model_len
+        self.vocab_size = vocab_size
+        self.metrics = metrics
+        self.started = time.time()
+        self.active = 0
+        self._bg: set[asyncio.Task] = set()
+
+    # -- shared by HTTP and gRPC ----------------------------------------------------------------
+
+    def check_ids(self, ids: list[int], param: str) -> list[int]:
+        if not ids:
+            raise APIError("the prompt is empty", param=param)
+        if any(not isinstance(t, int) or not 0 <= t < self.vocab_size for t in ids):
+            raise APIError(f"token ids must be integers in [0, {self.vocab_size})", param=param)
+        return ids
+
+    def start(self, rid: str, ids: list[int], params: SamplingParams) -> Generation:
+        return Generation(GenerateRequest(rid, tuple(ids), params, time.time()),
+                          TextStream(self.tokenizer, params))
+
+    async def run(self, gen: Generation) -> AsyncIterator[tuple[str, TokenEvent]]:
+        """(text delta, event) per backend event. Abandoning the iterator before the final
+        event aborts the request in the backend."""
+        self.active += 1
+        done = False
+        try:
+            async for ev in self.backend.generate(gen.request):
+                if ev.error:
+                    done = True
+                    raise APIError(ev.error, status=500)
+                t = time.time()
+                if ev.token_ids:
+                    gen.first_token_at = gen.first_token_at or t
+                    gen.token_times.append(t)
+                gen.token_ids.extend(ev.token_ids)
+                gen.completion_tokens = ev.num_output_tokens
+                gen.logprobs.extend(ev.logprobs or ())
+                delta = gen.text.push(ev.token_ids)
+                if ev.finish_reason:
+                    done = True
+                    gen.finish_reason = ev.finish_reason
+                    delta += gen.text.finish()
+                    self._record(gen)
+                yield delta, ev
+                if done:
+                    return
+        finally:
+            self.active -= 1
+            if not done:
+                self.abort_later(gen.request.request_id)
+
+    def abort_later(self, rid: str) -> None:
+        """Abort from a finally block of a cancelled task: run it as its own task."""
+        task = asyncio.get_running_loop().create_task(self.backend.abort(rid))
+        self._bg.add(task)
+        task.add_done_callback(self._bg.discard)
+
+    def _record(self, gen: Generation) -> None:
+        if self.metrics is None:
+            return
+        arrival = gen.request.arrival_time
+        times = gen.token_times
+        gaps = [b - a for a, b in itertools.pairwise(times)]
+        self.metrics.request_done(
+            None if gen.first_token_at is None else gen.first_token_at - arrival, gaps,
+            time.time() - arrival, len(gen.request.prompt_token_ids), gen.completion_tokens,
+            gen.finish_reason or "abort")
+
+    # -- HTTP routes ----------------------------------------------------------------------------
+
+    async def completions(self, request: Request) -> Response:
+        body = _parse(CompletionRequest, await _json(request))
+        self._check_model(body.model)
+        ids = self._completion_prompt(body.prompt)
+        gen = self.start(new_id("cmpl"), ids, to_sampling_params(body, len(ids),
+                                                                 self.max_model_len))
+        return await self._respond(request, body, gen, chat=False)
+
+    async def chat_completions(self, request: Request) -> Response:
+        body = _parse(ChatCompletionRequest, await _json(request))
+        self._check_model(body.model)
+        msgs = [{"role": m.role, "content": m.text()} for m in body.messages]
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise APIError("this model has no chat template; use /v1/completions",
+                           param="messages")
+        enc = self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True,
+                                                 tokenize=True, return_dict=True)
+        ids = self.check_ids(list(enc["input_ids"]), "messages")
+        gen = self.start(new_id("chatcmpl"), ids, to_sampling_params(body, len(ids),
+                                                                     self.max_model_len))
+        return await self._respond(request, body, gen, chat=True)
+
+    async def models(self) -> Response:
+        return JSONResponse({"object": "list", "data": [{
+            "id": self.model_name, "object": "model", "created": int(self.started),
+            "owned_by": "alignedserve", "max_model_len": self.max_model_len}]})
+
+    async def health(self) -> Response:
+        return PlainTextResponse("")
+
+    def _check_model(self, model: str) -> None:
+        if model != self.model_name:
+            raise APIError(f"the model {model!r} does not exist; this server has "
+                           f"{self.model_name!r}", status=404, param="model",
+                           code="model_not_found")
+
+    def _completion_prompt(self, prompt) -> list[int]:
+        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+            if len(prompt) != 1:
+                raise APIError("only one prompt per request is supported", param="prompt")
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            return self.check_ids(self.tokenizer.encode(prompt), "prompt")
+        return self.check_ids(list(prompt), "prompt")
+
+    async def _respond(self, request: Request, body, gen: Generation, chat: bool) -> Response:
+        fmt = _ChunkFormat(gen, self.model_name, chat)
+        if body.stream:
+            return StreamingResponse(self._sse(gen, fmt, body.include_usage()),
+                                     media_type="text/event-stream")
+        watcher = asyncio.get_running_loop().create_task(_watch_disconnect(request))
+        consume = asyncio.get_running_loop().create_task(_drain(self.run(gen)))
+        try:
+            finished, _ = await asyncio.wait({consume, watcher},
+                                             return_when=asyncio.FIRST_COMPLETED)
+            if consume not in finished:  # the client left: cancelling aborts the request
+                consume.cancel()
+                return Response(status_code=499)
+            consume.result()
+        finally:
+            watcher.cancel()
+            if not consume.done():
+                consume.cancel()
+        return JSONResponse(fmt.full())
+
+    async def _sse(self, gen: Generation, fmt: _ChunkFormat,
+                   include_usage: bool) -> AsyncIterator[str]:
+        try:
+            if fmt.chat:
+                yield _event(fmt.chunk({"role": "assistant", "content": ""}, None))
+            async for delta, ev in self.run(gen):
+                lps = list(ev.logprobs or ())
+                if delta or ev.finish_reason or (lps and not fmt.chat):
+                    yield _event(fmt.chunk(delta, ev.finish_reason, ev.token_ids, lps))
+            if include_usage:
+                yield _event(fmt.usage_chunk())
+        except APIError as e:
+            yield _event(e.body())
+        yield "data: [DONE]\n\n"
+
+
+class _ChunkFormat:
+    """OpenAI response and SSE chunk bodies for one request."""
+
+    def __init__(self, gen: Generation, model: str, chat: bool) -> None:
+        self.gen, self.model, self.chat = gen, model, chat
+        self.id = gen.request.request_id
+        self.created = now()
+        self.object = "chat.completion" if chat else "text_completion"
+
+    def _usage(self) -> dict[str, int]:
+        return usage(len(self.gen.request.prompt_token_ids), self.gen.completion_tokens)
+
+    def _logprobs(self, ids, lps: list[float]) -> dict | None:
+        if not self.gen.request.params.logprobs:
+            return None
+        toks = [self.gen.text.tok.decode([t]) for t in ids]
+        if self.chat:
+            return {"content": [{"token": t, "logprob": lp, "bytes": list(t.encode()),
+                                 "top_logprobs": []} for t, lp in zip(toks, lps, strict=False)]}
+        return {"tokens": toks, "token_logprobs": lps, "top_logprobs": None, "text_offset": []}
+
+    def chunk(self, delta, finish: str | None, ids=(), lps=()) -> dict:
+        if self.chat:
+            d = delta if isinstance(delta, dict) else ({"content": delta} if delta else {})
+            choice = {"index": 0, "delta": d, "logprobs": self._logprobs(ids, list(lps)),
+                      "finish_reason": finish}
+            obj = "chat.completion.chunk"
+        else:
+            choice = {"index": 0, "text": delta, "logprobs": self._logprobs(ids, list(lps)),
+                      "finish_reason": finish}
+            obj = "text_completion"
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
+                "choices": [choice]}
+
+    def usage_chunk(self) -> dict:
+        obj = "chat.completion.chunk" if self.chat else "text_completion"
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
+                "choices": [], "usage": self._usage()}
+
+    def full(self) -> dict:
+        g = self.gen
+        lp = self._logprobs(g.token_ids, g.logprobs)
+        if self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": g.text.text},
+                      "logprobs": lp, "finish_reason": g.finish_reason}
+        else:
+            choice = {"index": 0, "text": g.text.text, "logprobs": lp,
+                      "finish_reason": g.finish_reason}
+        return {"id": self.id, "object": self.object, "created": self.created,
+                "model": self.model, "choices": [choice], "usage": self._usage()}
+
+
+def _event(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+async def _drain(events: AsyncIterator) -> None:
+    async for _ in events:
+        pass
+
+
+async def _watch_disconnect(request: Request) -> None:
+    while not await request.is_disconnected():
+        await asyncio.sleep(_DISCONNECT_POLL_S)
+
+
+async def _json(request: Request) -> object:
+    try:
+        return await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(f"the body is not valid JSON: {e}") from e
+
+
+def _parse(model, payload: object):
+    if not isinstance(payload, dict):
+        raise APIError("the body must be a JSON object")
+    try:
+        return model.model_validate(payload)
+    except ValidationError as e:
+        first = e.errors()[0]
+        loc = [str(x) for x in first["loc"] if not isinstance(x, int)]
+        raise APIError(f"{'.'.join(loc) or 'body'}: {first['msg']}",
+                       param=loc[0] if loc else None) from e
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Every error leaves as {"error": {...}} with its status; never a stack trace."""
+
+    @app.exception_handler(APIError)
+    async def _api(_: Request, exc: APIError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse(APIError(f"invalid request: {exc.errors()[:1]}").body(), 400)
+
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, exc: Exception) -> JSONResponse:
+        err = APIError(f"internal error: {type(exc).__name__}: {exc}", status=500)
+        return JSONResponse(err.body(), status_code=500)
+
+
+def create_app(frontend: OpenAIFrontend, metrics_text: Callable[[], str] | None = None
+               ) -> FastAPI:
+    """A plain FastAPI app over `frontend` (the Serve router declares the same routes)."""
+    app = FastAPI(title="AlignedServe")
+    install_error_handlers(app)
+    app.add_api_route("/v1/completions", frontend.completions, methods=["POST"])
+    app.add_api_route("/v1/chat/completions", frontend.chat_completions, methods=["POST"])
+    app.add_api_route("/v1/models", frontend.models, methods=["GET"])
+    app.add_api_route("/health", frontend.health, methods=["GET"])
+    if metrics_text is not None:
+        app.add_api_route("/metrics", lambda: PlainTextResponse(metrics_text()),
+                          methods=["GET"])
+    return app

@@ -1,0 +1,172 @@
+"""OpenAI request schemas, their translation to SamplingParams, and the error format.
+
+Accepted: the fields common clients send (the openai SDK, `vllm bench serve`, llmperf).
+Unknown fields are ignored, as OpenAI does. Fields we cannot honour are rejected with a 400
+naming the field, rather than silently ignored:
+- `n` other than 1, `best_of`, `echo`, `suffix`, non-zero presence/frequency penalties and a
+  `repetition_penalty` other than 1.0;
+- `top_logprobs` > 0 (chat) or `logprobs` > 1 (completions): only the sampled token's
+  logprob is available (`logprobs: true`, or `logprobs: 0|1` for completions).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from alignedserve.scheduling.sampling_params import SamplingParams
+
+
+class APIError(Exception):
+    """An error the client caused (or an overload): becomes {"error": {...}} with `status`."""
+
+    def __init__(self, message: str, status: int = 400, param: str | None = None,
+                 code: str | None = None, type_: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.param = param
+        self.code = code
+        self.type = type_ or ("invalid_request_error" if status < 500 else "server_error")
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.code}}
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _Common(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    repetition_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    user: str | None = None
+
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = None
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str | list[dict[str, Any]] | None = None
+
+    def text(self) -> str:
+        if self.content is None or isinstance(self.content, str):
+            return self.content or ""
+        parts = []
+        for p in self.content:
+            if p.get("type") != "text":
+                raise APIError(f"content part type {p.get('type')!r} is not supported; only "
+                               "text", param="messages")
+            parts.append(str(p.get("text", "")))
+        return "".join(parts)
+
+
+class ChatCompletionRequest(_Common):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+
+
+def _reject_unsupported(req: _Common) -> None:
+    if req.n != 1:
+        raise APIError("only n=1 is supported", param="n")
+    if req.repetition_penalty not in (None, 1.0):
+        raise APIError("repetition_penalty other than 1.0 is not supported",
+                       param="repetition_penalty")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if getattr(req, name) not in (None, 0.0):
+            raise APIError(f"{name} other than 0 is not supported", param=name)
+    if isinstance(req, CompletionRequest):
+        if req.echo:
+            raise APIError("echo is not supported", param="echo")
+        if req.suffix:
+            raise APIError("suffix is not supported", param="suffix")
+        if req.best_of not in (None, 1):
+            raise APIError("best_of other than 1 is not supported", param="best_of")
+        if req.logprobs is not None and req.logprobs > 1:
+            raise APIError("only the sampled token's logprob is available (logprobs <= 1)",
+                           param="logprobs")
+    if isinstance(req, ChatCompletionRequest) and req.top_logprobs:
+        raise APIError("top_logprobs is not supported; logprobs=true gives the sampled "
+                       "token's logprob", param="top_logprobs")
+
+
+def to_sampling_params(req: _Common, prompt_len: int, max_model_len: int) -> SamplingParams:
+    """Validate and translate; max_tokens defaults to the rest of the context (as vLLM)."""
+    _reject_unsupported(req)
+    room = max_model_len - prompt_len
+    if room < 1:
+        raise APIError(f"the prompt has {prompt_len} tokens; this model's context is "
+                       f"{max_model_len} tokens and at least one must be left for the output",
+                       param="prompt" if isinstance(req, CompletionRequest) else "messages")
+    asked = req.max_tokens
+    if isinstance(req, ChatCompletionRequest) and req.max_completion_tokens is not None:
+        asked = req.max_completion_tokens
+    if asked is not None and asked > room:
+        raise APIError(f"max_tokens is {asked}, but the prompt has {prompt_len} tokens and the "
+                       f"context is {max_model_len}: at most {room} can be generated",
+                       param="max_tokens")
+    logprobs = bool(req.logprobs) if isinstance(req, ChatCompletionRequest) else \
+        req.logprobs is not None
+    try:
+        return SamplingParams(
+            max_tokens=room if asked is None else asked,
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            top_k=max(0, req.top_k or 0) if (req.top_k or 0) >= -1 else req.top_k,
+            min_p=req.min_p or 0.0, seed=req.seed,
+            stop=(req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ()),
+            stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=req.ignore_eos,
+            logprobs=logprobs, skip_special_tokens=req.skip_special_tokens,
+            include_stop_str_in_output=req.include_stop_str_in_output,
+        )
+    except ValueError as e:  # SamplingParams names the field in its message
+        field = str(e).split(" ", 1)[0]
+        raise APIError(str(e), param=field if field.isidentifier() else None) from e
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def now() -> int:
+    return int(time.time())

@@ -1,0 +1,97 @@
+"""A named shared-memory segment viewed as a tensor of KV blocks, plus a small int64 header.
+
+Layout of the segment: [header: header_slots x int64][blocks: num_blocks x block_shape].
+The creator zero-fills it once (every page is touched at start-up, not mid-step) and owns
+its lifetime (`unlink`); other processes on the node `attach` by name and read and write the
+same bytes, with no serialization. The header carries counters one process writes and
+another polls, such as the last finished KV transfer (`prefetch_workers/worker.py`).
+
+Python's resource tracker would unlink a segment when any process that merely attached to
+it exits; attaching processes unregister it, so only the creator decides.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from multiprocessing import resource_tracker, shared_memory
+
+import numpy as np
+import torch
+
+_HEADER_ITEM = 8  # bytes per header slot (int64)
+
+
+@dataclass(frozen=True)
+class ArenaSpec:
+    """Everything another process needs to attach (picklable, sent over Ray)."""
+
+    name: str  # shared-memory segment name (/dev/shm/<name> on Linux)
+    num_blocks: int
+    block_shape: tuple[int, ...]  # one block, e.g. [layers, K|V, block_size, kv_heads, dim]
+    dtype: str  # torch dtype name without the prefix, e.g. "float32"
+    header_slots: int = 8
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    @property
+    def block_bytes(self) -> int:
+        elem = torch.tensor([], dtype=self.torch_dtype).element_size()
+        return int(np.prod(self.block_shape)) * elem
+
+    @property
+    def nbytes(self) -> int:
+        return self.header_slots * _HEADER_ITEM + self.num_blocks * self.block_bytes
+
+
+class ShmArena:
+    def __init__(self, shm: shared_memory.SharedMemory, spec: ArenaSpec, owner: bool) -> None:
+        self._shm = shm
+        self.spec = spec
+        self.owner = owner
+        head = spec.header_slots * _HEADER_ITEM
+        buf = shm.buf
+        # header: [header_slots] int64; blocks: [num_blocks, *block_shape]
+        self.header = torch.frombuffer(buf, dtype=torch.int64, count=spec.header_slots)
+        self.blocks = torch.frombuffer(
+            buf, dtype=spec.torch_dtype, offset=head,
+            count=spec.num_blocks * int(np.prod(spec.block_shape)),
+        ).view(spec.num_blocks, *spec.block_shape)
+
+    @classmethod
+    def create(cls, name: str, num_blocks: int, block_shape: tuple[int, ...],
+               dtype: torch.dtype, header_slots: int = 8) -> ShmArena:
+        spec = ArenaSpec(name, num_blocks, tuple(block_shape), str(dtype).removeprefix("torch."),
+                         header_slots)
+        shm = shared_memory.SharedMemory(name=name, create=True, size=spec.nbytes)
+        arena = cls(shm, spec, owner=True)
+        arena.header.zero_()
+        arena.blocks.zero_()  # touch every page now
+        return arena
+
+    @classmethod
+    def attach(cls, spec: ArenaSpec) -> ShmArena:
+        shm = shared_memory.SharedMemory(name=spec.name, create=False)
+        resource_tracker.unregister(shm._name, "shared_memory")  # the creator owns it
+        return cls(shm, spec, owner=False)
+
+    def close(self) -> None:
+        """Unmap. Tensors viewing the segment must not be used afterwards."""
+        if self._shm is None:
+            return
+        self.header = self.blocks = None  # drop the views before the buffer goes
+        with contextlib.suppress(BufferError):  # a view still alive: unmapped at process exit
+            self._shm.close()
+        self._shm = None
+
+    def unlink(self) -> None:
+        """Remove the segment (creator only); attached processes keep their mappings."""
+        name = self.spec.name
+        try:
+            seg = shared_memory.SharedMemory(name=name, create=False)
+        except FileNotFoundError:
+            return
+        seg.close()
+        seg.unlink()
