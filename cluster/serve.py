@@ -81,9 +81,11 @@ def stop() -> None:
     from ray import serve
 
     from alignedserve.deployments.app import APP_NAME
+    from alignedserve.kv_store.store import close_stores
 
     serve.delete(APP_NAME)
     serve.shutdown()
+    close_stores()  # after the replicas: their drain may still free KV
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:

@@ -27,6 +27,7 @@ import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from alignedserve.cluster.config import ServeConfig
+from alignedserve.deployments.metrics import EngineMetrics
 from alignedserve.deployments.redis_queue import (
     RedisKeys,
     StreamEvent,
@@ -117,7 +118,7 @@ class ComputeReplica:
         self.transfers.bind(PrefetchTransferQueue(self.worker, self.arena.header,
                                                   lim.block_bytes))
         self.counts: dict[str, int] = {}  # request id -> output tokens so far
-        self.metrics = None
+        self.metrics = EngineMetrics(cfg.model_name, self.replica_id)
         self._stop = threading.Event()
         self._draining = threading.Event()
         self._error: BaseException | None = None
@@ -175,6 +176,8 @@ class ComputeReplica:
                 if not self._draining.is_set():
                     self._pull_inbox()
                 self._apply_aborts()
+                q = self.transfers.inner
+                self.host.flush(q.submitted, q.poll())  # frees whose copies have all run
                 if self.engine.has_unfinished():
                     self._step()
                 else:
@@ -213,8 +216,6 @@ class ComputeReplica:
 
     def _step(self) -> None:
         finished = {o.request_id: o for o in self.engine.step()}
-        q = self.transfers.inner
-        self.host.flush(q.submitted, q.poll())
         if self.engine.last_sampled:
             pipe = self.r.pipeline(transaction=False)
             for rid, tok in self.engine.last_sampled.items():
@@ -226,9 +227,17 @@ class ComputeReplica:
                 if reason is not None:
                     del self.counts[rid]
             pipe.execute()
-        if self.metrics is not None:
-            self.metrics.observe(self)
+        self._record_metrics()
         self._publish_state()
+
+    def _record_metrics(self) -> None:
+        sched, q = self.engine.scheduler, self.transfers.inner
+        self.metrics.record_step(
+            running=len(sched.running), waiting=len(sched.pooled) + len(sched.waiting),
+            kv_usage=sched.device.usage, host_kv_usage=1 - self.host.num_free /
+            self.host.num_blocks, batch_kv_lengths=[r.num_tokens for r in sched.running],
+            switches=sched.stats.switches, preemptions=sched.stats.preemptions,
+            prefetch_bytes=q.stats.bytes, hits=q.hits, misses=q.misses)
 
     def _state(self) -> dict[str, object]:
         sched = self.engine.scheduler

@@ -5,8 +5,8 @@ The HTTP and gRPC behaviour lives in `OpenAIFrontend` and `GrpcApiMixin`; this c
 wires them to the Redis backend, the KV store and the leader loop.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: Serve's ingress rebinds these methods, and
+# FastAPI must see the real `Request` class in their signatures, not a string.
 import asyncio
 
 from fastapi import FastAPI, Request
