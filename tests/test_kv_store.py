@@ -1,0 +1,152 @@
+"""The host KV store: the shared-memory arena across processes, the store's accounting, the
+Ray actor with a same-node client, admission that waits, and the gRPC service on loopback."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import threading
+import time
+import uuid
+
+import pytest
+import torch
+
+from alignedserve.kv_store.shm_arena import ArenaSpec, ShmArena
+from alignedserve.kv_store.store import KVStoreCore
+
+SHAPE = (2, 2, 4, 1, 8)  # [layers, K|V, block_size, kv_heads, head_dim]
+
+
+def _name() -> str:
+    return f"as-test-{uuid.uuid4().hex[:10]}"
+
+
+def _child(spec: ArenaSpec, q) -> None:
+    arena = ShmArena.attach(spec)
+    q.put(float(arena.blocks[3].sum()))  # sees the parent's write
+    arena.blocks[5].fill_(2.5)  # the parent sees this one
+    arena.header[0] = 41
+    arena.close()
+
+
+def test_arena_is_shared_across_processes():
+    arena = ShmArena.create(_name(), 8, SHAPE, torch.float32)
+    try:
+        assert float(arena.blocks.abs().sum()) == 0.0 and int(arena.header.sum()) == 0
+        arena.blocks[3].fill_(1.0)
+        ctx = mp.get_context("spawn")
+        q = ctx.Queue()
+        p = ctx.Process(target=_child, args=(arena.spec, q))
+        p.start()
+        seen = q.get(timeout=60)
+        p.join(timeout=60)
+        assert p.exitcode == 0
+        assert seen == float(torch.ones(SHAPE).sum())
+        assert torch.equal(arena.blocks[5], torch.full(SHAPE, 2.5))
+        assert int(arena.header[0]) == 41
+        again = ShmArena.attach(arena.spec)  # the child's exit did not unlink it
+        assert torch.equal(again.blocks[5], arena.blocks[5])
+        again.close()
+    finally:
+        arena.close()
+        arena.unlink()
+    with pytest.raises(FileNotFoundError):
+        ShmArena.attach(arena.spec)
+
+
+def test_core_allocates_by_request_with_extend_semantics_and_accounts():
+    core = KVStoreCore(_name(), 6, SHAPE, torch.float32)
+    try:
+        a = core.allocate("a", 2)
+        assert len(a) == 2 and core.allocate("a", 1) == a  # never shrinks
+        a3 = core.allocate("a", 3)
+        assert a3[:2] == a and len(set(a3)) == 3
+        assert core.allocate("b", 4) is None  # 3 free: refused, nothing taken
+        assert core.blocks("b") == [] and core.stats().used_blocks == 3
+        b = core.allocate("b", 3)
+        assert not set(b) & set(a3)
+        data = torch.randn(2, *SHAPE)
+        core.write("b", [2, 0], data)
+        assert torch.equal(core.read("b", [0, 2]), data.flip(0))
+        with pytest.raises(IndexError):
+            core.read("b", [3])
+        with pytest.raises(KeyError):
+            core.read("zz", [0])
+        assert core.free("a") == 3 and core.free("a") == 0
+        st = core.stats()
+        assert (st.used_blocks, st.num_requests, st.failed_allocations, st.frees) == (3, 1, 1, 1)
+        assert st.bytes_written == data.numel() * 4 == st.bytes_read
+        assert st.usage == 0.5
+    finally:
+        core.close()
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture
+def store(ray_local):
+    from alignedserve.kv_store.store import close_stores, get_or_create_store
+
+    prefix = f"t{uuid.uuid4().hex[:6]}"
+    handle = get_or_create_store(4, SHAPE, torch.float32, namespace_prefix=prefix)
+    yield handle
+    assert close_stores(prefix) == 1
+
+
+def test_same_node_client_copies_through_shared_memory(ray_local, store):
+    from alignedserve.kv_store.client import KVStoreClient
+
+    ray = ray_local
+    assert ray.get(store.allocate.remote("r1", 2)) is not None
+    client = KVStoreClient(store)
+    data = torch.randn(2, *SHAPE)
+    client.write("r1", [0, 1], data)  # straight into the arena, no Ray transfer of data
+    assert torch.equal(ray.get(store.read.remote("r1", [0, 1])), data)
+    assert torch.equal(client.read("r1", [1]), data[1:])
+    client.close()
+
+
+def test_allocate_wait_waits_for_room_then_times_out(ray_local, store):
+    from alignedserve.kv_store.store import allocate_wait
+
+    ray = ray_local
+    assert ray.get(store.allocate.remote("big", 4)) is not None  # the store is full
+    timer = threading.Timer(0.3, lambda: ray.get(store.free.remote("big")))
+    timer.start()
+    t0 = time.monotonic()
+    slots = allocate_wait(store, "next", 3, timeout_s=30)
+    assert len(slots) == 3 and time.monotonic() - t0 >= 0.25  # it waited, then got room
+    with pytest.raises(TimeoutError):
+        allocate_wait(store, "more", 2, timeout_s=0.3)  # 1 block free: never enough
+    timer.join()
+
+
+def test_grpc_round_trip_on_loopback(ray_local, store):
+    from alignedserve.kv_store.grpc_service import RemoteKVStoreClient
+
+    ray = ray_local
+    port = ray.get(store.start_grpc.remote("127.0.0.1", 0))
+    remote = RemoteKVStoreClient(f"127.0.0.1:{port}")
+    try:
+        assert remote.block_shape == SHAPE and remote.dtype == torch.float32
+        assert len(remote.allocate("g", 3)) == 3
+        assert remote.allocate("h", 2) is None  # 1 left
+        data = torch.randn(3, *SHAPE)
+        assert remote.write("g", [0, 1, 2], data) == 3
+        assert torch.equal(remote.read("g", [2, 0]), data[[2, 0]])
+        assert torch.equal(ray.get(store.read.remote("g", [1])), data[1:2])  # same arena
+        st = remote.stats()
+        assert (st.used_blocks, st.num_requests) == (3, 1)
+        assert remote.free("g") == 3 and remote.stats().used_blocks == 0
+    finally:
+        remote.close()
