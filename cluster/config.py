@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict, YamlConfigSettingsSource
 
@@ -94,5 +95,8 @@ def load_config(path: str | Path | None = None, **flags: Any) -> ServeConfig:
                 return init_settings, env_settings
             return init_settings, env_settings, YamlConfigSettingsSource(settings_cls, yaml_file)
 
-    loaded = _Sources(**{k: v for k, v in flags.items() if v is not None})
+    try:
+        loaded = _Sources(**{k: v for k, v in flags.items() if v is not None})
+    except yaml.YAMLError as e:
+        raise ValueError(f"{yaml_file}: not valid YAML: {e}") from e
     return ServeConfig.model_validate(loaded.model_dump())

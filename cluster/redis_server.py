@@ -43,7 +43,8 @@ class LocalRedis:
         self.proc = subprocess.Popen(
             [exe, "--bind", "127.0.0.1", "--port", str(u.port or 6379), "--save", "",
              "--appendonly", "no", "--protected-mode", "yes", "--loglevel", "warning"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            start_new_session=True)  # a terminal's Ctrl-C must not stop it before the drain
         deadline = time.monotonic() + timeout_s
         while not ping(self.url):
             if self.proc.poll() is not None:

@@ -58,17 +58,22 @@ def resolve_model(model: str) -> str:
     return str(ensure_model(model))
 
 
+def init_ray(cfg: ServeConfig) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=cfg.ray_address, include_dashboard=cfg.ray_address is None,
+                 dashboard_host="127.0.0.1", log_to_driver=False)
+
+
 def start(cfg: ServeConfig, model_dir: str) -> None:
     """Start Ray (if needed) and run the app; returns once it is deployed and healthy."""
-    import ray
     from ray import serve
     from ray.serve.config import gRPCOptions
 
     from alignedserve.deployments.app import APP_NAME, GRPC_SERVICER, build_app
 
-    if not ray.is_initialized():
-        ray.init(address=cfg.ray_address, include_dashboard=cfg.ray_address is None,
-                 dashboard_host="127.0.0.1", log_to_driver=False)
+    init_ray(cfg)
     grpc = (gRPCOptions(port=cfg.grpc_port, grpc_servicer_functions=[GRPC_SERVICER])
             if cfg.grpc_port else None)
     serve.start(http_options={"host": cfg.host, "port": cfg.http_port}, grpc_options=grpc)
@@ -94,12 +99,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     cfg = cfg.model_copy(update={"served_model_name": cfg.served_model_name or
                                  Path(cfg.model).name})
     done = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: done.set())
     redis_srv = LocalRedis(cfg.redis_url) if cfg.start_redis else None
     if redis_srv is not None:
         redis_srv.start()
     try:
+        init_ray(cfg)
+        # After ray.init, whose native handler would otherwise end the process at once on
+        # SIGTERM, skipping the drain. A signal during start-up drains once it is up.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: done.set())
         start(cfg, model_dir)
         _print_usage(cfg)
         done.wait()

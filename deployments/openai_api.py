@@ -156,6 +156,11 @@ class OpenAIFrontend:
             "owned_by": "alignedserve", "max_model_len": self.max_model_len}]})
 
     async def health(self) -> Response:
+        """200 once a compute replica is up (readiness), 503 before."""
+        info = await self.backend.server_info()
+        if not info.get("replicas", 1):
+            return JSONResponse(APIError("no compute replica is ready", status=503).body(),
+                                status_code=503)
         return PlainTextResponse("")
 
     def _check_model(self, model: str) -> None:
