@@ -114,7 +114,10 @@ class ComputeReplica:
             name=f"alignedserve-prefetch-{self.replica_id}", num_cpus=cfg.worker_cpus,
             scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
         ).remote(pcfg, self.store, self.arena.spec)
-        ray.get(self.worker.get_stats.remote())  # the worker's model is loaded
+        ray.get(self.worker.get_stats.remote())  # the worker has mapped the arena
+        # Both processes hold mappings now: drop the name, so the memory goes with them
+        # however they end (no /dev/shm leak if the replica is killed).
+        self.arena.unlink()
         self.transfers.bind(PrefetchTransferQueue(self.worker, self.arena.header,
                                                   lim.block_bytes))
         self.counts: dict[str, int] = {}  # request id -> output tokens so far
@@ -165,7 +168,6 @@ class ComputeReplica:
             ray.get(self.worker.stop.remote(), timeout=15)
         if self.arena is not None:
             self.arena.close()
-            self.arena.unlink()
             self.arena = None
 
     # -- the loop -----------------------------------------------------------------------------
