@@ -211,6 +211,8 @@ class OpenAIFrontend:
                 yield _event(fmt.usage_chunk())
         except APIError as e:
             yield _event(e.body())
+        except Exception as e:  # a mid-stream failure is reported in-stream, then [DONE]
+            yield _event(APIError(f"internal error: {type(e).__name__}: {e}", 500).body())
         yield "data: [DONE]\n\n"
 
 

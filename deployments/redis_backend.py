@@ -21,6 +21,7 @@ from alignedserve.deployments.redis_queue import RedisKeys, RequestRecord, Strea
 
 _BLOCK_MS = 50  # reader's XREAD block; new streams join within this long
 _ABORTED_TTL_S = 3600
+_POOL_SIZE = 32  # Redis connections per router for enqueue/abort (streams use one more)
 
 
 class RedisBackend:
@@ -29,7 +30,9 @@ class RedisBackend:
         self.url = redis_url
         self.keys = keys
         self.free_kv = free_kv  # frees a request's KV-store blocks (when the router holds it)
-        self.r = aioredis.Redis.from_url(redis_url)
+        # Blocking pool: a burst of requests waits for a connection instead of failing.
+        self.r = aioredis.Redis(connection_pool=aioredis.BlockingConnectionPool.from_url(
+            redis_url, max_connections=_POOL_SIZE, timeout=None))
         self._reader_conn = aioredis.Redis.from_url(redis_url)
         self._queues: dict[str, asyncio.Queue[StreamEvent]] = {}
         self._last_ids: dict[str, bytes] = {}

@@ -58,15 +58,18 @@ async def _one(http: httpx.AsyncClient, url: str, model: str, req: WorkloadReque
             "stream_options": {"include_usage": True}}
     times: list[float] = []
     usage = 0
-    async with http.stream("POST", url, json=body) as resp:
-        async for line in resp.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            msg = json.loads(line[6:])
-            if msg.get("choices"):
-                times.append(time.monotonic() - t0)
-            if msg.get("usage"):
-                usage = msg["usage"]["completion_tokens"]
+    try:
+        async with http.stream("POST", url, json=body) as resp:
+            async for line in resp.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                msg = json.loads(line[6:])
+                if msg.get("choices"):
+                    times.append(time.monotonic() - t0)
+                if msg.get("usage"):
+                    usage = msg["usage"]["completion_tokens"]
+    except httpx.HTTPError:
+        usage = 0  # counted as failed (ok=False) below; the run goes on
     itl.extend(np.diff(times).tolist())
     done = time.monotonic() - t0
     return RequestRecord(len(req.prompt_token_ids), req.max_tokens, usage, req.arrival_s,

@@ -143,6 +143,10 @@ def test_64_concurrent_mixed_length_requests_all_complete_on_both_replicas(clust
 
 
 def test_client_disconnect_frees_kv_everywhere(cluster):
+    import redis
+
+    r = redis.Redis.from_url(cluster.redis_url)
+    aborted_before = r.scard(f"{cluster.redis_prefix}aborted")
     body = {"model": "tiny", "prompt": "a long one", "max_tokens": 400, "temperature": 0,
             "ignore_eos": True}
     with httpx.Client(timeout=60) as http:
@@ -157,6 +161,8 @@ def test_client_disconnect_frees_kv_everywhere(cluster):
                       timeout=1.5)
     idle = _wait_idle(cluster)
     assert idle["busy"] == 0 and idle["store_used_blocks"] == 0, idle
+    # Both requests were aborted by the router (not merely finished in the meantime).
+    assert r.scard(f"{cluster.redis_prefix}aborted") - aborted_before == 2
 
 
 @pytest.mark.parametrize(("body", "status", "param"), [
@@ -206,6 +212,18 @@ def test_grpc_generate_abort_health_and_info(cluster, tiny_dir):
         info = stub.ServerInfo(pb.ServerInfoRequest(), metadata=meta, timeout=30)
         assert info.model == "tiny"
         stub.Abort(pb.AbortRequest(request_id="unknown"), metadata=meta, timeout=30)
+        bad = list(stub.Generate(pb.GenerateRequest(text="x", sampling=pb.SamplingParams(
+            max_tokens=10**6)), metadata=meta, timeout=30))
+        assert len(bad) == 1 and bad[0].error.code == 400
+        # A cancelled call (the client went away) aborts the request and frees its KV.
+        call = stub.Generate(pb.GenerateRequest(request_id="g2", text="cancel me",
+                                                sampling=pb.SamplingParams(
+                                                    max_tokens=400, ignore_eos=True)),
+                             metadata=meta, timeout=120)
+        next(call), next(call)
+        call.cancel()
+    idle = _wait_idle(cluster)
+    assert idle["busy"] == 0 and idle["store_used_blocks"] == 0, idle
 
 
 def test_metrics_and_status(cluster):
