@@ -107,6 +107,10 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
     srv.add_argument("--len-scale", type=float, default=4.0, help="As in bench offline.")
     srv.add_argument("--num-replicas", type=int, default=1, help="Compute replicas.")
     srv.add_argument("--kv-cache-gib", type=float, default=2.0, help="Device KV pool GiB.")
+    srv.add_argument("--replica-threads", type=int, default=1,
+                     help="torch threads per compute replica.")
+    srv.add_argument("--worker-threads", type=int, default=1,
+                     help="torch threads per prefetch worker.")
     srv.add_argument("--out", default=None, help="Output folder.")
     srv.add_argument("--no-progress", action="store_true", help="Hide the progress bars.")
     srv.set_defaults(func=_cmd_bench_serve)
@@ -147,6 +151,13 @@ def _add_sim_parser(sub: argparse._SubParsersAction) -> None:
                      help="Model a load-balanced (split-KV) decode kernel instead of "
                      "PagedAttention V1.")
     run.set_defaults(func=_cmd_sim_run)
+    cal = ssub.add_parser("calibrate", help="Fit the cpu-local step model to the real "
+                          "engine's per-iteration traces; report held-out error.")
+    cal.add_argument("--model", default="smollm2-135m", help="Model folder or name.")
+    cal.add_argument("--num-requests", type=int, default=48, help="Requests per trace run.")
+    cal.add_argument("--threads", type=int, default=2, help="torch threads of the engine.")
+    cal.add_argument("--out", default="docs/sim/calibration", help="Report folder.")
+    cal.set_defaults(func=_cmd_sim_calibrate)
 
 
 def _resolve_model(value: str) -> tuple[str, str]:
@@ -202,6 +213,8 @@ def _cmd_bench_serve(args: argparse.Namespace) -> int:
                            num_requests=args.num_requests, rate=args.rate,
                            len_scale=args.len_scale, num_replicas=args.num_replicas,
                            kv_cache_gib=args.kv_cache_gib, out_dir=args.out,
+                           replica_threads=args.replica_threads,
+                           worker_threads=args.worker_threads,
                            progress=not args.no_progress,
                            command=shlex.join(["alignedserve", *args.argv]))
     print_summary(run_serve_bench(cfg))
@@ -234,6 +247,19 @@ def _cmd_sim_run(args: argparse.Namespace) -> int:
                   seed=args.seed, len_scale=args.len_scale, rate=args.rate)
     print_table(res, f"{args.model} on {gpus} x {hw} / {args.workload} / "
                      f"{args.num_requests} requests (simulated)")
+    return 0
+
+
+def _cmd_sim_calibrate(args: argparse.Namespace) -> int:
+    from alignedserve.sim.calibrate import calibrate
+
+    folder, label = _resolve_model(args.model)
+    res = calibrate(folder, label, Path(args.out), args.num_requests, args.threads)
+    for row in res["rows"]:
+        print(f"{row['split']:>9} {row['trace']:<24} {row['steps']:>6} steps  median |err| "
+              f"{row['median_abs_pct']:5.1f}%  p90 {row['p90_abs_pct']:5.1f}%")
+    print(f"held-out median |error|: {res['held_out_median_abs_pct']:.1f}% "
+          f"(wrote {args.out}/calibration.json, .png and sim/profiles/cpu-local.json)")
     return 0
 
 

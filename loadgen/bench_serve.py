@@ -38,7 +38,9 @@ class ServeBenchConfig:
     num_replicas: int = 1
     kv_cache_gib: float = 2.0
     host_kv_gib: float = 4.0
-    threads: int = 2  # in-process engine threads (the cluster: 1 per replica + 1 per worker)
+    threads: int = 2  # in-process engine threads
+    replica_threads: int = 1  # torch threads of each compute replica
+    worker_threads: int = 1  # torch threads of each prefetch worker
     out_dir: str | None = None
     progress: bool = True
     command: str = ""
@@ -107,7 +109,9 @@ def run_serve_path(cfg: ServeBenchConfig, requests: list[WorkloadRequest]) -> tu
         model=cfg.model, served_model_name=cfg.label, http_port=_free_port(), grpc_port=0,
         redis_url=url, redis_prefix=f"bench-{uuid.uuid4().hex[:6]}:", start_redis=False,
         num_replicas=cfg.num_replicas, host_kv_gib=cfg.host_kv_gib, replica_cpus=0.5,
-        worker_cpus=0.5, engine={"kv_cache_gib": cfg.kv_cache_gib, "max_queue_delay_s": 60},
+        worker_cpus=0.5, replica_threads=cfg.replica_threads,
+        worker_threads=cfg.worker_threads,
+        engine={"kv_cache_gib": cfg.kv_cache_gib, "max_queue_delay_s": 60},
     )
     itl: list[float] = []
     with LocalRedis(url):

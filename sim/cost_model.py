@@ -94,6 +94,9 @@ def hardware(name: str) -> Hardware:
     local = PROFILES / "cpu-local.json"
     if name == "cpu-local" and local.is_file():
         data[name] = json.loads(local.read_text())
+        if data[name].get("kind") == "fitted-step":
+            raise ValueError("cpu-local is a fitted CPU step model (sim/calibrate.py), not a "
+                             "GPU profile; the cluster simulator does not run on it yet")
     if name not in data or name.startswith("_"):
         raise ValueError(f"unknown hardware {name!r}; known: {known('hardware')}")
     keys = {f.name for f in fields(Hardware)} - {"name"}
