@@ -8,6 +8,7 @@ non-negative least-squares fit gives seconds per unit of each feature:
     tokens       tokens through the linear layers (decodes + prefill tokens)
     dense_kv     decode KV positions attended by the dense backend: n x longest (padding
                  included) -- the CPU's "straggler": every sequence pays the longest
+    dense_seqs   sequences of a dense step (gathering each one's blocks into the batch)
     varlen_kv    decode KV positions attended by the varlen backend: the real sum
     varlen_seqs  sequences of a varlen step (one attention call each)
     prefill_sq   prefill tokens squared / 2 (causal attention of a chunk from position 0)
@@ -26,7 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-FEATURES = ("const", "tokens", "dense_kv", "varlen_kv", "varlen_seqs", "prefill_sq")
+FEATURES = ("const", "tokens", "dense_kv", "dense_seqs", "varlen_kv", "varlen_seqs",
+            "prefill_sq")
 
 
 def features(num_decode: int, kv_lens: tuple[int, ...], prefill_tokens: int,
@@ -34,6 +36,7 @@ def features(num_decode: int, kv_lens: tuple[int, ...], prefill_tokens: int,
     dense = backend == "dense" and num_decode > 0
     return [1.0, float(num_decode + prefill_tokens),
             float(num_decode * max(kv_lens)) if dense else 0.0,
+            float(num_decode) if dense else 0.0,
             0.0 if dense else float(sum(kv_lens)),
             0.0 if dense else float(num_decode),
             prefill_tokens * prefill_tokens / 2.0]
@@ -111,6 +114,8 @@ def report(coef: np.ndarray, train: list[Trace], test: list[Trace], out: Path,
     result = {"features": list(FEATURES), "coef_s": coef.tolist(), "rows": rows,
               "held_out_median_abs_pct": float(np.median(held)), **meta}
     out.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(out / "traces.npz", **{f"{t.label}:{k}": getattr(t, k)
+                                               for t in train + test for k in ("x", "y")})
     (out / "calibration.json").write_text(json.dumps(result, indent=2))
     fig, ax = plt.subplots(figsize=(6, 5.5))
     for t in test:
