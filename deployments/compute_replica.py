@@ -173,6 +173,9 @@ class ComputeReplica:
     # -- the loop -----------------------------------------------------------------------------
 
     def _run(self) -> None:
+        # torch's OpenMP thread count is per thread: set it on the thread that computes
+        # (Ray starts actors with OMP_NUM_THREADS=1, which new threads inherit).
+        torch.set_num_threads(self.cfg.replica_threads)
         try:
             while not self._stop.is_set():
                 if not self._draining.is_set():

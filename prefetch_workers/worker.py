@@ -142,6 +142,8 @@ class PrefetchWorker:
     # -- prefill ------------------------------------------------------------------------------
 
     def _prefill_loop(self) -> None:
+        # Per-thread OpenMP setting (see ComputeReplica._run).
+        torch.set_num_threads(self.cfg.engine.num_threads or 1)
         budget = self.cfg.engine.max_num_batched_tokens
         while not self._stop.is_set():
             if not self.engine.has_unfinished():
