@@ -72,6 +72,9 @@ class ServeConfig(BaseSettings):
                                   "to each compute replica (its local pool to batch from).")
     leader_ttl_s: float = Field(3.0, gt=0, description="Scheduler leader lock TTL; a new "
                                 "leader takes over this long after the old one dies.")
+    replica_timeout_s: float = Field(30.0, gt=0, description="A compute replica (or its "
+                                     "prefetch worker) silent this long is taken as dead: "
+                                     "its requests end with an error, their KV is freed.")
     drain_timeout_s: float = Field(20.0, ge=0, description="On shutdown, in-flight requests "
                                    "get this long to finish.")
     engine: EngineKnobs = Field(default_factory=EngineKnobs)

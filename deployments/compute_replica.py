@@ -150,8 +150,7 @@ class ComputeReplica:
         then fail the rest with an error event (their clients get an answer, not a hang)."""
         if self._stop.is_set():
             return
-        self.r.hdel(self.keys.replicas, self.replica_id)
-        self._draining.set()
+        self._draining.set()  # the leader sees free=0 and stops assigning
         deadline = time.monotonic() + self.cfg.drain_timeout_s
         while self.counts and time.monotonic() < deadline and self._thread.is_alive():
             time.sleep(0.05)
@@ -164,6 +163,7 @@ class ComputeReplica:
             self.store.free.remote(rid)
         pipe.execute()
         self.counts.clear()
+        self.r.hdel(self.keys.replicas, self.replica_id)
         with contextlib.suppress(Exception):  # the worker may be gone; the arena must still go
             ray.get(self.worker.stop.remote(), timeout=15)
         if self.arena is not None:
@@ -253,7 +253,8 @@ class ComputeReplica:
             "running": len(getattr(sched, "running", ())),
             "pooled": len(getattr(sched, "pooled", ())),
             "waiting": len(getattr(sched, "waiting", ())),
-            "free": max(0, self.cfg.replica_inflight - self.engine.num_requests),
+            "free": 0 if self._draining.is_set() else max(
+                0, self.cfg.replica_inflight - self.engine.num_requests),
             "kv_usage": sched.device.usage,
             "prefetch_hit_rate": q.hit_rate,
             "switches": getattr(getattr(sched, "stats", None), "switches", 0),
@@ -261,8 +262,6 @@ class ComputeReplica:
 
     def _publish_state(self) -> None:
         now = time.monotonic()
-        if self._draining.is_set():
-            return
         if now - self._state_at < _STATE_EVERY_S:
             return
         self._state_at = now

@@ -119,7 +119,11 @@ class Dispatcher:
             elif not dead:
                 live.append(rid)
         if live:
-            self.r.rpush(self.keys.inbox(replica), *live)
+            pipe = self.r.pipeline(transaction=False)
+            pipe.rpush(self.keys.inbox(replica), *live)
+            for rid in live:  # who holds it now: the router's watchdog checks this replica
+                pipe.hset(self.keys.req(rid), "holder", replica)
+            pipe.execute()
         return len(live)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -22,14 +23,18 @@ from alignedserve.deployments.redis_queue import RedisKeys, RequestRecord, Strea
 _BLOCK_MS = 50  # reader's XREAD block; new streams join within this long
 _ABORTED_TTL_S = 3600
 _POOL_SIZE = 32  # Redis connections per router for enqueue/abort (streams use one more)
+_WATCH_EVERY_S = 2.0  # how often the reader checks that each request's holder is alive
+
 
 
 class RedisBackend:
     def __init__(self, redis_url: str, keys: RedisKeys,
-                 free_kv: Callable[[str], None] | None = None) -> None:
+                 free_kv: Callable[[str], None] | None = None,
+                 holder_timeout_s: float = 30.0) -> None:
         self.url = redis_url
         self.keys = keys
         self.free_kv = free_kv  # frees a request's KV-store blocks (when the router holds it)
+        self.holder_timeout_s = holder_timeout_s  # a holder this silent is taken as dead
         # Blocking pool: a burst of requests waits for a connection instead of failing.
         self.r = aioredis.Redis(connection_pool=aioredis.BlockingConnectionPool.from_url(
             redis_url, max_connections=_POOL_SIZE, timeout=None))
@@ -96,12 +101,39 @@ class RedisBackend:
 
     # -- the stream reader ------------------------------------------------------------------
 
+    async def _check_holders(self) -> None:
+        """Fail the requests whose holder (a compute replica, or its prefetch worker) has
+        stopped publishing its state: the client gets an error instead of waiting forever,
+        and their KV is freed (the dead holder cannot)."""
+        rids = list(self._queues)
+        pipe = self.r.pipeline(transaction=False)
+        for rid in rids:
+            pipe.hget(self.keys.req(rid), "holder")
+        pipe.hgetall(self.keys.replicas)
+        *holders, states = await pipe.execute()
+        now = time.time()
+        ages = {k.decode(): now - json.loads(v)["ts"] for k, v in states.items()}
+        for rid, holder in zip(rids, holders, strict=True):
+            if holder is None or ages.get(holder.decode(), float("inf")) < self.holder_timeout_s:
+                continue
+            q = self._queues.get(rid)
+            if q is not None:
+                q.put_nowait(StreamEvent((), 0, error=f"replica {holder.decode()} failed while "
+                                         "serving this request; it was not completed"))
+            await self.abort(rid)
+            if self.free_kv is not None:
+                self.free_kv(rid)
+
     def _ensure_reader(self) -> None:
         if self._reader is None or self._reader.done():
             self._reader = asyncio.get_running_loop().create_task(self._read_streams())
 
     async def _read_streams(self) -> None:
+        watched = time.monotonic()
         while self._queues:
+            if time.monotonic() - watched > _WATCH_EVERY_S:
+                watched = time.monotonic()
+                await self._check_holders()
             streams = {self.keys.tok(rid): last for rid, last in self._last_ids.items()}
             try:
                 got = await self._reader_conn.xread(streams, block=_BLOCK_MS)

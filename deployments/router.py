@@ -38,7 +38,8 @@ class Router(GrpcApiMixin):
         keys = RedisKeys(cfg.redis_prefix)
         limits = serving_limits(cfg, model_dir)
         store = get_or_create_store(limits.host_blocks, limits.block_shape, limits.dtype)
-        self.backend = RedisBackend(cfg.redis_url, keys, free_kv=lambda rid: store.free.remote(rid))
+        self.backend = RedisBackend(cfg.redis_url, keys, lambda rid: store.free.remote(rid),
+                                    cfg.replica_timeout_s)
         self.frontend = OpenAIFrontend(self.backend, load_tokenizer(model_dir), cfg.model_name,
                                        limits.max_model_len, limits.vocab_size,
                                        FrontendMetrics(cfg.model_name))

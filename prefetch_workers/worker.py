@@ -175,6 +175,7 @@ class PrefetchWorker:
                 continue
             req.arrival_time = time.monotonic() - max(0.0, time.time() - rec.arrival_time)
             self.engine.add_restored(req)
+            pipe.hset(self.cfg.keys.req(rec.request_id), "holder", self.cfg.worker_id)
         pipe.execute()
 
     def _hand_off(self, finished: dict) -> None:

@@ -34,7 +34,7 @@ def cluster(tiny_dir, redis_url):
         model=str(tiny_dir), served_model_name="tiny", http_port=free_port(),
         grpc_port=free_port(), redis_url=redis_url, redis_prefix=f"t{uuid.uuid4().hex[:6]}:",
         start_redis=False, num_replicas=2, replica_cpus=0.25, worker_cpus=0.25,
-        host_kv_gib=0.05, drain_timeout_s=5,
+        host_kv_gib=0.05, drain_timeout_s=5, replica_timeout_s=6,
         engine={"kv_cache_gib": 0.02, "min_batch": 4, "max_num_seqs": 32},
     )
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -242,3 +242,29 @@ def test_metrics_and_status(cluster):
     assert httpx.get(f"{_base(cluster)}/health", timeout=10).status_code == 200
     models = client.models.list()
     assert [m.id for m in models.data] == ["tiny"]
+
+
+def test_a_dead_replica_fails_its_requests_instead_of_hanging(cluster):
+    """Runs last: it kills the compute replicas (Serve replaces them afterwards)."""
+    import ray
+    import redis
+
+    r = redis.Redis.from_url(cluster.redis_url)
+    body = {"model": "tiny", "prompt": "doomed", "max_tokens": 400, "temperature": 0,
+            "ignore_eos": True, "stream": True}
+    errors: list[dict] = []
+    with httpx.stream("POST", f"{_base(cluster)}/v1/completions", json=body,
+                      timeout=120) as resp:
+        for i, line in enumerate(resp.iter_lines()):
+            if not line.startswith("data: {"):
+                continue
+            msg = json.loads(line[6:])
+            if "error" in msg:
+                errors.append(msg["error"])
+            elif i == 4:  # streaming, held by a replica: kill the compute replicas
+                assert r.hget(f"{cluster.redis_prefix}req:{msg['id']}", "holder")
+                for a in ray.util.list_named_actors(all_namespaces=True):
+                    if "ComputeReplica" in a["name"]:
+                        ray.kill(ray.get_actor(a["name"], namespace=a["namespace"]))
+    assert len(errors) == 1 and "failed" in errors[0]["message"], errors
+    assert errors[0]["type"] == "server_error"
