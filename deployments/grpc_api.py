@@ -9,35 +9,52 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
+from alignedserve.deployments.backend import TokenEvent
 from alignedserve.deployments.openai_api import OpenAIFrontend
-from alignedserve.deployments.openai_protocol import APIError
+from alignedserve.deployments.openai_protocol import (
+    APIError,
+    CompletionRequest,
+    parse_request,
+    to_sampling_params,
+)
 from alignedserve.deployments.protos import alignedserve_pb2 as pb
 from alignedserve.scheduling.sampling_params import SamplingParams
 
+# Optional proto fields that map one to one onto the OpenAI completion request's.
+_OPTIONAL = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed",
+             "skip_special_tokens")
 
-def _params(sp: pb.SamplingParams, prompt_len: int, max_model_len: int) -> SamplingParams:
-    room = max_model_len - prompt_len
-    if room < 1:
-        raise APIError(f"the prompt has {prompt_len} tokens; the context is {max_model_len}")
-    max_tokens = sp.max_tokens if sp.HasField("max_tokens") else room
-    if max_tokens > room:
-        raise APIError(f"max_tokens is {max_tokens}; at most {room} fit the context",
-                       param="max_tokens")
-    try:
-        return SamplingParams(
-            max_tokens=max_tokens,
-            temperature=sp.temperature if sp.HasField("temperature") else 1.0,
-            top_p=sp.top_p if sp.HasField("top_p") else 1.0,
-            top_k=max(0, sp.top_k) if sp.HasField("top_k") else 0,
-            min_p=sp.min_p if sp.HasField("min_p") else 0.0,
-            seed=sp.seed if sp.HasField("seed") else None, stop=tuple(sp.stop),
-            stop_token_ids=tuple(sp.stop_token_ids), ignore_eos=sp.ignore_eos,
-            logprobs=sp.logprobs,
-            skip_special_tokens=(sp.skip_special_tokens if sp.HasField("skip_special_tokens")
-                                 else True))
-    except ValueError as e:
-        raise APIError(str(e)) from e
+
+def _params(request: pb.GenerateRequest, model: str, ids: list[int],
+            max_model_len: int) -> SamplingParams:
+    """The proto's sampling params through the HTTP path's validation (same defaults, same
+    400s): max_tokens defaults to the rest of the context."""
+    sp = request.sampling
+    body = {"model": model, "prompt": ids, "stop": list(sp.stop),
+            "stop_token_ids": list(sp.stop_token_ids), "ignore_eos": sp.ignore_eos,
+            "logprobs": 1 if sp.logprobs else None,
+            **{name: getattr(sp, name) for name in _OPTIONAL if sp.HasField(name)}}
+    return to_sampling_params(parse_request(CompletionRequest, body), len(ids), max_model_len)
+
+
+def _responses(rid: str, prompt_tokens: int, delta: str,
+               ev: TokenEvent) -> list[pb.GenerateResponse]:
+    out = []
+    if ev.token_ids or delta:
+        out.append(pb.GenerateResponse(request_id=rid, chunk=pb.Chunk(
+            token_ids=list(ev.token_ids), text=delta, prompt_tokens=prompt_tokens,
+            completion_tokens=ev.num_output_tokens, logprobs=list(ev.logprobs or ()))))
+    if ev.finish_reason:
+        out.append(pb.GenerateResponse(request_id=rid, complete=pb.Complete(
+            finish_reason=ev.finish_reason, usage=pb.Usage(
+                prompt_tokens=prompt_tokens, completion_tokens=ev.num_output_tokens))))
+    return out
+
+
+def _error(rid: str, message: str, code: int) -> pb.GenerateResponse:
+    return pb.GenerateResponse(request_id=rid, error=pb.Error(message=message, code=code))
 
 
 class GrpcApiMixin:
@@ -46,6 +63,8 @@ class GrpcApiMixin:
     frontend: OpenAIFrontend
 
     async def Generate(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateResponse]:
+        """Chunks, then one Complete; or one Error (code 400 for bad input, 500 if the
+        backend failed). Cancelling the call aborts the request."""
         f = self.frontend
         rid = request.request_id or f"grpc-{uuid.uuid4().hex}"
         try:
@@ -53,27 +72,24 @@ class GrpcApiMixin:
                 ids = f.check_ids(list(request.token_ids.ids), "token_ids")
             else:
                 ids = f.check_ids(f.tokenizer.encode(request.text), "text")
-            gen = f.start(rid, ids, _params(request.sampling, len(ids), f.max_model_len))
-            async for delta, ev in f.run(gen):
-                if ev.token_ids or delta:
-                    yield pb.GenerateResponse(request_id=rid, chunk=pb.Chunk(
-                        token_ids=list(ev.token_ids), text=delta, prompt_tokens=len(ids),
-                        completion_tokens=ev.num_output_tokens,
-                        logprobs=list(ev.logprobs or ())))
-                if ev.finish_reason:
-                    yield pb.GenerateResponse(request_id=rid, complete=pb.Complete(
-                        finish_reason=ev.finish_reason, usage=pb.Usage(
-                            prompt_tokens=len(ids), completion_tokens=ev.num_output_tokens)))
+            gen = f.start(rid, ids, _params(request, f.model_name, ids, f.max_model_len))
+            async with aclosing(f.run(gen)) as events:
+                async for delta, ev in events:
+                    for msg in _responses(rid, len(ids), delta, ev):
+                        yield msg
         except APIError as e:
-            yield pb.GenerateResponse(request_id=rid, error=pb.Error(message=e.message,
-                                                                     code=e.status))
+            yield _error(rid, e.message, e.status)
+        except Exception as e:  # reported like HTTP's in-stream error, never a bare failure
+            yield _error(rid, f"internal error: {type(e).__name__}: {e}", 500)
 
     async def Abort(self, request: pb.AbortRequest) -> pb.AbortResponse:
         await self.frontend.backend.abort(request.request_id)
         return pb.AbortResponse(accepted=True)
 
     async def Health(self, request: pb.HealthRequest) -> pb.HealthResponse:
-        return pb.HealthResponse(healthy=True)
+        """Healthy once a compute replica is up (the same readiness as HTTP /health)."""
+        info = await self.frontend.backend.server_info()
+        return pb.HealthResponse(healthy=bool(info.get("replicas", 1)))
 
     async def ServerInfo(self, request: pb.ServerInfoRequest) -> pb.ServerInfoResponse:
         f = self.frontend

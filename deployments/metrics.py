@@ -1,11 +1,14 @@
 """Metrics with vLLM's names, prefixed `alignedserve:`, through `ray.util.metrics`.
 
-Ray 2.60 deprecates ':' in metric names (a FutureWarning, an error later), so the series
-are registered with Ray as `alignedserve_<name>`; the Ray dashboard and a Prometheus scrape
-of Ray's metrics port show `ray_alignedserve_<name>`. The router's `/metrics` serves the
-same series under vLLM's convention, `alignedserve:<name>` (`prometheus_text`). Ray adds
-`_total` to counters. Every series carries `model_name`. Workers push to the node's metrics
-agent every few seconds (Ray's report interval), so a value appears on /metrics with a delay.
+Ray 2.60 deprecates ':' in metric names: it warns (FutureWarning, "will be an error") and,
+as tried here, the series never reaches the metrics agent's export. So the series are
+registered with Ray as `alignedserve_<name>`; the Ray dashboard and a Prometheus scrape of
+Ray's metrics port show `ray_alignedserve_<name>`. The router's `/metrics` serves the same
+series under vLLM's convention, `alignedserve:<name>` (`prometheus_text`). Ray adds `_total`
+to counters. Every series carries `model_name`. Processes push to the node's metrics agent
+every few seconds (Ray's report interval), so a value appears on /metrics with a delay
+(about 5-10 s). Ray's export approximates a histogram's `_sum` from bucket midpoints (the
+buckets and `_count` are exact), so a mean from `_sum / _count` is approximate.
 """
 
 from __future__ import annotations
@@ -86,7 +89,10 @@ class EngineMetrics:
         self.prefetch_misses = _m(Counter, "prefetch_misses", "Steps that waited for KV.", t)
         self.prefetch_hit_rate = _m(Gauge, "prefetch_hit_rate", "prefetch_hits / (hits + "
                                     "misses) so far.", t)
-        self._last: dict[str, int] = {}
+        self.queue_time = _m(Histogram, "request_queue_time_seconds", "Arrival at the router "
+                             "to first scheduled on a replica.", t, boundaries=_E2E_S)
+        self._last: dict[str, int] = {}  # cumulative totals last seen by record_step
+        self._prefetched = [0, 0]  # [hits, misses] counted by record_prefetch
 
     def _delta(self, key: str, value: int) -> int:
         d = value - self._last.get(key, 0)
@@ -95,8 +101,12 @@ class EngineMetrics:
 
     def record_step(self, running: int, waiting: int, kv_usage: float, host_kv_usage: float,
                     batch_kv_lengths: list[int], switches: int, preemptions: int,
-                    prefetch_bytes: int, hits: int, misses: int) -> None:
-        """Cumulative counters in, deltas out (the replica keeps running totals)."""
+                    prefetch_bytes: int | None = None, hits: int | None = None,
+                    misses: int | None = None) -> None:
+        """One engine step. `switches`, `preemptions`, `prefetch_bytes`, `hits` and `misses`
+        are the replica's running totals (deltas are counted here); pass the prefetch ones
+        either here or per copy through `record_prefetch`, not both.
+        `batch_kv_lengths`: KV length (tokens) of each running request."""
         tags = self.tags
         self.running.set(running, tags)
         self.waiting.set(waiting, tags)
@@ -109,25 +119,73 @@ class EngineMetrics:
                                     ("pb", prefetch_bytes, self.prefetch_bytes),
                                     ("hit", hits, self.prefetch_hits),
                                     ("miss", misses, self.prefetch_misses)):
-            d = self._delta(key, value)
+            d = 0 if value is None else self._delta(key, value)
             if d > 0:
                 counter.inc(d, tags)
-        if hits + misses:
+        if hits is not None and misses is not None and hits + misses:
             self.prefetch_hit_rate.set(hits / (hits + misses), tags)
 
+    def record_prefetch(self, nbytes: int, hit: bool) -> None:
+        """One prefetch: `nbytes` copied; `hit` if the KV was in place when the step
+        needed it."""
+        if nbytes > 0:
+            self.prefetch_bytes.inc(nbytes, self.tags)
+        self._prefetched[0 if hit else 1] += 1
+        (self.prefetch_hits if hit else self.prefetch_misses).inc(1, self.tags)
+        self.prefetch_hit_rate.set(self._prefetched[0] / sum(self._prefetched), self.tags)
 
-_RAY_SERIES = re.compile(r"^(# (?:HELP|TYPE) )?ray_" + RAY_PREFIX)
+    def record_queue_time(self, seconds: float) -> None:
+        """A request was first scheduled, `seconds` after the router accepted it."""
+        self.queue_time.observe(max(0.0, seconds), self.tags)
 
 
-def prometheus_text(timeout_s: float = 5.0) -> str:
-    """Our series from this node's Ray metrics agent, renamed `alignedserve:<name>`.
-    Needs a connected Ray worker/driver; returns "" while the agent has nothing yet."""
-    node_id = ray.get_runtime_context().get_node_id()
-    node = next((n for n in ray.nodes() if n["NodeID"] == node_id), None)
-    if node is None or not node.get("MetricsExportPort"):
-        return ""
-    url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
-    text = httpx.get(url, timeout=timeout_s).text
-    out = [_RAY_SERIES.sub(lambda m: (m.group(1) or "") + PUBLIC_PREFIX, line)
-           for line in text.splitlines() if _RAY_SERIES.match(line)]
-    return "\n".join(out) + "\n" if out else ""
+_RAY_NAME_PREFIX = "ray_" + RAY_PREFIX  # how Ray's metrics agent exports our series
+_OTEL_LABEL = re.compile(r',?otel_scope_\w+="[^"]*"')
+
+
+def _metrics_urls(local_only: bool) -> list[str]:
+    """The metrics export endpoints of the alive Ray nodes (this node's alone if asked)."""
+    here = ray.get_runtime_context().get_node_id()
+    return [f"http://{n['NodeManagerAddress']}:{n['MetricsExportPort']}/metrics"
+            for n in ray.nodes()
+            if n.get("Alive") and n.get("MetricsExportPort")
+            and (not local_only or n["NodeID"] == here)]
+
+
+def _families(text: str, into: dict[str, tuple[list[str], list[str]]]) -> None:
+    """Adds our families of one Prometheus exposition to `into` (Ray name -> (HELP/TYPE
+    lines, sample lines)), without OpenTelemetry scope labels. Families repeat across
+    nodes; Prometheus wants each HELP/TYPE once, so they are merged."""
+    family = ""
+    for line in text.splitlines():
+        if line.startswith("#"):
+            parts = line.split(" ", 3)
+            if len(parts) >= 3 and parts[1] in ("HELP", "TYPE"):
+                family = parts[2]
+                if family.startswith(_RAY_NAME_PREFIX):
+                    head = into.setdefault(family, ([], []))[0]
+                    if line not in head:
+                        head.append(line)
+        elif family in into and line.startswith(family):
+            into[family][1].append(_OTEL_LABEL.sub("", line).replace("{,", "{"))
+
+
+def prometheus_text(timeout_s: float = 3.0, local_only: bool = False) -> str:
+    """Every `alignedserve` series the Ray metrics agents export, in Prometheus text format,
+    named `alignedserve:<name>` (vLLM's convention). Blocking (HTTP to each node's agent):
+    call it from a thread in async code. Needs a connected Ray driver or worker.
+
+    Each process's series keep Ray's labels (`WorkerId`, `NodeAddress`, ...), so sum over
+    them. Processes push to their node's agent every few seconds (Ray's report interval,
+    about 5-10 s), so a value shows up here with that delay. A node that does not answer
+    is left out rather than failing the scrape."""
+    families: dict[str, tuple[list[str], list[str]]] = {}
+    for url in _metrics_urls(local_only):
+        try:
+            text = httpx.get(url, timeout=timeout_s).text
+        except httpx.HTTPError:
+            continue
+        _families(text, families)
+    lines = [line.replace(_RAY_NAME_PREFIX, PUBLIC_PREFIX)
+             for head, samples in families.values() for line in head + samples]
+    return "\n".join(lines) + "\n" if lines else ""

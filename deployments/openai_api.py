@@ -13,23 +13,25 @@ import itertools
 import json
 import time
 from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from pydantic import ValidationError
+from starlette.exceptions import HTTPException
 
 from alignedserve.deployments.backend import GenerateRequest, GenerationBackend, TokenEvent
 from alignedserve.deployments.metrics import FrontendMetrics
 from alignedserve.deployments.openai_protocol import (
     APIError,
     ChatCompletionRequest,
+    ChunkFormat,
     CompletionRequest,
     new_id,
-    now,
+    parse_request,
     to_sampling_params,
-    usage,
+    validation_error,
 )
 from alignedserve.deployments.text_stream import TextStream
 from alignedserve.scheduling.sampling_params import SamplingParams
@@ -79,35 +81,41 @@ class OpenAIFrontend:
                           TextStream(self.tokenizer, params))
 
     async def run(self, gen: Generation) -> AsyncIterator[tuple[str, TokenEvent]]:
-        """(text delta, event) per backend event. Abandoning the iterator before the final
-        event aborts the request in the backend."""
+        """(text delta, event) per backend event, until the final one. Abandoning the
+        iterator before then (close, cancellation, an exception) aborts the request in the
+        backend; a backend error event raises APIError(500)."""
         self.active += 1
         done = False
         try:
-            async for ev in self.backend.generate(gen.request):
-                if ev.error:
-                    done = True
-                    raise APIError(ev.error, status=500)
-                t = time.time()
-                if ev.token_ids:
-                    gen.first_token_at = gen.first_token_at or t
-                    gen.token_times.append(t)
-                gen.token_ids.extend(ev.token_ids)
-                gen.completion_tokens = ev.num_output_tokens
-                gen.logprobs.extend(ev.logprobs or ())
-                delta = gen.text.push(ev.token_ids)
-                if ev.finish_reason:
-                    done = True
-                    gen.finish_reason = ev.finish_reason
-                    delta += gen.text.finish()
-                    self._record(gen)
-                yield delta, ev
-                if done:
-                    return
+            async with aclosing(self.backend.generate(gen.request)) as events:
+                async for ev in events:
+                    done = ev.error is not None or ev.finish_reason is not None
+                    yield self._apply(gen, ev), ev
+                    if done:
+                        return
+            raise APIError("the backend ended the request without a final event", 500)
         finally:
             self.active -= 1
             if not done:
                 self.abort_later(gen.request.request_id)
+
+    def _apply(self, gen: Generation, ev: TokenEvent) -> str:
+        """Fold one event into `gen`; the text delta it releases."""
+        if ev.error is not None:
+            raise APIError(ev.error, status=500)
+        t = time.time()
+        if ev.token_ids:
+            gen.first_token_at = gen.first_token_at or t
+            gen.token_times.append(t)
+        gen.token_ids.extend(ev.token_ids)
+        gen.completion_tokens = ev.num_output_tokens
+        gen.logprobs.extend(ev.logprobs or ())
+        delta = gen.text.push(ev.token_ids)
+        if ev.finish_reason is not None:
+            gen.finish_reason = ev.finish_reason
+            delta += gen.text.finish()
+            self._record(gen)
+        return delta
 
     def abort_later(self, rid: str) -> None:
         """Abort from a finally block of a cancelled task: run it as its own task."""
@@ -129,7 +137,7 @@ class OpenAIFrontend:
     # -- HTTP routes ----------------------------------------------------------------------------
 
     async def completions(self, request: Request) -> Response:
-        body = _parse(CompletionRequest, await _json(request))
+        body = parse_request(CompletionRequest, await _json(request))
         self._check_model(body.model)
         ids = self._completion_prompt(body.prompt)
         gen = self.start(new_id("cmpl"), ids, to_sampling_params(body, len(ids),
@@ -137,7 +145,7 @@ class OpenAIFrontend:
         return await self._respond(request, body, gen, chat=False)
 
     async def chat_completions(self, request: Request) -> Response:
-        body = _parse(ChatCompletionRequest, await _json(request))
+        body = parse_request(ChatCompletionRequest, await _json(request))
         self._check_model(body.model)
         msgs = [{"role": m.role, "content": m.text()} for m in body.messages]
         if not getattr(self.tokenizer, "chat_template", None):
@@ -179,10 +187,12 @@ class OpenAIFrontend:
         return self.check_ids(list(prompt), "prompt")
 
     async def _respond(self, request: Request, body, gen: Generation, chat: bool) -> Response:
-        fmt = _ChunkFormat(gen, self.model_name, chat)
+        req = gen.request
+        fmt = ChunkFormat(req.request_id, self.model_name, chat, len(req.prompt_token_ids),
+                          self.tokenizer if req.params.logprobs else None)
         if body.stream:
-            return StreamingResponse(self._sse(gen, fmt, body.include_usage()),
-                                     media_type="text/event-stream")
+            return _SSEResponse(self._sse(gen, fmt, body.include_usage()),
+                                media_type="text/event-stream")
         watcher = asyncio.get_running_loop().create_task(_watch_disconnect(request))
         consume = asyncio.get_running_loop().create_task(_drain(self.run(gen)))
         try:
@@ -196,19 +206,21 @@ class OpenAIFrontend:
             watcher.cancel()
             if not consume.done():
                 consume.cancel()
-        return JSONResponse(fmt.full())
+        return JSONResponse(fmt.full(gen.text.text, gen.finish_reason, gen.completion_tokens,
+                                     gen.token_ids, gen.logprobs))
 
-    async def _sse(self, gen: Generation, fmt: _ChunkFormat,
+    async def _sse(self, gen: Generation, fmt: ChunkFormat,
                    include_usage: bool) -> AsyncIterator[str]:
         try:
             if fmt.chat:
                 yield _event(fmt.chunk({"role": "assistant", "content": ""}, None))
-            async for delta, ev in self.run(gen):
-                lps = list(ev.logprobs or ())
-                if delta or ev.finish_reason or (lps and not fmt.chat):
-                    yield _event(fmt.chunk(delta, ev.finish_reason, ev.token_ids, lps))
+            async with aclosing(self.run(gen)) as events:
+                async for delta, ev in events:
+                    lps = list(ev.logprobs or ())
+                    if delta or ev.finish_reason or lps:
+                        yield _event(fmt.chunk(delta, ev.finish_reason, ev.token_ids, lps))
             if include_usage:
-                yield _event(fmt.usage_chunk())
+                yield _event(fmt.usage_chunk(gen.completion_tokens))
         except APIError as e:
             yield _event(e.body())
         except Exception as e:  # a mid-stream failure is reported in-stream, then [DONE]
@@ -216,56 +228,16 @@ class OpenAIFrontend:
         yield "data: [DONE]\n\n"
 
 
-class _ChunkFormat:
-    """OpenAI response and SSE chunk bodies for one request."""
+class _SSEResponse(StreamingResponse):
+    """Closes its generator however the response ends. Starlette leaves a generator that is
+    suspended at a `yield` open when the client disconnects (or Serve cancels the task), and
+    only its close runs the abort in `OpenAIFrontend.run`."""
 
-    def __init__(self, gen: Generation, model: str, chat: bool) -> None:
-        self.gen, self.model, self.chat = gen, model, chat
-        self.id = gen.request.request_id
-        self.created = now()
-        self.object = "chat.completion" if chat else "text_completion"
-
-    def _usage(self) -> dict[str, int]:
-        return usage(len(self.gen.request.prompt_token_ids), self.gen.completion_tokens)
-
-    def _logprobs(self, ids, lps: list[float]) -> dict | None:
-        if not self.gen.request.params.logprobs:
-            return None
-        toks = [self.gen.text.tok.decode([t]) for t in ids]
-        if self.chat:
-            return {"content": [{"token": t, "logprob": lp, "bytes": list(t.encode()),
-                                 "top_logprobs": []} for t, lp in zip(toks, lps, strict=False)]}
-        return {"tokens": toks, "token_logprobs": lps, "top_logprobs": None, "text_offset": []}
-
-    def chunk(self, delta, finish: str | None, ids=(), lps=()) -> dict:
-        if self.chat:
-            d = delta if isinstance(delta, dict) else ({"content": delta} if delta else {})
-            choice = {"index": 0, "delta": d, "logprobs": self._logprobs(ids, list(lps)),
-                      "finish_reason": finish}
-            obj = "chat.completion.chunk"
-        else:
-            choice = {"index": 0, "text": delta, "logprobs": self._logprobs(ids, list(lps)),
-                      "finish_reason": finish}
-            obj = "text_completion"
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
-                "choices": [choice]}
-
-    def usage_chunk(self) -> dict:
-        obj = "chat.completion.chunk" if self.chat else "text_completion"
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
-                "choices": [], "usage": self._usage()}
-
-    def full(self) -> dict:
-        g = self.gen
-        lp = self._logprobs(g.token_ids, g.logprobs)
-        if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": g.text.text},
-                      "logprobs": lp, "finish_reason": g.finish_reason}
-        else:
-            choice = {"index": 0, "text": g.text.text, "logprobs": lp,
-                      "finish_reason": g.finish_reason}
-        return {"id": self.id, "object": self.object, "created": self.created,
-                "model": self.model, "choices": [choice], "usage": self._usage()}
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
 
 
 def _event(payload: dict) -> str:
@@ -273,8 +245,9 @@ def _event(payload: dict) -> str:
 
 
 async def _drain(events: AsyncIterator) -> None:
-    async for _ in events:
-        pass
+    async with aclosing(events):
+        async for _ in events:
+            pass
 
 
 async def _watch_disconnect(request: Request) -> None:
@@ -289,18 +262,6 @@ async def _json(request: Request) -> object:
         raise APIError(f"the body is not valid JSON: {e}") from e
 
 
-def _parse(model, payload: object):
-    if not isinstance(payload, dict):
-        raise APIError("the body must be a JSON object")
-    try:
-        return model.model_validate(payload)
-    except ValidationError as e:
-        first = e.errors()[0]
-        loc = [str(x) for x in first["loc"] if not isinstance(x, int)]
-        raise APIError(f"{'.'.join(loc) or 'body'}: {first['msg']}",
-                       param=loc[0] if loc else None) from e
-
-
 def install_error_handlers(app: FastAPI) -> None:
     """Every error leaves as {"error": {...}} with its status; never a stack trace."""
 
@@ -310,7 +271,13 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse(APIError(f"invalid request: {exc.errors()[:1]}").body(), 400)
+        return JSONResponse(validation_error(exc.errors()).body(), status_code=400)
+
+    @app.exception_handler(HTTPException)
+    async def _http(_: Request, exc: HTTPException) -> JSONResponse:
+        code = "not_found" if exc.status_code == 404 else None
+        err = APIError(str(exc.detail), status=exc.status_code, code=code)
+        return JSONResponse(err.body(), status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def _internal(_: Request, exc: Exception) -> JSONResponse:

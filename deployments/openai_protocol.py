@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from alignedserve.scheduling.sampling_params import SamplingParams
 
@@ -117,7 +118,7 @@ def _reject_unsupported(req: _Common) -> None:
             raise APIError("suffix is not supported", param="suffix")
         if req.best_of not in (None, 1):
             raise APIError("best_of other than 1 is not supported", param="best_of")
-        if req.logprobs is not None and req.logprobs > 1:
+        if req.logprobs is not None and not 0 <= req.logprobs <= 1:
             raise APIError("only the sampled token's logprob is available (logprobs <= 1)",
                            param="logprobs")
     if isinstance(req, ChatCompletionRequest) and req.top_logprobs:
@@ -159,6 +160,27 @@ def to_sampling_params(req: _Common, prompt_len: int, max_model_len: int) -> Sam
         raise APIError(str(e), param=field if field.isidentifier() else None) from e
 
 
+def parse_request(model: type[_Common], payload: object) -> Any:
+    """`payload` (decoded JSON) as `model`, or APIError(400) naming the first bad field."""
+    if not isinstance(payload, dict):
+        raise APIError("the body must be a JSON object")
+    try:
+        return model.model_validate(payload)
+    except ValidationError as e:
+        raise validation_error(e.errors()) from e
+
+
+def validation_error(errors: Any) -> APIError:
+    """The first schema error as a 400 naming the field (OpenAI answers 400 where FastAPI
+    would answer 422)."""
+    if not errors:
+        return APIError("invalid request")
+    first = errors[0]
+    loc = [str(x) for x in first.get("loc", ()) if not isinstance(x, int) and x != "body"]
+    return APIError(f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid')}",
+                    param=loc[0] if loc else None)
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
@@ -170,3 +192,62 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 def now() -> int:
     return int(time.time())
+
+
+class ChunkFormat:
+    """OpenAI response bodies and SSE chunks of one request (`n` is always 1).
+
+    Logprobs are those of the sampled tokens only: `top_logprobs` is always empty."""
+
+    def __init__(self, request_id: str, model: str, chat: bool, prompt_tokens: int,
+                 logprobs_tokenizer: Any = None) -> None:
+        self.id, self.model, self.chat = request_id, model, chat
+        self.prompt_tokens = prompt_tokens
+        self.tok = logprobs_tokenizer  # set when the request asked for logprobs
+        self.created = now()
+
+    def _logprobs(self, ids: Sequence[int], lps: Sequence[float]) -> dict[str, Any] | None:
+        if self.tok is None:
+            return None
+        toks = [self.tok.decode([t]) for t in ids]
+        if self.chat:
+            return {"content": [{"token": t, "logprob": lp, "bytes": list(t.encode()),
+                                 "top_logprobs": []} for t, lp in zip(toks, lps, strict=False)]}
+        return {"tokens": toks, "token_logprobs": list(lps), "top_logprobs": None,
+                "text_offset": []}
+
+    def _body(self, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
+                "choices": choices}
+
+    def chunk(self, delta: str | dict[str, str], finish: str | None, ids: Sequence[int] = (),
+              lps: Sequence[float] = ()) -> dict[str, Any]:
+        """One SSE chunk: `delta` is new text (or, for chat, a whole delta dict)."""
+        choice: dict[str, Any] = {"index": 0}
+        if self.chat:
+            choice["delta"] = delta if isinstance(delta, dict) else (
+                {"content": delta} if delta else {})
+        else:
+            choice["text"] = delta
+        choice.update(logprobs=self._logprobs(ids, lps), finish_reason=finish)
+        return self._body("chat.completion.chunk" if self.chat else "text_completion",
+                          [choice])
+
+    def usage_chunk(self, completion_tokens: int) -> dict[str, Any]:
+        """The `include_usage` chunk that ends a stream: no choices, only usage."""
+        body = self._body("chat.completion.chunk" if self.chat else "text_completion", [])
+        body["usage"] = usage(self.prompt_tokens, completion_tokens)
+        return body
+
+    def full(self, text: str, finish: str | None, completion_tokens: int, ids: Sequence[int],
+             lps: Sequence[float]) -> dict[str, Any]:
+        """The non-streamed response."""
+        choice: dict[str, Any] = {"index": 0}
+        if self.chat:
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice["text"] = text
+        choice.update(logprobs=self._logprobs(ids, lps), finish_reason=finish)
+        body = self._body("chat.completion" if self.chat else "text_completion", [choice])
+        body["usage"] = usage(self.prompt_tokens, completion_tokens)
+        return body
