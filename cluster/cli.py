@@ -150,7 +150,24 @@ def _add_sim_parser(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--split-kv", action="store_true",
                      help="Model a load-balanced (split-KV) decode kernel instead of "
                      "PagedAttention V1.")
+    run.add_argument("--parity", choices=("gpus", "compute"), default="gpus",
+                     help="gpus: every system gets --gpus devices (aligned = N/2 pairs); "
+                     "compute: every system gets --gpus compute devices.")
+    run.add_argument("--workers", type=int, default=1,
+                     help="Processes simulating pairs in parallel (results are identical).")
+    _add_knob_args(run)
     run.set_defaults(func=_cmd_sim_run)
+    plan = ssub.add_parser("plan", help="Cheapest pair count and knobs meeting a P99 TPOT SLO.")
+    plan.add_argument("--model", required=True, help="Model profile, e.g. opt-13b.")
+    plan.add_argument("--workload", required=True, help="mix95, mix70, sharegpt, longbench, "
+                      "azure-conv.")
+    plan.add_argument("--slo-tpot-ms", type=float, required=True, help="P99 TPOT target, ms.")
+    plan.add_argument("--rate", type=float, required=True, help="Cluster-wide requests/s.")
+    plan.add_argument("--hardware", default="h100-sxm", help="Hardware profile.")
+    plan.add_argument("--len-scale", type=float, default=1.0, help="1 = the paper's lengths.")
+    plan.add_argument("--per-pair", type=int, default=300,
+                      help="Requests simulated per candidate (one pair's shard).")
+    plan.set_defaults(func=_cmd_sim_plan)
     cal = ssub.add_parser("calibrate", help="Fit the cpu-local step model to the real "
                           "engine's per-iteration traces; report held-out error.")
     cal.add_argument("--model", default="smollm2-135m", help="Model folder or name.")
@@ -158,6 +175,18 @@ def _add_sim_parser(sub: argparse._SubParsersAction) -> None:
     cal.add_argument("--threads", type=int, default=2, help="torch threads of the engine.")
     cal.add_argument("--out", default="docs/sim/calibration", help="Report folder.")
     cal.set_defaults(func=_cmd_sim_calibrate)
+
+
+def _add_knob_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--min-batch", type=int, default=36, help="aligned: Kmin.")
+    p.add_argument("--bmax", type=float, default=0.4,
+                   help="aligned: Bmax, a batch's KV as a fraction of the device KV pool.")
+    p.add_argument("--max-queue-delay-s", type=float, default=10.0,
+                   help="aligned: starvation bound, simulated seconds.")
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192,
+                   help="Tokens (decode + prefill chunks) per step at most.")
+    p.add_argument("--host-pool-gib", type=float, default=100.0,
+                   help="aligned: host KV pool per pair, GiB.")
 
 
 def _resolve_model(value: str) -> tuple[str, str]:
@@ -235,6 +264,9 @@ def _cmd_bench_step(args: argparse.Namespace) -> int:
 
 
 def _cmd_sim_run(args: argparse.Namespace) -> int:
+    import resource
+    import time
+
     from alignedserve.sim.cluster import SimConfig
     from alignedserve.sim.run import print_table, run_sim
 
@@ -242,11 +274,43 @@ def _cmd_sim_run(args: argparse.Namespace) -> int:
     if "x" in hw and hw.rsplit("x", 1)[1].isdigit():  # h100x8 -> h100-sxm, 8 GPUs
         short, n = hw.rsplit("x", 1)
         hw, gpus = {"h100": "h100-sxm", "a100": "a100-80g"}.get(short, short), int(n)
-    base = SimConfig(hardware=hw, model=args.model, split_kv=args.split_kv)
+    base = SimConfig(hardware=hw, model=args.model, split_kv=args.split_kv,
+                     min_batch=args.min_batch, batch_kv_fraction=args.bmax,
+                     max_queue_delay_s=args.max_queue_delay_s,
+                     max_num_batched_tokens=args.max_num_batched_tokens,
+                     host_pool_gib=args.host_pool_gib)
+    t0 = time.perf_counter()
     res = run_sim(base, args.workload, args.num_requests, gpus, tuple(args.systems),
-                  seed=args.seed, len_scale=args.len_scale, rate=args.rate)
-    print_table(res, f"{args.model} on {gpus} x {hw} / {args.workload} / "
-                     f"{args.num_requests} requests (simulated)")
+                  seed=args.seed, len_scale=args.len_scale, rate=args.rate,
+                  parity=args.parity, workers=args.workers, progress=True)
+    wall = time.perf_counter() - t0
+    mode = "offline" if args.rate is None else f"{args.rate:g} req/s"
+    print_table(res, f"{args.model} on {gpus} x {hw} ({args.parity} parity) / {args.workload} "
+                     f"len_scale {args.len_scale:g} / {args.num_requests} requests, {mode} "
+                     "(simulated)")
+    events = sum(s["events"] for s in res.values())
+    rss = max(resource.getrusage(who).ru_maxrss
+              for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)) / 2**10
+    print(f"wall {wall:.1f} s, {events:,} events ({events / wall:,.0f} events/s), "
+          f"peak RSS {rss:,.0f} MiB per process")
+    return 0
+
+
+def _cmd_sim_plan(args: argparse.Namespace) -> int:
+    from alignedserve.sim.plan import PlanRequest, describe, plan
+
+    req = PlanRequest(args.model, args.workload, args.slo_tpot_ms, args.rate,
+                      hardware=args.hardware, len_scale=args.len_scale,
+                      per_pair=args.per_pair)
+    best, found = plan(req)
+    print(f"{args.model} / {args.workload} at {args.rate:g} req/s, P99 TPOT <= "
+          f"{args.slo_tpot_ms:g} ms on {args.hardware}; smallest meeting count per knob set:")
+    for c in found:
+        print("  " + describe(c))
+    if best is None:
+        print("no configuration meets the SLO within the search range")
+        return 1
+    print("cheapest: " + describe(best))
     return 0
 
 

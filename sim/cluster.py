@@ -5,73 +5,116 @@ Each pair runs the very classes the engine runs (`FCFSScheduler`, `AlignedSchedu
 the executor is simulated: a step takes `CostModel.step` seconds instead of running a model,
 and every sampled token is a constant (requests run to their `max_tokens`, as with
 `ignore_eos`). The router assigns requests to pairs round-robin in arrival order, so pairs
-never interact afterwards and are simulated one after another.
+never interact afterwards: they are simulated one after another (or in worker processes),
+and a pair's result depends only on its own shard.
 
 Per pair:
 - `fcfs`: one device does prefill and decode in the same steps (vLLM-style).
 - `aligned`: the compute device decodes; the paired prefetch device runs the prefill chunks
-  of the same step in parallel (their KV crosses NVLink) and carries KV swaps:
-  host -> prefetch device over its PCIe link, then over NVLink into the compute device,
-  overlapping compute (the scheduler's fences decide when a step must wait).
+  of the same step in lock-step beside it (their KV crosses NVLink) and carries KV swaps
+  (`links.CopyLinks`), overlapping compute; the scheduler's fences decide when a step waits.
 - `aligned` with `prefetch=False` (the paper's ablation): no prefetch device. KV goes
-  host -> compute over the compute device's PCIe, and prefill shares the compute device.
+  host <-> compute over the compute device's PCIe, synchronously (a step waits for the
+  copies it issued, as vLLM's swap-in does), and prefill shares the compute device.
+
+Events, counted for the throughput figure: arrivals, steps, KV copies and completions.
 """
 
 from __future__ import annotations
 
-import heapq
+import multiprocessing
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
+
+import numpy as np
 
 from alignedserve.scheduling.aligned import AlignedConfig, AlignedScheduler
 from alignedserve.scheduling.block_manager import BlockAllocator, KVBlockManager
 from alignedserve.scheduling.fcfs import FCFSScheduler, SchedulerLimits
 from alignedserve.scheduling.interface import Scheduler, SchedulerOutput
-from alignedserve.scheduling.request import Request
-from alignedserve.scheduling.sampling_params import SamplingParams
 from alignedserve.sim.cost_model import CostModel, hardware, model
-
-TOKEN = 1  # every simulated sample
+from alignedserve.sim.links import CopyLinks
+from alignedserve.sim.workload import TOKEN, SimWorkload, make_request
 
 
 @dataclass(frozen=True)
 class SimConfig:
-    hardware: str = "h100-sxm"
-    model: str = "opt-13b"
+    """One simulated system. Policy knobs mirror AlignedConfig / SchedulerLimits."""
+
+    hardware: str = "h100-sxm"  # sim/profiles/hardware.json
+    model: str = "opt-13b"  # sim/profiles/models.json
     policy: str = "aligned"  # "aligned" | "fcfs"
     pairs: int = 1  # compute devices (each aligned one has a prefetch device beside it)
     prefetch: bool = True  # aligned: GPU-Prefetch-For-GPU; False = the ablation
     split_kv: bool = False  # a load-balanced decode kernel (see cost_model)
-    block_size: int = 16
+    block_size: int = 16  # tokens per KV block
     kv_mem_fraction: float = 0.9  # of HBM left after the weights, for the device KV pool
-    host_pool_gib: float = 100.0  # per pair
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 8192
+    host_pool_gib: float = 100.0  # host KV pool per pair, GiB
+    max_num_seqs: int = 256  # requests in one step at most (aligned: max_batch)
+    max_num_batched_tokens: int = 8192  # decode + prefill tokens in one step at most
     min_batch: int = 36  # the paper's Kmin
-    max_spread: float = 1.5
-    slack_tokens: int = 128
-    batch_kv_fraction: float = 0.4  # the paper's Bmax
-    max_queue_delay_s: float = 10.0
-    min_batch_steps: int = 8
+    max_spread: float = 1.5  # longest / shortest KV length of an aligned batch
+    slack_tokens: int = 128  # ... or longest - shortest up to this
+    batch_kv_fraction: float = 0.4  # the paper's Bmax, fraction of device KV blocks
+    max_queue_delay_s: float = 10.0  # starvation bound, simulated seconds
+    min_batch_steps: int = 8  # steps before a starving request may displace a batch
 
     def __post_init__(self) -> None:
         if self.policy not in ("aligned", "fcfs"):
             raise ValueError(f"policy must be aligned or fcfs, got {self.policy!r}")
         if self.pairs < 1:
             raise ValueError("pairs must be >= 1")
+        if not 0 < self.kv_mem_fraction <= 1 or self.host_pool_gib <= 0:
+            raise ValueError("need 0 < kv_mem_fraction <= 1 and host_pool_gib > 0")
+
+    @property
+    def gpus(self) -> int:
+        """Devices the system occupies: a prefetch device per aligned pair."""
+        return self.pairs * (2 if self.policy == "aligned" and self.prefetch else 1)
 
 
 @dataclass
 class PairResult:
-    """What one pair did. Times are simulated seconds."""
+    """What one pair did. Times are simulated seconds; arrays follow the shard's order."""
 
+    ttft_s: np.ndarray  # [n] first token - arrival
+    tpot_s: np.ndarray  # [n] (finish - first token) / (output - 1); nan for 1-token outputs
+    output: np.ndarray  # [n] tokens generated
+    step_s: np.ndarray  # [steps] float32 step times
     steps: int = 0
     busy_s: float = 0.0  # compute device time spent in steps
     stall_s: float = 0.0  # time steps waited on KV copies
+    copy_s: float = 0.0  # summed KV copy time over both link directions
     switches: int = 0
+    decode_seqs: int = 0  # decode tokens summed over steps (mean batch = this / steps)
     end_s: float = 0.0
-    step_s: list[float] = field(default_factory=list)
-    first_token: dict[str, float] = field(default_factory=dict)
-    finish: dict[str, float] = field(default_factory=dict)
+    events: int = 0
+    peak_host_blocks: int = 0  # most host-pool blocks held at once
+    block_bytes: int = 0
+    stats: dict[str, int] = field(default_factory=dict)  # AlignedStats and SwapStats
+
+
+def _device_blocks(cfg: SimConfig, cost: CostModel) -> int:
+    free_hbm = cost.hw.hbm_gib * 2**30 - cost.m.params * 2
+    if free_hbm <= 0:
+        raise ValueError(f"{cost.m.name} does not fit in {cost.hw.name}'s HBM")
+    return max(1, int(free_hbm * cfg.kv_mem_fraction // cost.kv_bytes(1, cfg.block_size)))
+
+
+def make_scheduler(cfg: SimConfig, cost: CostModel, clock) -> Scheduler:
+    """The engine's own policy class for `cfg`, over simulated device and host pools."""
+    device = KVBlockManager(_device_blocks(cfg, cost), cfg.block_size)
+    if cfg.policy == "fcfs":
+        return FCFSScheduler(device, SchedulerLimits(cfg.max_num_seqs,
+                                                     cfg.max_num_batched_tokens))
+    host_blocks = max(1, int(cfg.host_pool_gib * 2**30 // cost.kv_bytes(1, cfg.block_size)))
+    return AlignedScheduler(device, BlockAllocator(host_blocks), AlignedConfig(
+        max_batch=cfg.max_num_seqs, min_batch=min(cfg.min_batch, cfg.max_num_seqs),
+        max_spread=cfg.max_spread, slack_tokens=cfg.slack_tokens,
+        batch_kv_fraction=cfg.batch_kv_fraction, max_queue_delay_s=cfg.max_queue_delay_s,
+        min_batch_steps=cfg.min_batch_steps,
+        max_num_batched_tokens=cfg.max_num_batched_tokens), clock=clock)
 
 
 class SimPair:
@@ -80,111 +123,127 @@ class SimPair:
     def __init__(self, cfg: SimConfig, cost: CostModel) -> None:
         self.cfg, self.cost = cfg, cost
         self.now = 0.0
-        bs = cfg.block_size
-        free_hbm = cost.hw.hbm_gib * 2**30 - cost.m.params * 2
-        self.block_bytes = cost.kv_bytes(1, bs)
-        device_blocks = max(1, int(free_hbm * cfg.kv_mem_fraction // self.block_bytes))
-        device = KVBlockManager(device_blocks, bs)
-        self.scheduler: Scheduler
-        if cfg.policy == "aligned":
-            host_blocks = max(1, int(cfg.host_pool_gib * 2**30 // self.block_bytes))
-            self.scheduler = AlignedScheduler(device, BlockAllocator(host_blocks), AlignedConfig(
-                max_batch=cfg.max_num_seqs, min_batch=min(cfg.min_batch, cfg.max_num_seqs),
-                max_spread=cfg.max_spread, slack_tokens=cfg.slack_tokens,
-                batch_kv_fraction=cfg.batch_kv_fraction,
-                max_queue_delay_s=cfg.max_queue_delay_s, min_batch_steps=cfg.min_batch_steps,
-                max_num_batched_tokens=cfg.max_num_batched_tokens), clock=lambda: self.now)
-        else:
-            self.scheduler = FCFSScheduler(device, SchedulerLimits(
-                cfg.max_num_seqs, cfg.max_num_batched_tokens))
-        self.device_blocks = device_blocks
-        self._link_free = 0.0  # the KV copy path is busy until then
-        self._copies: list[tuple[int, float]] = []  # heap of (seq, done time)
-        self._done_seq = 0
+        self.scheduler = make_scheduler(cfg, cost, clock=lambda: self.now)
+        self.block_bytes = cost.kv_bytes(1, cfg.block_size)
+        self.links = CopyLinks(cost, cfg.prefetch, self.block_bytes)
+        self._side = cfg.policy == "aligned" and cfg.prefetch  # prefill on the prefetch device
 
-    def _copy_time(self, nbytes: int) -> float:
-        if self.cfg.prefetch:  # host -> prefetch device -> compute device, pipelined
-            return max(self.cost.pcie(nbytes), self.cost.nvlink(nbytes))
-        return self.cost.pcie(nbytes)
-
-    def _start_copies(self, out: SchedulerOutput) -> None:
-        for t in out.transfers:
-            start = max(self._link_free, self.now)
-            self._link_free = start + self._copy_time(len(t.host_blocks) * self.block_bytes)
-            heapq.heappush(self._copies, (t.seq, self._link_free))
-
-    def _retire_copies(self, upto_time: float) -> None:
-        while self._copies and self._copies[0][1] <= upto_time:
-            self._done_seq = heapq.heappop(self._copies)[0]
-        self.scheduler.transfers_done(self._done_seq)
-
-    def _step_time(self, out: SchedulerOutput) -> float:
-        decode = [c.end for c in out.chunks if c.is_decode]
-        prefill = [(c.start, c.num_new_tokens) for c in out.chunks if not c.is_decode]
-        if self.cfg.policy == "aligned" and self.cfg.prefetch and prefill:
+    def _step_time(self, out: SchedulerOutput) -> tuple[float, int]:
+        """(seconds, decode sequences) of one step."""
+        decode, prefill = [], []
+        for c in out.chunks:
+            if c.num_new_tokens == 1 and c.start > 0:
+                decode.append(c.start + 1)  # KV length attended, the new token's included
+            else:
+                prefill.append((c.start, c.num_new_tokens))
+        if self._side and prefill:
             kv = sum(n for _, n in prefill) * self.cost.m.kv_bytes_per_token
             side = self.cost.step([], prefill) + self.cost.nvlink(kv)
-            return max(self.cost.step(decode, []), side)
-        return self.cost.step(decode, prefill)
+            return max(self.cost.step(decode, []), side), len(decode)
+        return self.cost.step(decode, prefill), len(decode)
 
-    def run(self, requests: list[tuple[float, Request]]) -> PairResult:
-        """Simulate `requests` ((arrival s, request), sorted by arrival) to completion."""
-        res = PairResult()
+    def _wait(self, seq: int, res: PairResult) -> None:
+        if seq <= self.links.done_seq:
+            return
+        done = self.links.done_time(seq)
+        res.stall_s += max(0.0, done - self.now)
+        self.now = max(self.now, done)
+        self.scheduler.transfers_done(self.links.advance(self.now))
+
+    def run(self, shard: SimWorkload) -> PairResult:
+        """Simulate `shard` (sorted by arrival) to completion."""
+        n = len(shard)
+        first, finish = np.full(n, np.nan), np.full(n, np.nan)
+        pos: dict[str, int] = {}
+        step_s: list[float] = []
+        res = PairResult(np.empty(0), np.empty(0), shard.output.copy(), np.empty(0))
+        arrival, sched, links = shard.arrival.tolist(), self.scheduler, self.links
         i = 0
-        sched = self.scheduler
-        while i < len(requests) or sched.has_unfinished():
-            while i < len(requests) and requests[i][0] <= self.now:
-                sched.add_request(requests[i][1])
+        while i < n or sched.has_unfinished():
+            while i < n and arrival[i] <= self.now:
+                req = make_request(i, int(shard.prompt[i]), int(shard.output[i]), arrival[i])
+                pos[req.request_id] = i
+                sched.add_request(req)
                 i += 1
-            self._retire_copies(self.now)
+            sched.transfers_done(links.advance(self.now))
             out = sched.schedule()
-            self._start_copies(out)
-            if not self.cfg.prefetch:  # ablation: copies block the step that issued them
-                self._wait_copies(max((t.seq for t in out.transfers), default=0), res)
-            self._wait_copies(out.fence, res)
+            links.start(out.transfers, self.now)
+            if not self.cfg.prefetch and out.transfers:  # ablation: synchronous copies
+                self._wait(out.transfers[-1].seq, res)
+            self._wait(out.fence, res)
             if out.empty:
-                nxt = [requests[i][0]] if i < len(requests) else []
-                nxt += [done for _, done in self._copies]
+                nxt = [t for t in (arrival[i] if i < n else None, links.next_landing())
+                       if t is not None]
                 if not nxt:
                     raise RuntimeError("simulated pair stalled with work left")
                 self.now = max(self.now, min(nxt))
                 continue
-            dt = self._step_time(out)
+            dt, ndec = self._step_time(out)
             self.now += dt
-            res.steps += 1
+            step_s.append(dt)
             res.busy_s += dt
+            res.decode_seqs += ndec
             res.switches += out.batch_switch
-            res.step_s.append(dt)
             sampled = {c.request.request_id: TOKEN for c in out.chunks if c.samples}
             for rid in sampled:
-                res.first_token.setdefault(rid, self.now)
+                k = pos[rid]
+                if first[k] != first[k]:  # nan: this is the first token
+                    first[k] = self.now
             for r in sched.update(out, sampled):
-                res.finish[r.request_id] = self.now
-        res.end_s = self.now
+                finish[pos.pop(r.request_id)] = self.now
+            self._track_host(res)
+        return self._finish_result(res, shard, first, finish, step_s)
+
+    def _track_host(self, res: PairResult) -> None:
+        swap = getattr(self.scheduler, "swap", None)
+        if swap is not None:
+            used = swap.host.num_blocks - swap.host.num_free
+            res.peak_host_blocks = max(res.peak_host_blocks, used)
+
+    def _finish_result(self, res: PairResult, shard: SimWorkload, first: np.ndarray,
+                       finish: np.ndarray, step_s: list[float]) -> PairResult:
+        res.ttft_s = first - shard.arrival
+        gen = shard.output.astype(np.float64)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            res.tpot_s = np.where(gen > 1, (finish - first) / (gen - 1), np.nan)
+        res.step_s = np.asarray(step_s, dtype=np.float32)
+        res.steps, res.end_s, res.block_bytes = len(step_s), self.now, self.block_bytes
+        res.copy_s = self.links.busy_s
+        res.events = len(shard) * 2 + res.steps + self.links.copies
+        for name in ("stats", "swap"):
+            obj = getattr(self.scheduler, name, None)
+            obj = getattr(obj, "stats", obj)  # swap.stats is the SwapStats
+            if obj is not None and hasattr(obj, "__dataclass_fields__"):
+                res.stats |= {k: getattr(obj, k) for k in obj.__dataclass_fields__}
         return res
 
-    def _wait_copies(self, seq: int, res: PairResult) -> None:
-        if seq <= self._done_seq:
-            return
-        done = max(t for s, t in self._copies if s <= seq)
-        res.stall_s += max(0.0, done - self.now)
-        self.now = max(self.now, done)
-        self._retire_copies(self.now)
 
-
-def make_requests(workload: list, num_pairs: int) -> list[list[tuple[float, Request]]]:
-    """Round-robin routing of loadgen WorkloadRequests (by arrival) to pairs."""
-    shards: list[list[tuple[float, Request]]] = [[] for _ in range(num_pairs)]
-    order = sorted(range(len(workload)), key=lambda k: workload[k].arrival_s)
-    for n, k in enumerate(order):
-        w = workload[k]
-        params = SamplingParams(max_tokens=w.max_tokens, temperature=0.0, ignore_eos=True)
-        req = Request(f"r{k}", w.prompt_token_ids, params, frozenset(),
-                      arrival_time=w.arrival_s)
-        shards[n % num_pairs].append((w.arrival_s, req))
-    return shards
-
-
-def simulate(cfg: SimConfig, workload: list) -> list[PairResult]:
+def run_pair(cfg: SimConfig, shard: SimWorkload) -> PairResult:
     cost = CostModel(hardware(cfg.hardware), model(cfg.model), split_kv=cfg.split_kv)
-    return [SimPair(cfg, cost).run(shard) for shard in make_requests(workload, cfg.pairs)]
+    return SimPair(cfg, cost).run(shard)
+
+
+def iter_pairs(cfg: SimConfig, wl: SimWorkload, workers: int = 1) -> Iterator[PairResult]:
+    """Each pair's result, in pair order; `workers` > 1 simulates pairs in forked
+    processes (pairs are independent, so the results are the same)."""
+    shards = (wl.shard(p, cfg.pairs) for p in range(cfg.pairs))
+    if workers <= 1 or cfg.pairs == 1:
+        for shard in shards:
+            yield run_pair(cfg, shard)
+        return
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        yield from pool.imap(partial(run_pair, cfg), shards, chunksize=4)
+
+
+def simulate(cfg: SimConfig, wl: SimWorkload, workers: int = 1,
+             progress: bool = False) -> list[PairResult]:
+    from tqdm import tqdm
+
+    bar = tqdm(total=cfg.pairs, desc=f"{cfg.policy} pairs", unit="pair",
+               disable=not progress, mininterval=2.0)
+    out = []
+    for r in iter_pairs(cfg, wl, workers):
+        out.append(r)
+        bar.update()
+    bar.close()
+    return out

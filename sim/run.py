@@ -1,9 +1,13 @@
 """`alignedserve sim run`: one workload through simulated policies on a simulated cluster.
 
-GPU parity: `gpus` devices per system. `fcfs` runs them as `gpus` independent replicas (the
-vLLM baseline); `aligned` runs them as `gpus / 2` compute + prefetch pairs, the prefetch
-device running prefill and carrying KV (GPU-Prefetch-For-GPU). `aligned-noprefetch` is the
-paper's ablation: `gpus` compute devices, no prefetch devices, KV over each one's PCIe.
+Two ways to count devices (`parity`):
+- `gpus` (system parity): `gpus` devices per system. `fcfs` runs them as `gpus` independent
+  replicas (the vLLM baseline); `aligned` as `gpus / 2` compute + prefetch pairs, the
+  prefetch device running prefill and carrying KV (GPU-Prefetch-For-GPU);
+  `aligned-noprefetch` (the paper's ablation) as `gpus` compute devices, KV over each one's
+  PCIe.
+- `compute` (decode-device parity): every system gets `gpus` compute devices; `aligned` adds
+  a prefetch device to each, so it occupies twice the GPUs.
 """
 
 from __future__ import annotations
@@ -14,16 +18,18 @@ from typing import Any
 
 import numpy as np
 
-from alignedserve.loadgen.workloads import make_workload
 from alignedserve.sim.cluster import PairResult, SimConfig, simulate
-from alignedserve.sim.cost_model import model
+from alignedserve.sim.workload import SimWorkload, sim_workload
 
 SYSTEMS = ("aligned", "fcfs", "aligned-noprefetch")
 
 
-def system_config(base: SimConfig, system: str, gpus: int) -> SimConfig:
+def system_config(base: SimConfig, system: str, gpus: int, parity: str = "gpus") -> SimConfig:
+    if parity not in ("gpus", "compute"):
+        raise ValueError(f"parity must be gpus or compute, got {parity!r}")
     if system == "aligned":
-        return replace(base, policy="aligned", prefetch=True, pairs=max(1, gpus // 2))
+        pairs = gpus if parity == "compute" else max(1, gpus // 2)
+        return replace(base, policy="aligned", prefetch=True, pairs=pairs)
     if system == "aligned-noprefetch":
         return replace(base, policy="aligned", prefetch=False, pairs=gpus)
     if system == "fcfs":
@@ -31,44 +37,54 @@ def system_config(base: SimConfig, system: str, gpus: int) -> SimConfig:
     raise ValueError(f"unknown system {system!r}; expected one of {SYSTEMS}")
 
 
-def summarize(results: list[PairResult], workload: list) -> dict[str, Any]:
+def _pct(a: np.ndarray, q: float) -> float:
+    a = a[~np.isnan(a)]
+    return float(np.percentile(a, q)) if len(a) else float("nan")
+
+
+def summarize(results: list[PairResult]) -> dict[str, Any]:
     """Cluster-level metrics from per-pair results (simulated seconds)."""
-    arrival = {f"r{k}": w.arrival_s for k, w in enumerate(workload)}
-    gen = {f"r{k}": w.max_tokens for k, w in enumerate(workload)}
-    first = {k: v for r in results for k, v in r.first_token.items()}
-    finish = {k: v for r in results for k, v in r.finish.items()}
     end = max(r.end_s for r in results)
-    ttft = np.array([first[k] - arrival[k] for k in first])
-    tpot = np.array([(finish[k] - first[k]) / (gen[k] - 1) for k in finish if gen[k] > 1])
-    steps = np.concatenate([np.asarray(r.step_s) for r in results if r.step_s])
-
-    def pct(a: np.ndarray, q: float) -> float:
-        return float(np.percentile(a, q)) if len(a) else float("nan")
-
+    ttft = np.concatenate([r.ttft_s for r in results])
+    tpot = np.concatenate([r.tpot_s for r in results])
+    steps = np.concatenate([r.step_s for r in results])
+    gen = sum(int(r.output.sum()) for r in results)
+    nsteps = sum(r.steps for r in results)
     return {
-        "completed": len(finish), "makespan_s": end,
-        "decode_tps": sum(gen[k] for k in finish) / end if end else 0.0,
-        "ttft_p50_s": pct(ttft, 50), "ttft_p99_s": pct(ttft, 99),
-        "tpot_p50_ms": pct(tpot, 50) * 1e3, "tpot_p99_ms": pct(tpot, 99) * 1e3,
-        "step_p50_ms": pct(steps, 50) * 1e3, "step_p99_ms": pct(steps, 99) * 1e3,
-        "steps": len(steps),
-        "switch_rate": sum(r.switches for r in results) / max(1, len(steps)),
+        "completed": int(np.sum(~np.isnan(ttft))), "makespan_s": end,
+        "decode_tps": gen / end if end else 0.0,
+        "ttft_p50_s": _pct(ttft, 50), "ttft_p99_s": _pct(ttft, 99),
+        "tpot_p50_ms": _pct(tpot, 50) * 1e3, "tpot_p99_ms": _pct(tpot, 99) * 1e3,
+        "step_p50_ms": _pct(steps, 50) * 1e3, "step_p99_ms": _pct(steps, 99) * 1e3,
+        "steps": nsteps, "events": sum(r.events for r in results),
+        "decode_batch": sum(r.decode_seqs for r in results) / max(1, nsteps),
+        "switch_rate": sum(r.switches for r in results) / max(1, nsteps),
         "stall_s": sum(r.stall_s for r in results),
+        "busy_frac": sum(r.busy_s for r in results) / max(1e-12, sum(r.end_s for r in results)),
+        "peak_host_gib": max(r.peak_host_blocks * r.block_bytes for r in results) / 2**30,
     }
+
+
+def run_systems(base: SimConfig, wl: SimWorkload, gpus: int,
+                systems: tuple[str, ...] = SYSTEMS, parity: str = "gpus", workers: int = 1,
+                progress: bool = False) -> dict[str, dict[str, Any]]:
+    out = {}
+    for system in systems:
+        cfg = system_config(base, system, gpus, parity)
+        t0 = time.perf_counter()
+        results = simulate(cfg, wl, workers=workers, progress=progress)
+        out[system] = summarize(results) | {"sim_wall_s": time.perf_counter() - t0,
+                                            "gpus": cfg.gpus, "pairs": cfg.pairs}
+        out[system]["tps_per_gpu"] = out[system]["decode_tps"] / cfg.gpus
+    return out
 
 
 def run_sim(base: SimConfig, workload_name: str, num_requests: int, gpus: int,
             systems: tuple[str, ...] = SYSTEMS, seed: int = 0, len_scale: float = 1.0,
-            rate: float | None = None) -> dict[str, dict[str, Any]]:
-    m = model(base.model)
-    wl = make_workload(workload_name, num_requests, m.vocab, seed=seed, len_scale=len_scale,
-                       mode="offline" if rate is None else "online", rate=rate)
-    out = {}
-    for system in systems:
-        t0 = time.perf_counter()
-        results = simulate(system_config(base, system, gpus), wl)
-        out[system] = summarize(results, wl) | {"sim_wall_s": time.perf_counter() - t0}
-    return out
+            rate: float | None = None, parity: str = "gpus", workers: int = 1,
+            progress: bool = False) -> dict[str, dict[str, Any]]:
+    wl = sim_workload(workload_name, num_requests, seed=seed, len_scale=len_scale, rate=rate)
+    return run_systems(base, wl, gpus, systems, parity, workers, progress)
 
 
 def print_table(summaries: dict[str, dict[str, Any]], title: str) -> None:
@@ -76,16 +92,20 @@ def print_table(summaries: dict[str, dict[str, Any]], title: str) -> None:
     from rich.table import Table
 
     table = Table(title=title)
-    cols = ("system", "decode tok/s", "vs fcfs", "TTFT p50/p99 s", "TPOT p50/p99 ms",
-            "step p50/p99 ms", "switch %", "copy stall s", "sim wall s")
+    cols = ("system", "GPUs", "decode tok/s", "vs fcfs", "tok/s/GPU", "TTFT p50/p99 s",
+            "TPOT p50/p99 ms", "P99 TPOT fcfs/x", "step p50/p99 ms", "batch", "switch %",
+            "copy stall s", "sim wall s")
     for c in cols:
         table.add_column(c, justify="left" if c == "system" else "right")
-    base = summaries.get("fcfs", {}).get("decode_tps")
+    base = summaries.get("fcfs", {})
     for name, s in summaries.items():
+        tps, tpot = base.get("decode_tps"), base.get("tpot_p99_ms")
         table.add_row(
-            name, f"{s['decode_tps']:.0f}", f"{s['decode_tps'] / base:.2f}x" if base else "-",
+            name, str(s["gpus"]), f"{s['decode_tps']:.0f}",
+            f"{s['decode_tps'] / tps:.2f}x" if tps else "-", f"{s['tps_per_gpu']:.0f}",
             f"{s['ttft_p50_s']:.1f}/{s['ttft_p99_s']:.1f}",
             f"{s['tpot_p50_ms']:.1f}/{s['tpot_p99_ms']:.1f}",
-            f"{s['step_p50_ms']:.1f}/{s['step_p99_ms']:.1f}", f"{100 * s['switch_rate']:.1f}",
-            f"{s['stall_s']:.1f}", f"{s['sim_wall_s']:.1f}")
-    Console(width=160).print(table)
+            f"{tpot / s['tpot_p99_ms']:.2f}x" if tpot else "-",
+            f"{s['step_p50_ms']:.1f}/{s['step_p99_ms']:.1f}", f"{s['decode_batch']:.1f}",
+            f"{100 * s['switch_rate']:.1f}", f"{s['stall_s']:.1f}", f"{s['sim_wall_s']:.1f}")
+    Console(width=200).print(table)
