@@ -22,6 +22,7 @@ Events, counted for the throughput figure: arrivals, steps, KV copies and comple
 
 from __future__ import annotations
 
+import math
 import multiprocessing
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -128,19 +129,23 @@ class SimPair:
         self.links = CopyLinks(cost, cfg.prefetch, self.block_bytes)
         self._side = cfg.policy == "aligned" and cfg.prefetch  # prefill on the prefetch device
 
-    def _step_time(self, out: SchedulerOutput) -> tuple[float, int]:
-        """(seconds, decode sequences) of one step."""
-        decode, prefill = [], []
+    def _step_time(self, out: SchedulerOutput) -> tuple[float, int, list[str]]:
+        """(seconds, decode sequences, ids of the requests that sample) of one step; one
+        pass over the chunks, as this runs once per simulated step."""
+        decode, prefill, sampled = [], [], []
         for c in out.chunks:
-            if c.num_new_tokens == 1 and c.start > 0:
-                decode.append(c.start + 1)  # KV length attended, the new token's included
+            start, n, req = c.start, c.num_new_tokens, c.request
+            if n == 1 and start > 0:
+                decode.append(start + 1)  # KV length attended, the new token's included
             else:
-                prefill.append((c.start, c.num_new_tokens))
+                prefill.append((start, n))
+            if start + n == len(req.token_ids):
+                sampled.append(req.request_id)
         if self._side and prefill:
             kv = sum(n for _, n in prefill) * self.cost.m.kv_bytes_per_token
             side = self.cost.step([], prefill) + self.cost.nvlink(kv)
-            return max(self.cost.step(decode, []), side), len(decode)
-        return self.cost.step(decode, prefill), len(decode)
+            return max(self.cost.step(decode, []), side), len(decode), sampled
+        return self.cost.step(decode, prefill), len(decode), sampled
 
     def _wait(self, seq: int, res: PairResult) -> None:
         if seq <= self.links.done_seq:
@@ -153,7 +158,8 @@ class SimPair:
     def run(self, shard: SimWorkload) -> PairResult:
         """Simulate `shard` (sorted by arrival) to completion."""
         n = len(shard)
-        first, finish = np.full(n, np.nan), np.full(n, np.nan)
+        nan = float("nan")
+        first, finish = [nan] * n, [nan] * n  # simulated s; lists: scalar numpy is slow
         pos: dict[str, int] = {}
         step_s: list[float] = []
         res = PairResult(np.empty(0), np.empty(0), shard.output.copy(), np.empty(0))
@@ -178,16 +184,16 @@ class SimPair:
                     raise RuntimeError("simulated pair stalled with work left")
                 self.now = max(self.now, min(nxt))
                 continue
-            dt, ndec = self._step_time(out)
+            dt, ndec, ids = self._step_time(out)
             self.now += dt
             step_s.append(dt)
             res.busy_s += dt
             res.decode_seqs += ndec
             res.switches += out.batch_switch
-            sampled = {c.request.request_id: TOKEN for c in out.chunks if c.samples}
-            for rid in sampled:
+            sampled = dict.fromkeys(ids, TOKEN)
+            for rid in ids:
                 k = pos[rid]
-                if first[k] != first[k]:  # nan: this is the first token
+                if math.isnan(first[k]):  # this is its first token
                     first[k] = self.now
             for r in sched.update(out, sampled):
                 finish[pos.pop(r.request_id)] = self.now
@@ -200,8 +206,9 @@ class SimPair:
             used = swap.host.num_blocks - swap.host.num_free
             res.peak_host_blocks = max(res.peak_host_blocks, used)
 
-    def _finish_result(self, res: PairResult, shard: SimWorkload, first: np.ndarray,
-                       finish: np.ndarray, step_s: list[float]) -> PairResult:
+    def _finish_result(self, res: PairResult, shard: SimWorkload, first_s: list[float],
+                       finish_s: list[float], step_s: list[float]) -> PairResult:
+        first, finish = np.asarray(first_s), np.asarray(finish_s)
         res.ttft_s = first - shard.arrival
         gen = shard.output.astype(np.float64)
         with np.errstate(invalid="ignore", divide="ignore"):

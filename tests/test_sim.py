@@ -104,3 +104,55 @@ def test_run_sim_systems_and_gpu_parity():
         assert s["decode_tps"] > 0 and s["tpot_p99_ms"] >= s["tpot_p50_ms"] > 0
     with pytest.raises(ValueError):
         system_config(base, "nope", 8)
+
+
+def test_copy_links_are_full_duplex_fifo_and_order_a_swap_in_after_its_swap_out():
+    from alignedserve.scheduling.interface import KVTransfer
+    from alignedserve.sim.links import CopyLinks
+
+    cm = CostModel(HW, M)
+    links = CopyLinks(cm, prefetch=False, block_bytes=50_000_000)  # 1 ms + 10 us per block
+    out = KVTransfer(1, "a", "swap_out", (0,), (0,))
+    other_in = KVTransfer(2, "b", "swap_in", (1,), (1,))
+    a_in = KVTransfer(3, "a", "swap_in", (0,), (2,))
+    links.start((out, other_in, a_in), now=0.0)
+    one = 1e-3 + 10e-6
+    assert links.done_time(1) == pytest.approx(one)
+    assert links.done_time(2) == pytest.approx(one)  # the other direction ran alongside
+    assert links.done_time(3) == pytest.approx(2 * one)  # waited for a's swap-out, then b's
+    assert links.advance(one / 2) == 0 and links.advance(one) == 2 and links.advance(1) == 3
+    via = CopyLinks(cm, prefetch=True, block_bytes=50_000_000)  # PCIe then NVLink, pipelined
+    assert via.copy_time(50_000_000) == pytest.approx(1e-3 + 10e-6)
+
+
+def test_workload_shards_round_robin_and_keep_lengths():
+    wl = sim_workload("sharegpt", 1000, seed=3, rate=50.0)
+    assert (wl.prompt >= 16).all() and (wl.output >= 1).all()
+    assert (wl.arrival[1:] >= wl.arrival[:-1]).all() and wl.arrival[-1] == pytest.approx(20, 0.2)
+    shards = [wl.shard(p, 3) for p in range(3)]
+    assert sum(len(s) for s in shards) == 1000 and shards[1].prompt[0] == wl.prompt[1]
+    assert sim_workload("sharegpt", 1000, seed=3, rate=50.0).prompt.tolist() == wl.prompt.tolist()
+
+
+def test_workers_give_the_same_results_and_gpus_count_prefetch_devices():
+    wl = small_workload(40)
+    cfg = SimConfig(model="opt-2.7b", pairs=4, min_batch=4)
+    one, two = simulate(cfg, wl), simulate(cfg, wl, workers=2)
+    assert [r.tpot_s.tolist() for r in one] == [r.tpot_s.tolist() for r in two]
+    assert cfg.gpus == 8 and system_config(cfg, "fcfs", 8).gpus == 8
+    assert system_config(cfg, "aligned", 8, parity="compute").gpus == 16
+
+
+def test_planner_finds_the_smallest_count_meeting_the_slo():
+    from alignedserve.sim.plan import PlanRequest, evaluate, smallest_pairs
+
+    req = PlanRequest("opt-2.7b", "mix95", slo_tpot_ms=40.0, rate=40.0, len_scale=4.0,
+                      per_pair=60, max_pairs=64)
+    knobs = {"policy": "fcfs", "max_num_batched_tokens": 2048}
+    best = smallest_pairs(req, knobs)
+    assert best is not None and best.meets and best.gpus == best.pairs
+    if best.pairs > 1:
+        assert not evaluate(req, knobs, best.pairs - 1).meets
+    tight = PlanRequest("opt-2.7b", "mix95", slo_tpot_ms=0.01, rate=40.0, len_scale=4.0,
+                        per_pair=20, max_pairs=2)
+    assert smallest_pairs(tight, knobs) is None  # no count reaches a 10 us TPOT
