@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from alignedserve.deployments.backend import GenerateRequest, GenerationBackend, TokenEvent
@@ -287,14 +288,18 @@ def install_error_handlers(app: FastAPI) -> None:
 
 def create_app(frontend: OpenAIFrontend, metrics_text: Callable[[], str] | None = None
                ) -> FastAPI:
-    """A plain FastAPI app over `frontend` (the Serve router declares the same routes)."""
+    """A plain FastAPI app over `frontend` (the Serve router declares the same routes).
+    `metrics_text` (e.g. `metrics.prometheus_text`) may block: it runs in a thread."""
     app = FastAPI(title="AlignedServe")
     install_error_handlers(app)
     app.add_api_route("/v1/completions", frontend.completions, methods=["POST"])
     app.add_api_route("/v1/chat/completions", frontend.chat_completions, methods=["POST"])
     app.add_api_route("/v1/models", frontend.models, methods=["GET"])
     app.add_api_route("/health", frontend.health, methods=["GET"])
-    if metrics_text is not None:
-        app.add_api_route("/metrics", lambda: PlainTextResponse(metrics_text()),
-                          methods=["GET"])
+
+    async def metrics() -> Response:
+        text = "" if metrics_text is None else await run_in_threadpool(metrics_text)
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+
+    app.add_api_route("/metrics", metrics, methods=["GET"])
     return app

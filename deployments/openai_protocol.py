@@ -6,7 +6,13 @@ naming the field, rather than silently ignored:
 - `n` other than 1, `best_of`, `echo`, `suffix`, non-zero presence/frequency penalties and a
   `repetition_penalty` other than 1.0;
 - `top_logprobs` > 0 (chat) or `logprobs` > 1 (completions): only the sampled token's
-  logprob is available (`logprobs: true`, or `logprobs: 0|1` for completions).
+  logprob is available (`logprobs: true`, or `logprobs: 0|1` for completions); responses
+  carry it with an empty `top_logprobs`.
+
+Statuses: 400 `invalid_request_error` (schema errors too, where FastAPI would say 422), 404
+`model_not_found`, 500 `server_error`, 503 when overloaded or draining. A backend signals
+the last by raising `APIError(..., status=503, code="overloaded")` from `generate()`; a
+streamed request has already sent its 200 then, so it gets the error in-stream.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@ the real tokenizer, honours max_tokens, stop strings and stop ids like the engin
 that completes a stop string ends the request), and records what it was asked.
 
 Special seeds pick behaviours: `SLOW_SEED` emits a token every `slow_delay_s` (for
-disconnect tests), `FAIL_SEED` fails the request with an error event after two tokens.
+disconnect tests), `FAIL_SEED` fails the request with an error event after two tokens,
+`OVERLOAD_SEED` refuses it as a draining or overloaded backend does (APIError 503).
 """
 
 from __future__ import annotations
@@ -12,12 +13,14 @@ import asyncio
 from collections.abc import AsyncIterator
 
 from alignedserve.deployments.backend import GenerateRequest, TokenEvent
+from alignedserve.deployments.openai_protocol import APIError
 from alignedserve.engine.tokenizer import find_stop
 
 STORY = ("Once upon a time, a small fox lived by the river. Every morning the fox said: "
          "hello world! Then it ran to the old mill and back again. The end. ")
 SLOW_SEED = 777
 FAIL_SEED = 666
+OVERLOAD_SEED = 503
 
 
 class FakeBackend:
@@ -43,6 +46,8 @@ class FakeBackend:
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[TokenEvent]:
         rid, p = req.request_id, req.params
+        if p.seed == OVERLOAD_SEED:
+            raise APIError("the server is draining", status=503, code="overloaded")
         self.submitted[rid] = req
         ids = self.outputs[rid] = []
         step = 0

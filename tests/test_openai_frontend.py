@@ -11,7 +11,7 @@ import time
 import httpx
 import openai
 import pytest
-from fake_backend import FAIL_SEED, SLOW_SEED, FakeBackend
+from fake_backend import FAIL_SEED, OVERLOAD_SEED, SLOW_SEED, FakeBackend
 
 from alignedserve.deployments.openai_api import OpenAIFrontend, create_app
 from alignedserve.engine.tokenizer import final_text, load_tokenizer
@@ -257,6 +257,20 @@ def test_backend_failure_mid_stream_and_not(srv):
     last = json.loads(lines[-2][6:])
     assert last["error"]["type"] == "server_error" and "failed" in last["error"]["message"]
     assert len(lines) >= 3  # at least one text chunk came before the failure
+
+
+def test_an_overloaded_backend_is_a_503(srv):
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 5, "seed": OVERLOAD_SEED}
+    resp = httpx.post(f"{srv.base}/v1/completions", json=body, timeout=30)
+    assert resp.status_code == 503 and resp.json()["error"]["code"] == "overloaded"
+    with pytest.raises(openai.APIStatusError) as e:
+        srv.client.completions.create(**body)
+    assert e.value.status_code == 503
+    with httpx.stream("POST", f"{srv.base}/v1/completions", json={**body, "stream": True},
+                      timeout=30) as resp:
+        lines = [ln for ln in resp.iter_lines() if ln]
+    assert json.loads(lines[0][6:])["error"]["code"] == "overloaded"
+    assert lines[-1] == "data: [DONE]"
 
 
 def test_models_health_and_metrics_routes(srv):
