@@ -13,7 +13,7 @@ import itertools
 import json
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import aclosing
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
@@ -88,7 +88,7 @@ class OpenAIFrontend:
         self.active += 1
         done = False
         try:
-            async with aclosing(self.backend.generate(gen.request)) as events:
+            async with _closing(self.backend.generate(gen.request)) as events:
                 async for ev in events:
                     done = ev.error is not None or ev.finish_reason is not None
                     yield self._apply(gen, ev), ev
@@ -239,6 +239,17 @@ class _SSEResponse(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             await self.body_iterator.aclose()
+
+
+@asynccontextmanager
+async def _closing(events: AsyncIterator[TokenEvent]) -> AsyncIterator[AsyncIterator[TokenEvent]]:
+    """Like `aclosing`, for any AsyncIterator (the protocol does not promise `aclose`)."""
+    try:
+        yield events
+    finally:
+        close = getattr(events, "aclose", None)
+        if close is not None:
+            await close()
 
 
 def _event(payload: dict) -> str:

@@ -24,13 +24,16 @@ class TextStream:
 
     def push(self, token_ids: tuple[int, ...] | list[int]) -> str:
         """Add new output ids; return the text that may be sent now (maybe empty)."""
+        before = len(self.detok.text)
         for t in token_ids:
             self.ids.append(t)
             self.detok.push(t)
         if self.stopped:
             return ""
         text = self.detok.text
-        if self.params.stop and find_stop(text, self.params.stop, len(text)) is not None:
+        # Only the new characters can complete a stop string: O(new) per push, not O(text).
+        new_chars = len(text) - before
+        if self.params.stop and find_stop(text, self.params.stop, new_chars) is not None:
             self.stopped = True
             return self._advance(final_text(self.tok, self.ids, self.params))
         return self._advance(text[: len(text) - self._hold] if self._hold else text)
