@@ -164,7 +164,7 @@ class SimPair:
         step_s: list[float] = []
         res = PairResult(np.empty(0), np.empty(0), shard.output.copy(), np.empty(0))
         arrival, sched, links = shard.arrival.tolist(), self.scheduler, self.links
-        i = 0
+        i = idle = 0  # idle: consecutive empty schedules that moved no KV
         while i < n or sched.has_unfinished():
             while i < n and arrival[i] <= self.now:
                 req = make_request(i, int(shard.prompt[i]), int(shard.output[i]), arrival[i])
@@ -178,11 +178,15 @@ class SimPair:
                 self._wait(out.transfers[-1].seq, res)
             self._wait(out.fence, res)
             if out.empty:
+                # Copies this schedule issued (and, in the ablation, already waited for) can
+                # free device blocks, so an empty step that moved KV is progress: retry.
+                idle = 0 if out.transfers else idle + 1
                 nxt = [t for t in (arrival[i] if i < n else None, links.next_landing())
                        if t is not None]
-                if not nxt:
+                if nxt:
+                    self.now = max(self.now, min(nxt))
+                elif idle > 1:
                     raise RuntimeError("simulated pair stalled with work left")
-                self.now = max(self.now, min(nxt))
                 continue
             dt, ndec, ids = self._step_time(out)
             self.now += dt
