@@ -92,18 +92,10 @@ class ComputeReplica:
         ecfg = engine_config(cfg, model_dir, cfg.replica_threads)
         lim = serving_limits(cfg, model_dir)
         self.store = get_or_create_store(lim.host_blocks, lim.block_shape, lim.dtype)
-        self.arena: ShmArena | None = None
-
-        def device_pool(num_blocks: int) -> torch.Tensor:
-            self.arena = ShmArena.create(f"as-dev-{self.replica_id}", num_blocks,
-                                         lim.block_shape, lim.dtype)
-            return self.arena.blocks
-
-        # The engine is built in two stages: its runner creates the arena, then the worker
-        # (which needs the arena's name) and the transfer client exist.
-        self.host = StoreHostAllocator(self.store, lim.host_blocks)
-        self.transfers = _LateTransfers()
-        self.engine = LLMEngine(ecfg, parts=EngineParts(device_pool, self.host, self.transfers))
+        # The device pool is created first (its size is known from the config), so the
+        # worker can map it and the engine gets every part at construction.
+        self.arena: ShmArena | None = ShmArena.create(
+            f"as-dev-{self.replica_id}", lim.device_blocks, lim.block_shape, lim.dtype)
         node = ray.get_runtime_context().get_node_id()
         pcfg = PrefetchConfig(
             engine=engine_config(cfg, model_dir, cfg.worker_threads, policy="fcfs",
@@ -118,8 +110,10 @@ class ComputeReplica:
         # Both processes hold mappings now: drop the name, so the memory goes with them
         # however they end (no /dev/shm leak if the replica is killed).
         self.arena.unlink()
-        self.transfers.bind(PrefetchTransferQueue(self.worker, self.arena.header,
-                                                  lim.block_bytes))
+        self.host = StoreHostAllocator(self.store, lim.host_blocks)
+        self.transfers = PrefetchTransferQueue(self.worker, self.arena.header, lim.block_bytes)
+        self.engine = LLMEngine(ecfg, parts=EngineParts(self._device_pool, self.host,
+                                                        self.transfers))
         self.counts: dict[str, int] = {}  # request id -> output tokens so far
         self.metrics = EngineMetrics(cfg.model_name, self.replica_id)
         self._stop = threading.Event()
@@ -130,6 +124,12 @@ class ComputeReplica:
         self._state_at = 0.0
         self._thread = threading.Thread(target=self._run, name="decode-loop", daemon=True)
         self._thread.start()
+
+    def _device_pool(self, num_blocks: int) -> torch.Tensor:
+        if num_blocks != self.arena.spec.num_blocks:
+            raise RuntimeError(f"engine wants {num_blocks} device blocks, the arena has "
+                               f"{self.arena.spec.num_blocks}")
+        return self.arena.blocks
 
     # -- Serve-facing -------------------------------------------------------------------------
 
@@ -181,7 +181,7 @@ class ComputeReplica:
                 if not self._draining.is_set():
                     self._pull_inbox()
                 self._apply_aborts()
-                q = self.transfers.inner
+                q = self.transfers
                 self.host.flush(q.submitted, q.poll())  # frees whose copies have all run
                 if self.engine.has_unfinished():
                     self._step()
@@ -199,7 +199,6 @@ class ComputeReplica:
         records = load_records(self.r, self.keys, rids)
         aborted = is_aborted(self.r, self.keys, [rec.request_id for rec in records])
         for rec, dead in zip(records, aborted, strict=True):
-            slots = [int(s) for s in self.r.hget(self.keys.req(rec.request_id), "slots").split()]
             if dead:
                 self.store.free.remote(rec.request_id)
                 continue
@@ -208,7 +207,7 @@ class ComputeReplica:
             req.arrival_time = time.monotonic() - max(0.0, time.time() - rec.arrival_time)
             req.token_ids.extend(rec.output_token_ids)
             req.num_computed_tokens = req.num_host_tokens = len(rec.prompt_token_ids)
-            req.host_block_ids = slots
+            req.host_block_ids = list(rec.slots)
             self.engine.add_restored(req)
             self.counts[rec.request_id] = len(rec.output_token_ids)
 
@@ -236,7 +235,7 @@ class ComputeReplica:
         self._publish_state()
 
     def _record_metrics(self) -> None:
-        sched, q = self.engine.scheduler, self.transfers.inner
+        sched, q = self.engine.scheduler, self.transfers
         self.metrics.record_step(
             running=len(sched.running), waiting=len(sched.pooled) + len(sched.waiting),
             kv_usage=sched.device.usage, host_kv_usage=1 - self.host.num_free /
@@ -246,7 +245,7 @@ class ComputeReplica:
 
     def _state(self) -> dict[str, object]:
         sched = self.engine.scheduler
-        q = self.transfers.inner
+        q = self.transfers
         return {
             "replica": self.replica_id, "ts": time.time(),
             "requests": self.engine.num_requests,
@@ -266,19 +265,3 @@ class ComputeReplica:
             return
         self._state_at = now
         self.r.hset(self.keys.replicas, self.replica_id, json.dumps(self._state()))
-
-
-class _LateTransfers:
-    """A `TransferExecutor` bound after construction (the worker needs the engine's arena)."""
-
-    def __init__(self) -> None:
-        self.inner: PrefetchTransferQueue | None = None
-
-    def bind(self, inner: PrefetchTransferQueue) -> None:
-        self.inner = inner
-
-    def __getattr__(self, name: str):
-        if self.inner is None:
-            raise RuntimeError("the prefetch worker is not bound yet")
-        return getattr(self.inner, name)
-

@@ -86,6 +86,7 @@ class RequestRecord:
     params: SamplingParams
     arrival_time: float  # time.time() seconds at the router
     output_token_ids: tuple[int, ...] = ()  # generated so far (the first comes from prefill)
+    slots: tuple[int, ...] = ()  # KV-store slots of the prompt's KV (set by the prefetch worker)
 
     @property
     def kv_len(self) -> int:
@@ -103,7 +104,8 @@ class RequestRecord:
         p = json.loads(h[b"params"])
         p["stop"], p["stop_token_ids"] = tuple(p["stop"]), tuple(p["stop_token_ids"])
         return cls(rid, tuple(json.loads(h[b"prompt"])), SamplingParams(**p),
-                   float(h[b"arrival"]), tuple(json.loads(h.get(b"out", b"[]"))))
+                   float(h[b"arrival"]), tuple(json.loads(h.get(b"out", b"[]"))),
+                   tuple(int(x) for x in h.get(b"slots", b"").split()))
 
 
 class RedisQueueIndex:
