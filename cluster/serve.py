@@ -14,8 +14,8 @@ import threading
 import time
 from pathlib import Path
 
-from alignedserve.cluster.config import ServeConfig, load_config
 from alignedserve.cluster.redis_server import LocalRedis
+from alignedserve.config import ServeConfig, load_config
 
 # Flags of `serve` (each overrides the config file and the environment); ServeConfig
 # documents every field.

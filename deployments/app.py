@@ -9,7 +9,7 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
-from alignedserve.cluster.config import ServeConfig, load_config
+from alignedserve.config import ServeConfig, load_config
 from alignedserve.deployments.compute_replica import ComputeReplica
 from alignedserve.deployments.router import Router
 
@@ -21,7 +21,7 @@ GRPC_SERVICER = ("alignedserve.deployments.protos.alignedserve_pb2_grpc."
 def build_app(cfg: ServeConfig, model_dir: str) -> Application:
     compute = serve.deployment(
         ComputeReplica, name="ComputeReplica", num_replicas=cfg.num_replicas,
-        ray_actor_options={"num_cpus": cfg.replica_cpus},
+        ray_actor_options={"num_cpus": cfg.replica_cpus, "num_gpus": cfg.replica_gpus},
         max_ongoing_requests=16, health_check_period_s=10,
         graceful_shutdown_timeout_s=cfg.drain_timeout_s + 15,
     ).bind(cfg, model_dir)

@@ -26,7 +26,7 @@ import redis
 import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from alignedserve.cluster.config import ServeConfig
+from alignedserve.config import ServeConfig
 from alignedserve.deployments.metrics import EngineMetrics
 from alignedserve.deployments.redis_queue import (
     RedisKeys,
@@ -104,6 +104,7 @@ class ComputeReplica:
             redis_url=cfg.redis_url, keys=self.keys, worker_id=self.replica_id)
         self.worker = ray.remote(PrefetchWorker).options(
             name=f"alignedserve-prefetch-{self.replica_id}", num_cpus=cfg.worker_cpus,
+            num_gpus=cfg.worker_gpus,
             scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
         ).remote(pcfg, self.store, self.arena.spec)
         ray.get(self.worker.get_stats.remote())  # the worker has mapped the arena

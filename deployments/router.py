@@ -13,7 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import PlainTextResponse, Response
 from ray import serve
 
-from alignedserve.cluster.config import ServeConfig
+from alignedserve.config import ServeConfig
 from alignedserve.deployments.grpc_api import GrpcApiMixin
 from alignedserve.deployments.leader import LeaderLoop
 from alignedserve.deployments.metrics import FrontendMetrics, prometheus_text

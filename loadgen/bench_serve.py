@@ -101,8 +101,8 @@ def run_serve_path(cfg: ServeBenchConfig, requests: list[WorkloadRequest]) -> tu
     import ray
 
     from alignedserve.cluster import serve as cluster
-    from alignedserve.cluster.config import ServeConfig
     from alignedserve.cluster.redis_server import LocalRedis
+    from alignedserve.config import ServeConfig
 
     url = f"redis://127.0.0.1:{_free_port()}/0"
     scfg = ServeConfig(

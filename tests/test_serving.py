@@ -28,7 +28,7 @@ def cluster(tiny_dir, redis_url):
     import ray
 
     from alignedserve.cluster import serve as cli_serve
-    from alignedserve.cluster.config import ServeConfig
+    from alignedserve.config import ServeConfig
 
     cfg = ServeConfig(
         model=str(tiny_dir), served_model_name="tiny", http_port=free_port(),

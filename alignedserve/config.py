@@ -64,6 +64,10 @@ class ServeConfig(BaseSettings):
     replica_cpus: float = Field(0.5, ge=0, description="Ray CPUs a compute replica reserves.")
     worker_cpus: float = Field(0.5, ge=0, description="Ray CPUs a prefetch worker reserves.")
     router_cpus: float = Field(0.1, ge=0, description="Ray CPUs a router reserves.")
+    replica_gpus: float = Field(0, ge=0, description="GPUs a compute replica reserves (0 on "
+                                "CPU-only nodes; the CUDA path is not exercised in CI).")
+    worker_gpus: float = Field(0, ge=0, description="GPUs a prefetch worker reserves (the "
+                               "paper's prefetch GPU; 0 on CPU-only nodes).")
     replica_threads: int = Field(1, ge=1, description="torch threads of a compute replica.")
     worker_threads: int = Field(1, ge=1, description="torch threads of a prefetch worker.")
     host_kv_gib: float = Field(2.0, gt=0, description="KV store (host pool) size per node.")
