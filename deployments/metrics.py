@@ -7,8 +7,15 @@ Ray's metrics port show `ray_alignedserve_<name>`. The router's `/metrics` serve
 series under vLLM's convention, `alignedserve:<name>` (`prometheus_text`). Ray adds `_total`
 to counters. Every series carries `model_name`. Processes push to the node's metrics agent
 every few seconds (Ray's report interval), so a value appears on /metrics with a delay
-(about 5-10 s). Ray's export approximates a histogram's `_sum` from bucket midpoints (the
-buckets and `_count` are exact), so a mean from `_sum / _count` is approximate.
+(about 5-10 s).
+
+Histogram sums: Ray's export computes a histogram's `_sum` from bucket midpoints (two
+requests of 0.94 s and 3.4 s export 0.9 + 3.75), while its buckets and `_count` are exact.
+So every histogram here also feeds a counter of the observed values,
+`<histogram>_true_sum` (Ray exports `ray_alignedserve_<histogram>_true_sum_total`), and
+`prometheus_text` puts that counter's value into the histogram's `_sum` and leaves the
+counter out: on `/metrics`, `_sum / _count` is the true mean. A scrape of Ray's own port
+keeps Ray's approximate `_sum`; divide `..._true_sum_total` by `..._count` there instead.
 """
 
 from __future__ import annotations
@@ -28,8 +35,30 @@ _E2E_S = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 
 _RATIO = [1.0, 1.05, 1.1, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0, 100.0]
 
 
+TRUE_SUM_SUFFIX = "_true_sum"
+
+
 def _m(kind, name: str, desc: str, tags: tuple[str, ...], **kw):
     return kind(RAY_PREFIX + name, description=desc, tag_keys=tags, **kw)
+
+
+class SummedHistogram:
+    """A Ray histogram plus a counter of the sum of its observations, so the exported sum
+    is exact (see the module docstring). A negative observation (a clock step) counts as 0:
+    the counter cannot go down, and a metric must never fail a request."""
+
+    def __init__(self, name: str, desc: str, tags: tuple[str, ...],
+                 boundaries: list[float]) -> None:
+        self.hist = _m(Histogram, name, desc, tags, boundaries=boundaries)
+        self.sum = _m(Counter, name + TRUE_SUM_SUFFIX, f"Sum of the observed values of "
+                      f"{PUBLIC_PREFIX}{name} (exact; Ray's histogram _sum is approximate).",
+                      tags)
+
+    def observe(self, value: float, tags: dict[str, str]) -> None:
+        value = max(0.0, value)
+        self.hist.observe(value, tags)
+        if value > 0:  # Ray's Counter.inc rejects 0; a 0 adds nothing to the sum anyway
+            self.sum.inc(value, tags)
 
 
 class FrontendMetrics:
@@ -38,14 +67,14 @@ class FrontendMetrics:
     def __init__(self, model_name: str) -> None:
         t = ("model_name",)
         self.tags = {"model_name": model_name}
-        self.ttft = _m(Histogram, "time_to_first_token_seconds", "Time to first token.", t,
-                       boundaries=_LATENCY_S)
-        self.itl = _m(Histogram, "inter_token_latency_seconds", "Time between tokens.", t,
-                      boundaries=_LATENCY_S)
-        self.tpot = _m(Histogram, "time_per_output_token_seconds", "Mean time per output "
-                       "token after the first, per request.", t, boundaries=_LATENCY_S)
-        self.e2e = _m(Histogram, "e2e_request_latency_seconds", "Request latency.", t,
-                      boundaries=_E2E_S)
+        self.ttft = SummedHistogram("time_to_first_token_seconds", "Time to first token.", t,
+                                    _LATENCY_S)
+        self.itl = SummedHistogram("inter_token_latency_seconds", "Time between tokens.", t,
+                                   _LATENCY_S)
+        self.tpot = SummedHistogram("time_per_output_token_seconds", "Mean time per output "
+                                    "token after the first, per request.", t, _LATENCY_S)
+        self.e2e = SummedHistogram("e2e_request_latency_seconds", "Request latency.", t,
+                                   _E2E_S)
         self.prompt_tokens = _m(Counter, "prompt_tokens", "Prompt tokens processed.", t)
         self.generation_tokens = _m(Counter, "generation_tokens", "Tokens generated.", t)
         self.success = _m(Counter, "request_success", "Finished requests by reason.",
@@ -81,16 +110,16 @@ class EngineMetrics:
                                 t)
         self.preemptions = _m(Counter, "num_preemptions", "Members swapped out to make room.", t)
         self.switches = _m(Counter, "batch_switches", "Running batch replaced.", t)
-        self.alignment = _m(Histogram, "batch_alignment_ratio", "Longest / shortest KV length "
-                            "of each decode batch.", t, boundaries=_RATIO)
+        self.alignment = SummedHistogram("batch_alignment_ratio", "Longest / shortest KV "
+                                         "length of each decode batch.", t, _RATIO)
         self.prefetch_bytes = _m(Counter, "prefetch_bytes", "Bytes the prefetch worker moved "
                                  "between the host store and the device pool.", t)
         self.prefetch_hits = _m(Counter, "prefetch_hits", "Steps whose KV was in place.", t)
         self.prefetch_misses = _m(Counter, "prefetch_misses", "Steps that waited for KV.", t)
         self.prefetch_hit_rate = _m(Gauge, "prefetch_hit_rate", "prefetch_hits / (hits + "
                                     "misses) so far.", t)
-        self.queue_time = _m(Histogram, "request_queue_time_seconds", "Arrival at the router "
-                             "to first scheduled on a replica.", t, boundaries=_E2E_S)
+        self.queue_time = SummedHistogram("request_queue_time_seconds", "Arrival at the "
+                                          "router to first scheduled on a replica.", t, _E2E_S)
         self._last: dict[str, int] = {}  # cumulative totals last seen by record_step
         self._prefetched = [0, 0]  # [hits, misses] counted by record_prefetch
 
@@ -186,6 +215,29 @@ def prometheus_text(timeout_s: float = 3.0, local_only: bool = False) -> str:
         except httpx.HTTPError:
             continue
         _families(text, families)
+    _true_sums(families)
     lines = [line.replace(_RAY_NAME_PREFIX, PUBLIC_PREFIX)
              for head, samples in families.values() for line in head + samples]
     return "\n".join(lines) + "\n" if lines else ""
+
+
+def _true_sums(families: dict[str, tuple[list[str], list[str]]]) -> None:
+    """Replaces each histogram's `_sum` samples by its `_true_sum` counter's value for the
+    same labels (0 when the counter has none: every positive observation increments it) and
+    drops the counter families. In place; `families` as `_families` fills it."""
+    for name in [n for n in families if n.endswith(TRUE_SUM_SUFFIX + "_total")]:
+        _, counter = families.pop(name)
+        hist = name.removesuffix(TRUE_SUM_SUFFIX + "_total")
+        if hist not in families:
+            continue
+        sums = {_labels(line): line.rsplit(" ", 1)[1] for line in counter}
+        samples = families[hist][1]
+        for i, line in enumerate(samples):
+            if line.startswith((hist + "_sum{", hist + "_sum ")):
+                samples[i] = f"{line.rsplit(' ', 1)[0]} {sums.get(_labels(line), '0.0')}"
+
+
+def _labels(sample: str) -> str:
+    """The `{...}` label set of one sample line ('' without labels)."""
+    head = sample.rsplit(" ", 1)[0]
+    return head[head.index("{"):] if "{" in head else ""

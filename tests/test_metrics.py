@@ -1,5 +1,6 @@
 """Metrics: recording under a real Ray, and the router's /metrics text (`prometheus_text`)
-picking our series up from the metrics agent, renamed `alignedserve:<name>`."""
+picking our series up from the metrics agent, renamed `alignedserve:<name>`, with every
+series a dashboard plots checked against values computed by hand (histogram sums exact)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from alignedserve.deployments.metrics import (
     EngineMetrics,
     FrontendMetrics,
     _families,
+    _metrics_urls,
+    _true_sums,
     prometheus_text,
 )
 
@@ -42,6 +45,31 @@ def test_families_merge_nodes_and_keep_only_ours():
     assert len(fams["ray_alignedserve_lat"][1]) == 4
 
 
+TRUE_SUM_EXPOSITION = """# HELP ray_alignedserve_lat Latency.
+# TYPE ray_alignedserve_lat histogram
+ray_alignedserve_lat_bucket{WorkerId="a",le="1.0",model_name="m"} 1.0
+ray_alignedserve_lat_bucket{WorkerId="a",le="+Inf",model_name="m"} 2.0
+ray_alignedserve_lat_count{WorkerId="a",model_name="m"} 2.0
+ray_alignedserve_lat_sum{WorkerId="a",model_name="m"} 4.25
+ray_alignedserve_lat_sum{WorkerId="b",model_name="m"} 0.5
+# HELP ray_alignedserve_lat_true_sum_total Exact.
+# TYPE ray_alignedserve_lat_true_sum_total counter
+ray_alignedserve_lat_true_sum_total{WorkerId="a",model_name="m"} 4.34
+"""
+
+
+def test_true_sums_replace_midpoint_sums_per_label_set():
+    fams: dict = {}
+    _families(TRUE_SUM_EXPOSITION, fams)
+    _true_sums(fams)
+    assert list(fams) == ["ray_alignedserve_lat"]  # the counter family is folded in
+    samples = fams["ray_alignedserve_lat"][1]
+    assert 'ray_alignedserve_lat_sum{WorkerId="a",model_name="m"} 4.34' in samples
+    # b's histogram had no counter sample: none of its observations was > 0
+    assert 'ray_alignedserve_lat_sum{WorkerId="b",model_name="m"} 0.0' in samples
+    assert 'ray_alignedserve_lat_count{WorkerId="a",model_name="m"} 2.0' in samples
+
+
 @pytest.fixture(scope="module")
 def ray_up():
     import ray
@@ -51,60 +79,145 @@ def ray_up():
     ray.shutdown()
 
 
-def test_metrics_record_and_reach_prometheus_text(ray_up):
-    ray = ray_up
-    front = FrontendMetrics("tiny")
-    front.request_done(0.05, [0.01, 0.02], 0.2, prompt_tokens=11, completion_tokens=7,
-                       reason="stop")
-    front.request_done(None, [], 0.1, prompt_tokens=4, completion_tokens=0, reason="abort")
+def _engine_recorder():
+    """The engine side, as two compute replicas record it: replica-0 passes prefetch
+    totals to record_step, replica-1 reports each copy through record_prefetch. A local
+    function, so Ray ships it by value to the worker process."""
 
-    def record_engine(model: str) -> None:  # local, so Ray ships it by value
+    def record_engine(model: str) -> None:
         m = EngineMetrics(model, "replica-0")
         m.record_step(running=3, waiting=2, kv_usage=0.25, host_kv_usage=0.5,
                       batch_kv_lengths=[100, 120, 150], switches=1, preemptions=0,
                       prefetch_bytes=4096, hits=3, misses=1)
         m.record_step(running=3, waiting=1, kv_usage=0.3, host_kv_usage=0.5,
+                      batch_kv_lengths=[200, 200], switches=2, preemptions=1,
+                      prefetch_bytes=6144, hits=5, misses=1)
+        m.record_step(running=0, waiting=1, kv_usage=0.0, host_kv_usage=0.5,
                       batch_kv_lengths=[], switches=2, preemptions=1)
-        m.record_prefetch(1024, hit=True)
         m.record_queue_time(0.2)
+        m.record_queue_time(0.0)
+        m.record_queue_time(1.3)
+        m1 = EngineMetrics(model, "replica-1")
+        m1.record_prefetch(1024, hit=True)
+        m1.record_prefetch(512, hit=False)
+        m1.record_prefetch(0, hit=True)
+        m1.record_step(running=4, waiting=0, kv_usage=0.5, host_kv_usage=0.125,
+                       batch_kv_lengths=[64, 64, 64, 64], switches=0, preemptions=0)
 
-    # The engine side records in another process, as a compute replica does.
-    ray.get(ray.remote(num_cpus=0)(record_engine).remote("tiny"))
+    return record_engine
 
-    want = ["time_to_first_token_seconds_bucket", "inter_token_latency_seconds_count",
-            "time_per_output_token_seconds_count", "e2e_request_latency_seconds_bucket",
-            "prompt_tokens_total", "generation_tokens_total", "request_success_total",
-            "num_requests_running", "num_requests_waiting", "kv_cache_usage_perc",
-            "host_kv_cache_usage_perc", "num_preemptions_total", "batch_switches_total",
-            "batch_alignment_ratio_bucket", "prefetch_bytes_total", "prefetch_hits_total",
-            "prefetch_misses_total", "prefetch_hit_rate", "request_queue_time_seconds_count"]
-    deadline = time.monotonic() + 30  # Ray exports every few seconds
-    text = ""
-    while time.monotonic() < deadline:
-        text = prometheus_text()
-        if all(f"alignedserve:{w}{{" in text for w in want):
-            break
+
+# Hand-computed from the recordings below: series -> {label filter: value}. Sums over
+# processes (Ray's WorkerId etc.), as a dashboard's sum() does.
+EXPECTED: dict[str, list[tuple[dict[str, str], float]]] = {
+    # TTFT: one request with a first token, at 0.05 s
+    "time_to_first_token_seconds_count": [({}, 1)],
+    "time_to_first_token_seconds_sum": [({}, 0.05)],
+    "time_to_first_token_seconds_bucket": [({"le": "0.04"}, 0), ({"le": "0.06"}, 1)],
+    # ITL: gaps 0.015 and 0.03 s
+    "inter_token_latency_seconds_count": [({}, 2)],
+    "inter_token_latency_seconds_sum": [({}, 0.045)],
+    "inter_token_latency_seconds_bucket": [({"le": "0.01"}, 0), ({"le": "0.02"}, 1),
+                                           ({"le": "0.04"}, 2)],
+    # TPOT: the mean gap of the one request with gaps, 0.0225 s
+    "time_per_output_token_seconds_count": [({}, 1)],
+    "time_per_output_token_seconds_sum": [({}, 0.0225)],
+    # E2E: the issue's example, 0.94 s and 3.4 s (Ray's midpoint sum was 0.9 + 3.75)
+    "e2e_request_latency_seconds_count": [({}, 2)],
+    "e2e_request_latency_seconds_sum": [({}, 4.34)],
+    "e2e_request_latency_seconds_bucket": [({"le": "1.0"}, 1), ({"le": "2.5"}, 1),
+                                           ({"le": "5.0"}, 2)],
+    # throughput
+    "prompt_tokens_total": [({}, 15)],
+    "generation_tokens_total": [({}, 7)],
+    "request_success_total": [({"finished_reason": "stop"}, 1),
+                              ({"finished_reason": "abort"}, 1)],
+    # queue depths and KV usage: the last value each replica set
+    "num_requests_running": [({"replica": "replica-0"}, 0), ({"replica": "replica-1"}, 4)],
+    "num_requests_waiting": [({"replica": "replica-0"}, 1), ({"replica": "replica-1"}, 0)],
+    "kv_cache_usage_perc": [({"replica": "replica-0"}, 0.0), ({"replica": "replica-1"}, 0.5)],
+    "host_kv_cache_usage_perc": [({"replica": "replica-0"}, 0.5),
+                                 ({"replica": "replica-1"}, 0.125)],
+    "request_queue_time_seconds_count": [({}, 3)],
+    "request_queue_time_seconds_sum": [({}, 1.5)],
+    # batch alignment: ratios 1.5 (150/100), 1.0 (200/200), 1.0 (64/64)
+    "batch_alignment_ratio_count": [({"replica": "replica-0"}, 2),
+                                    ({"replica": "replica-1"}, 1)],
+    "batch_alignment_ratio_sum": [({"replica": "replica-0"}, 2.5),
+                                  ({"replica": "replica-1"}, 1.0)],
+    "batch_alignment_ratio_bucket": [({"le": "1.0"}, 2), ({"le": "1.25"}, 2),
+                                     ({"le": "1.5"}, 3)],
+    # prefetch: replica-0 totals 5 hits / 1 miss; replica-1 copies hit, miss, hit
+    "prefetch_hits_total": [({"replica": "replica-0"}, 5), ({"replica": "replica-1"}, 2)],
+    "prefetch_misses_total": [({"replica": "replica-0"}, 1), ({"replica": "replica-1"}, 1)],
+    "prefetch_hit_rate": [({"replica": "replica-0"}, 5 / 6), ({"replica": "replica-1"}, 2 / 3)],
+    "prefetch_bytes_total": [({"replica": "replica-0"}, 6144),
+                             ({"replica": "replica-1"}, 1536)],
+    # switches and preemptions (running totals 2 and 1 on replica-0; none on replica-1)
+    "batch_switches_total": [({"replica": "replica-0"}, 2)],
+    "num_preemptions_total": [({"replica": "replica-0"}, 1)],
+}
+
+
+def _value(text: str, name: str, labels: dict[str, str]) -> float | None:
+    """Sum of the samples of `name` (model "tiny") whose labels include `labels`; None if
+    there are none."""
+    labels = {"model_name": "tiny", **labels}
+    found = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+             if line.startswith(f"alignedserve:{name}{{")
+             and all(f'{k}="{v}"' in line for k, v in labels.items())]
+    return sum(found) if found else None
+
+
+def test_metrics_record_and_reach_prometheus_text(ray_up):
+    ray = ray_up
+    front = FrontendMetrics("tiny")
+    front.request_done(0.05, [0.015, 0.03], 0.94, prompt_tokens=11, completion_tokens=7,
+                       reason="stop")
+    front.request_done(None, [], 3.4, prompt_tokens=4, completion_tokens=0, reason="abort")
+    # The engine side records in another process, as compute replicas do.
+    ray.get(ray.remote(num_cpus=0)(_engine_recorder()).remote("tiny"))
+
+    def mismatches(text: str) -> list[tuple[str, dict, float, float | None]]:
+        return [(name, labels, want, got)
+                for name, cases in EXPECTED.items() for labels, want in cases
+                if (got := _value(text, name, labels)) is None
+                or got != pytest.approx(want, rel=1e-9, abs=1e-12)]
+
+    deadline = time.monotonic() + 40  # Ray exports every few seconds
+    text = prometheus_text()
+    while mismatches(text) and time.monotonic() < deadline:
         time.sleep(1)
-    missing = [w for w in want if f"alignedserve:{w}{{" not in text]
-    assert not missing, (missing, text[:2000])
+        text = prometheus_text()
+    assert not mismatches(text), (mismatches(text), text[:3000])
     assert "ray_alignedserve" not in text and "otel_scope" not in text
-
-    def value(name: str, **labels: str) -> float:
-        for line in text.splitlines():
-            if line.startswith(f"alignedserve:{name}{{") and all(
-                    f'{k}="{v}"' in line for k, v in labels.items()):
-                return float(line.rsplit(" ", 1)[1])
-        raise AssertionError(f"no {name} {labels}")
-
-    assert value("prompt_tokens_total", model_name="tiny") == 15
-    assert value("generation_tokens_total", model_name="tiny") == 7
-    assert value("request_success_total", finished_reason="stop") == 1
-    assert value("request_success_total", finished_reason="abort") == 1
-    assert value("num_requests_running", replica="replica-0") == 3
-    assert value("batch_switches_total") == 2 and value("num_preemptions_total") == 1
-    assert value("prefetch_bytes_total") == 4096 + 1024
-    assert value("batch_alignment_ratio_count") == 1
-    assert value("inter_token_latency_seconds_count") == 2
+    assert "_true_sum" not in text  # folded into the histograms' _sum
     types = re.findall(r"^# TYPE (\S+)", text, flags=re.M)
     assert len(types) == len(set(types))  # each family once, as Prometheus requires
     assert prometheus_text(local_only=True)  # a single-node cluster: the same node
+
+
+def test_ray_export_serves_our_series_with_exact_sum_counters(ray_up):
+    """What the Ray dashboard's Prometheus scrapes: Ray's own metrics port serves our series
+    as `ray_alignedserve_*`, the exact sums as `..._true_sum_total` counters."""
+    import httpx
+
+    ray = ray_up
+    ray.get(ray.remote(num_cpus=0)(_engine_recorder()).remote("raw"))
+    (url,) = _metrics_urls(local_only=True)
+    want = ['ray_alignedserve_batch_alignment_ratio_count{', 'ray_alignedserve_'
+            'batch_alignment_ratio_true_sum_total{', 'ray_alignedserve_prefetch_hits_total{',
+            'ray_alignedserve_num_requests_running{']
+    deadline = time.monotonic() + 40
+    text = httpx.get(url, timeout=5).text
+    while time.monotonic() < deadline and not all(
+            any(w in line and 'model_name="raw"' in line for line in text.splitlines())
+            for w in want):
+        time.sleep(1)
+        text = httpx.get(url, timeout=5).text
+    lines = [line for line in text.splitlines() if 'model_name="raw"' in line]
+    for w in want:
+        assert any(line.startswith(w) for line in lines), (w, lines[:20])
+    true_sum = sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(
+        "ray_alignedserve_batch_alignment_ratio_true_sum_total{"))
+    assert true_sum == pytest.approx(3.5)  # 1.5 + 1.0 + 1.0
