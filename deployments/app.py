@@ -14,8 +14,7 @@ from alignedserve.deployments.compute_replica import ComputeReplica
 from alignedserve.deployments.router import Router
 
 APP_NAME = "alignedserve"
-GRPC_SERVICER = ("alignedserve.deployments.protos.alignedserve_pb2_grpc."
-                 "add_AlignedServeServicer_to_server")
+GRPC_SERVICER = "alignedserve.deployments.grpc_servicer.add_servicer_to_server"
 
 
 def build_app(cfg: ServeConfig, model_dir: str) -> Application:

@@ -25,8 +25,7 @@ from alignedserve.scheduling.sampling_params import SamplingParams
 APP = "alignedserve"
 META = (("application", APP),)
 MAX_LEN = 256
-SERVICER = ("alignedserve.deployments.protos.alignedserve_pb2_grpc."
-            "add_AlignedServeServicer_to_server")
+SERVICER = "alignedserve.deployments.grpc_servicer.add_servicer_to_server"
 
 app = FastAPI()
 install_error_handlers(app)
@@ -191,14 +190,30 @@ def test_abort_rpc_ends_a_running_request(stub, served):
                       timeout=30).accepted
 
 
-def test_cancelled_call_aborts_the_request(stub, served):
+@pytest.mark.parametrize("received", [1, 2, 3, 5, 8, 13])
+def test_cancelled_call_aborts_the_request(stub, served, received):
+    """Cancels land at varying moments: while Serve's proxy awaits the replica, and while it
+    writes to the client (where the proxy alone loses the cancel; see grpc_servicer.py)."""
     from alignedserve.deployments.protos import alignedserve_pb2 as pb
 
-    call = stub.Generate(pb.GenerateRequest(request_id="g-cancel", text="slow", sampling=(
+    rid = f"g-cancel-{received}"
+    call = stub.Generate(pb.GenerateRequest(request_id=rid, text="slow", sampling=(
         pb.SamplingParams(max_tokens=200, seed=SLOW_SEED))), metadata=META, timeout=60)
-    next(call), next(call)
+    for _ in range(received):
+        next(call)
     call.cancel()
-    assert _aborted(served[0], "g-cancel")
+    assert _aborted(served[0], rid)
+
+
+def test_cancelled_call_without_an_id_is_aborted(stub, served):
+    from alignedserve.deployments.protos import alignedserve_pb2 as pb
+
+    before = set(httpx.get(f"{served[0]}/test/aborted", timeout=10).json())
+    call = stub.Generate(pb.GenerateRequest(text="slow", sampling=pb.SamplingParams(
+        max_tokens=200, seed=SLOW_SEED)), metadata=META, timeout=60)
+    rid = next(call).request_id
+    call.cancel()
+    assert rid.startswith("grpc-") and rid not in before and _aborted(served[0], rid)
 
 
 def test_health_and_server_info(stub):
