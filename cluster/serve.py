@@ -135,14 +135,17 @@ Ctrl-C drains and stops.""", flush=True)
 
 
 def status_snapshot(redis_url: str, prefix: str) -> dict[str, object]:
+    from dataclasses import asdict
+
     import redis
 
-    from alignedserve.deployments.redis_queue import RedisKeys
+    from alignedserve.global_queue.keys import RedisKeys
+    from alignedserve.global_queue.records import load_states
 
     r = redis.Redis.from_url(redis_url)
     keys = RedisKeys(prefix)
     now = time.time()
-    replicas = [json.loads(v) for v in r.hgetall(keys.replicas).values()]
+    replicas = [asdict(s) for s in load_states(r, keys)]
     for rep in replicas:
         rep["age_s"] = round(now - rep.pop("ts"), 2)
     holder = r.get(keys.leader)

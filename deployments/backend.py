@@ -11,7 +11,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
 
+from alignedserve.global_queue.events import TokenEvent
 from alignedserve.scheduling.sampling_params import SamplingParams
+
+__all__ = ["GenerateRequest", "GenerationBackend", "TokenEvent"]
 
 
 @dataclass(frozen=True)
@@ -22,18 +25,6 @@ class GenerateRequest:
     prompt_token_ids: tuple[int, ...]  # already validated: non-empty, < max_model_len
     params: SamplingParams  # max_tokens already resolved (never exceeds the context)
     arrival_time: float  # time.time() seconds when the router accepted it
-
-
-@dataclass(frozen=True)
-class TokenEvent:
-    """New output of one request. Events of a request arrive in order; the last one has
-    `finish_reason` set (or `error`)."""
-
-    token_ids: tuple[int, ...]  # output ids new since the previous event (may be empty)
-    num_output_tokens: int  # output ids so far, cumulative
-    finish_reason: str | None = None  # "stop" | "length" | "abort" on the last event
-    logprobs: tuple[float, ...] | None = None  # one per id in token_ids, if asked for
-    error: str | None = None  # the backend failed this request; ends the stream
 
 
 class GenerationBackend(Protocol):

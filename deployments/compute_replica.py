@@ -15,7 +15,6 @@ Redis. Then one thread loops:
 from __future__ import annotations
 
 import contextlib
-import json
 import threading
 import time
 import uuid
@@ -28,17 +27,18 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from alignedserve.config import ServeConfig
 from alignedserve.deployments.metrics import EngineMetrics
-from alignedserve.deployments.redis_queue import (
-    RedisKeys,
-    StreamEvent,
-    is_aborted,
-    load_records,
-    publish,
-)
 from alignedserve.engine.config import EngineConfig, ModelConfig
 from alignedserve.engine.kv_cache import PagedKVCache
 from alignedserve.engine.llm_engine import EngineParts, LLMEngine, host_pool_blocks
 from alignedserve.engine.model_runner import DTYPES
+from alignedserve.global_queue.events import TokenEvent, publish
+from alignedserve.global_queue.keys import RedisKeys
+from alignedserve.global_queue.records import (
+    ReplicaState,
+    is_aborted,
+    load_records,
+    publish_state,
+)
 from alignedserve.kv_store.host_allocator import StoreHostAllocator
 from alignedserve.kv_store.shm_arena import ShmArena
 from alignedserve.kv_store.store import get_or_create_store
@@ -140,7 +140,7 @@ class ComputeReplica:
             raise RuntimeError(f"decode loop stopped: {self._error!r}")
         ray.get(self.worker.get_stats.remote(), timeout=30)
 
-    def state(self) -> dict[str, object]:
+    def state(self) -> ReplicaState:
         return self._state()
 
     def __del__(self) -> None:
@@ -160,7 +160,7 @@ class ComputeReplica:
             self._thread.join(timeout=10)
         pipe = self.r.pipeline(transaction=False)
         for rid, n in self.counts.items():
-            publish(pipe, self.keys, rid, StreamEvent((), n, error="server shutting down"))
+            publish(pipe, self.keys, rid, TokenEvent((), n, error="server shutting down"))
             self.store.free.remote(rid)
         pipe.execute()
         self.counts.clear()
@@ -227,7 +227,7 @@ class ComputeReplica:
                 n = self.counts[rid] = self.counts[rid] + 1
                 lp = self.engine.last_logprobs.get(rid)
                 reason = finished[rid].finish_reason if rid in finished else None
-                publish(pipe, self.keys, rid, StreamEvent(
+                publish(pipe, self.keys, rid, TokenEvent(
                     (tok,), n, reason, (lp,) if lp is not None else None))
                 if reason is not None:
                     del self.counts[rid]
@@ -244,25 +244,25 @@ class ComputeReplica:
             switches=sched.stats.switches, preemptions=sched.stats.preemptions,
             prefetch_bytes=q.stats.bytes, hits=q.hits, misses=q.misses)
 
-    def _state(self) -> dict[str, object]:
+    def _state(self) -> ReplicaState:
         sched = self.engine.scheduler
         q = self.transfers
-        return {
-            "replica": self.replica_id, "ts": time.time(),
-            "requests": self.engine.num_requests,
-            "running": len(getattr(sched, "running", ())),
-            "pooled": len(getattr(sched, "pooled", ())),
-            "waiting": len(getattr(sched, "waiting", ())),
-            "free": 0 if self._draining.is_set() else max(
+        return ReplicaState(
+            replica=self.replica_id, ts=time.time(),
+            requests=self.engine.num_requests,
+            running=len(getattr(sched, "running", ())),
+            pooled=len(getattr(sched, "pooled", ())),
+            waiting=len(getattr(sched, "waiting", ())),
+            free=0 if self._draining.is_set() else max(
                 0, self.cfg.replica_inflight - self.engine.num_requests),
-            "kv_usage": sched.device.usage,
-            "prefetch_hit_rate": q.hit_rate,
-            "switches": getattr(getattr(sched, "stats", None), "switches", 0),
-        }
+            kv_usage=sched.device.usage,
+            prefetch_hit_rate=q.hit_rate,
+            switches=getattr(getattr(sched, "stats", None), "switches", 0),
+        )
 
     def _publish_state(self) -> None:
         now = time.monotonic()
         if now - self._state_at < _STATE_EVERY_S:
             return
         self._state_at = now
-        self.r.hset(self.keys.replicas, self.replica_id, json.dumps(self._state()))
+        publish_state(self.r, self.keys, self._state())

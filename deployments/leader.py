@@ -13,14 +13,15 @@ abort and a dispatch never both hold it.
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 import uuid
 
 import redis
 
-from alignedserve.deployments.redis_queue import RedisKeys, RedisQueueIndex, is_aborted
+from alignedserve.global_queue.index import RedisQueueIndex
+from alignedserve.global_queue.keys import RedisKeys
+from alignedserve.global_queue.records import ReplicaState, is_aborted, load_states, set_holder
 from alignedserve.scheduling.window_search import densest_window, nearest_fill
 
 _RENEW = """
@@ -67,25 +68,24 @@ class Dispatcher:
         self.max_queue_delay_s = max_queue_delay_s
         self._seen: dict[str, float] = {}  # request id -> when this leader first saw it
 
-    def live_replicas(self) -> list[dict]:
+    def live_replicas(self) -> list[ReplicaState]:
         now = time.time()
-        states = [json.loads(v) for v in self.r.hgetall(self.keys.replicas).values()]
-        return [s for s in states if now - s["ts"] < REPLICA_STALE_S]
+        return [s for s in load_states(self.r, self.keys) if now - s.ts < REPLICA_STALE_S]
 
     def tick(self) -> int:
         """Assign what fits; returns the number of requests assigned."""
-        replicas = sorted(self.live_replicas(), key=lambda s: -s["free"])
-        if not replicas or replicas[0]["free"] <= 0:
+        replicas = sorted(self.live_replicas(), key=lambda s: -s.free)
+        if not replicas or replicas[0].free <= 0:
             return 0
         items = self.index.sorted_items()
         now = time.monotonic()
         self._seen = {rid: self._seen.get(rid, now) for _, rid in items}
         moved = 0
         for rep in replicas:
-            if not items or rep["free"] <= 0:
+            if not items or rep.free <= 0:
                 break
-            group = self._pick(items, rep["free"], now)
-            moved += self._assign(rep["replica"], [rid for _, rid in group])
+            group = self._pick(items, rep.free, now)
+            moved += self._assign(rep.replica, [rid for _, rid in group])
             taken = {rid for _, rid in group}
             items = [it for it in items if it[1] not in taken]
         self.dispatched += moved
@@ -122,7 +122,7 @@ class Dispatcher:
             pipe = self.r.pipeline(transaction=False)
             pipe.rpush(self.keys.inbox(replica), *live)
             for rid in live:  # who holds it now: the router's watchdog checks this replica
-                pipe.hset(self.keys.req(rid), "holder", replica)
+                set_holder(pipe, self.keys, rid, replica)
             pipe.execute()
         return len(live)
 

@@ -4,21 +4,23 @@ generate(): write the request record, queue it for prefill, then read its token 
 One reader task per router multiplexes every open stream in a single blocking XREAD, so
 hundreds of concurrent requests cost one Redis connection, not hundreds.
 abort(): mark the request aborted, tell compute replicas (pub/sub), and take it out of
-whichever Redis structure holds it; the stage that holds it frees its KV (see redis_queue).
+whichever Redis structure holds it; the stage that holds it frees its KV (see
+global_queue/keys.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 from collections.abc import AsyncIterator, Callable
 
 import redis.asyncio as aioredis
 
-from alignedserve.deployments.backend import GenerateRequest, TokenEvent
-from alignedserve.deployments.redis_queue import RedisKeys, RequestRecord, StreamEvent
+from alignedserve.deployments.backend import GenerateRequest
+from alignedserve.global_queue.events import TokenEvent
+from alignedserve.global_queue.keys import RedisKeys
+from alignedserve.global_queue.records import ReplicaState, RequestRecord, put_record
 
 _BLOCK_MS = 50  # reader's XREAD block; new streams join within this long
 _ABORTED_TTL_S = 3600
@@ -39,7 +41,7 @@ class RedisBackend:
         self.r = aioredis.Redis(connection_pool=aioredis.BlockingConnectionPool.from_url(
             redis_url, max_connections=_POOL_SIZE, timeout=None))
         self._reader_conn = aioredis.Redis.from_url(redis_url)
-        self._queues: dict[str, asyncio.Queue[StreamEvent]] = {}
+        self._queues: dict[str, asyncio.Queue[TokenEvent]] = {}
         self._last_ids: dict[str, bytes] = {}
         self._reader: asyncio.Task | None = None
         self.started = time.time()
@@ -49,20 +51,19 @@ class RedisBackend:
     async def generate(self, req: GenerateRequest) -> AsyncIterator[TokenEvent]:
         rid = req.request_id
         rec = RequestRecord(rid, req.prompt_token_ids, req.params, req.arrival_time)
-        q: asyncio.Queue[StreamEvent] = asyncio.Queue()
+        q: asyncio.Queue[TokenEvent] = asyncio.Queue()
         self._queues[rid] = q
         self._last_ids[rid] = b"0-0"
         self._ensure_reader()
         try:
             pipe = self.r.pipeline(transaction=False)
-            pipe.hset(self.keys.req(rid), mapping=rec.to_redis())
+            put_record(pipe, self.keys, rec)
             pipe.rpush(self.keys.prefill, rid)
             await pipe.execute()
             while True:
                 ev = await q.get()
-                yield TokenEvent(ev.token_ids, ev.num_output_tokens, ev.finish_reason,
-                                 ev.logprobs, ev.error)
-                if ev.finish_reason or ev.error:
+                yield ev
+                if ev.final:
                     return
         finally:
             self._queues.pop(rid, None)
@@ -112,13 +113,13 @@ class RedisBackend:
         pipe.hgetall(self.keys.replicas)
         *holders, states = await pipe.execute()
         now = time.time()
-        ages = {k.decode(): now - json.loads(v)["ts"] for k, v in states.items()}
+        ages = {k.decode(): now - ReplicaState.from_json(v).ts for k, v in states.items()}
         for rid, holder in zip(rids, holders, strict=True):
             if holder is None or ages.get(holder.decode(), float("inf")) < self.holder_timeout_s:
                 continue
             q = self._queues.get(rid)
             if q is not None:
-                q.put_nowait(StreamEvent((), 0, error=f"replica {holder.decode()} failed while "
+                q.put_nowait(TokenEvent((), 0, error=f"replica {holder.decode()} failed while "
                                          "serving this request; it was not completed"))
             await self.abort(rid)
             if self.free_kv is not None:
@@ -139,7 +140,7 @@ class RedisBackend:
                 got = await self._reader_conn.xread(streams, block=_BLOCK_MS)
             except aioredis.RedisError as e:
                 for q in self._queues.values():
-                    q.put_nowait(StreamEvent((), 0, error=f"queue unavailable: {e}"))
+                    q.put_nowait(TokenEvent((), 0, error=f"queue unavailable: {e}"))
                 return
             for key, entries in got or ():
                 rid = key.decode().removeprefix(self.keys.tok(""))
@@ -148,4 +149,4 @@ class RedisBackend:
                     continue
                 for entry_id, fields in entries:
                     self._last_ids[rid] = entry_id
-                    q.put_nowait(StreamEvent.from_fields(fields))
+                    q.put_nowait(TokenEvent.from_fields(fields))

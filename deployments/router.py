@@ -19,7 +19,7 @@ from alignedserve.deployments.leader import LeaderLoop
 from alignedserve.deployments.metrics import FrontendMetrics, prometheus_text
 from alignedserve.deployments.openai_api import OpenAIFrontend, install_error_handlers
 from alignedserve.deployments.redis_backend import RedisBackend
-from alignedserve.deployments.redis_queue import RedisKeys
+from alignedserve.global_queue.keys import RedisKeys
 
 app = FastAPI(title="AlignedServe", description="OpenAI-compatible LLM serving with "
               "prefix-aware batching.")

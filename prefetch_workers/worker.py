@@ -23,17 +23,17 @@ from dataclasses import dataclass
 import redis
 import torch
 
-from alignedserve.deployments.redis_queue import (
-    RedisKeys,
-    RedisQueueIndex,
-    RequestRecord,
-    StreamEvent,
-    is_aborted,
-    load_records,
-    publish,
-)
 from alignedserve.engine.config import EngineConfig
 from alignedserve.engine.llm_engine import LLMEngine
+from alignedserve.global_queue.events import TokenEvent, publish
+from alignedserve.global_queue.index import RedisQueueIndex
+from alignedserve.global_queue.keys import RedisKeys
+from alignedserve.global_queue.records import (
+    is_aborted,
+    load_records,
+    set_holder,
+    set_prefilled,
+)
 from alignedserve.kv_store.shm_arena import ArenaSpec, ShmArena
 from alignedserve.scheduling.block_manager import blocks_for
 from alignedserve.scheduling.interface import KVTransfer
@@ -171,11 +171,11 @@ class PrefetchWorker:
                 req = self.engine.new_request(list(rec.prompt_token_ids), rec.params,
                                               rec.request_id)
             except ValueError as e:
-                publish(pipe, self.cfg.keys, rec.request_id, StreamEvent((), 0, error=str(e)))
+                publish(pipe, self.cfg.keys, rec.request_id, TokenEvent((), 0, error=str(e)))
                 continue
             req.arrival_time = time.monotonic() - max(0.0, time.time() - rec.arrival_time)
             self.engine.add_restored(req)
-            pipe.hset(self.cfg.keys.req(rec.request_id), "holder", self.cfg.worker_id)
+            set_holder(pipe, self.cfg.keys, rec.request_id, self.cfg.worker_id)
         pipe.execute()
 
     def _hand_off(self, finished: dict) -> None:
@@ -190,7 +190,7 @@ class PrefetchWorker:
             lps = (lp,) if lp is not None else None
             if rid in finished:
                 o = finished[rid]
-                publish(pipe, keys, rid, StreamEvent((tok,), 1, o.finish_reason, lps))
+                publish(pipe, keys, rid, TokenEvent((tok,), 1, o.finish_reason, lps))
             elif aborted:
                 self.engine.detach(rid)
             else:
@@ -198,11 +198,9 @@ class PrefetchWorker:
                 self.stats.prefills += 1
                 self.stats.prefill_tokens += req.num_prompt_tokens
                 slots = self._to_store(rid, req.block_ids, req.num_computed_tokens)
-                rec = RequestRecord(rid, tuple(req.prompt_token_ids), req.params, 0.0, (tok,))
-                pipe.hset(keys.req(rid), mapping={"out": rec.to_redis()["out"],
-                                                  "slots": " ".join(map(str, slots))})
-                publish(pipe, keys, rid, StreamEvent((tok,), 1, None, lps))
-                handed.append((rid, rec.kv_len))
+                set_prefilled(pipe, keys, rid, (tok,), tuple(slots))
+                publish(pipe, keys, rid, TokenEvent((tok,), 1, None, lps))
+                handed.append((rid, req.num_prompt_tokens + 1))
                 self.engine.detach(rid)
         pipe.execute()
         for rid, kv_len in handed:  # hand-off last: from here the leader may take it

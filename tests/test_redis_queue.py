@@ -10,12 +10,17 @@ import pytest
 import redis
 
 from alignedserve.deployments.leader import Dispatcher, LeaderLock, LeaderLoop
-from alignedserve.deployments.redis_queue import (
-    RedisKeys,
-    RedisQueueIndex,
+from alignedserve.global_queue.events import TokenEvent, publish
+from alignedserve.global_queue.index import RedisQueueIndex
+from alignedserve.global_queue.keys import RedisKeys
+from alignedserve.global_queue.records import (
+    ReplicaState,
     RequestRecord,
-    StreamEvent,
-    publish,
+    load_records,
+    publish_state,
+    put_record,
+    set_holder,
+    set_prefilled,
 )
 from alignedserve.scheduling.length_index import InMemoryLengthIndex
 from alignedserve.scheduling.sampling_params import SamplingParams
@@ -47,17 +52,30 @@ def test_redis_index_orders_like_the_in_memory_index(r, keys):
 def test_record_and_stream_event_round_trip(r, keys):
     params = SamplingParams(max_tokens=9, temperature=0.0, stop=("x", "yy"), seed=3,
                             stop_token_ids=(4,), ignore_eos=True, logprobs=True)
-    rec = RequestRecord("q1", (1, 2, 3), params, 1234.5, (7,))
-    r.hset(keys.req("q1"), mapping=rec.to_redis())
+    rec = RequestRecord("q1", (1, 2, 3), params, 1234.5, (7,), (40, 41), "r-1")
+    pipe = r.pipeline()
+    put_record(pipe, keys, rec)
+    pipe.execute()
     back = RequestRecord.from_redis("q1", r.hgetall(keys.req("q1")))
     assert back == rec and back.kv_len == 4
+    # The stages' partial writes land in the same typed fields.
     pipe = r.pipeline()
-    publish(pipe, keys, "q1", StreamEvent((5, 6), 2, None, (-0.5, -1.25)))
-    publish(pipe, keys, "q1", StreamEvent((9,), 3, "length"))
+    put_record(pipe, keys, RequestRecord("q2", (1, 2), params, 5.0))
+    set_holder(pipe, keys, "q2", "w-9")
+    set_prefilled(pipe, keys, "q2", (8,), (3, 4))
     pipe.execute()
-    events = [StreamEvent.from_fields(f) for _, f in r.xrange(keys.tok("q1"))]
-    assert events == [StreamEvent((5, 6), 2, None, (-0.5, -1.25)),
-                      StreamEvent((9,), 3, "length")]
+    (q2,) = load_records(r, keys, ["q2", "gone"])
+    assert q2 == RequestRecord("q2", (1, 2), params, 5.0, (8,), (3, 4), "w-9")
+    state = ReplicaState("r-1", 99.0, requests=3, free=5, prefetch_hit_rate=0.5)
+    publish_state(r, keys, state)
+    assert ReplicaState.from_json(r.hget(keys.replicas, "r-1")) == state
+    pipe = r.pipeline()
+    publish(pipe, keys, "q1", TokenEvent((5, 6), 2, None, (-0.5, -1.25)))
+    publish(pipe, keys, "q1", TokenEvent((9,), 3, "length"))
+    pipe.execute()
+    events = [TokenEvent.from_fields(f) for _, f in r.xrange(keys.tok("q1"))]
+    assert events == [TokenEvent((5, 6), 2, None, (-0.5, -1.25)),
+                      TokenEvent((9,), 3, "length")]
     assert not r.exists(keys.req("q1"))  # a finished request's record is dropped
     assert 0 < r.ttl(keys.tok("q1")) <= 600
 
@@ -78,7 +96,7 @@ def test_dispatcher_assigns_aligned_groups_and_skips_aborted(r, keys):
         index.put(f"q{i}", n)
     r.sadd(keys.aborted, "q1")
     freed: list[str] = []
-    r.hset(keys.replicas, "rep", f'{{"replica": "rep", "ts": {time.time()}, "free": 3}}')
+    publish_state(r, keys, ReplicaState("rep", time.time(), free=3))
     d = Dispatcher(r, keys, max_spread=1.5, slack_tokens=0, free_kv=freed.append)
     # The narrowest aligned window of 3 is 11..13 (q1..q3); q1 was aborted: freed, not sent.
     assert d.tick() == 2

@@ -1,0 +1,64 @@
+"""Redis key names of one deployment (prefix `p`, default "alignedserve:").
+
+    p req:{id}        hash   the request record (`RequestRecord`)
+    p prefill         list   request ids waiting for prefill, FCFS (router RPUSH, worker LPOP)
+    p decode          zset   prefilled request ids scored by KV length (`RedisQueueIndex`)
+    p seq             string counter giving index ties their insertion order
+    p inbox:{replica} list   request ids the leader assigned to a compute replica
+    p tok:{id}        stream token events of one request (`TokenEvent`; replica/worker XADD)
+    p aborted         set    ids a client abandoned; every stage checks it at hand-off
+    p abort           pubsub ids to abort now (compute replicas listen)
+    p replicas        hash   replica id -> `ReplicaState` JSON, refreshed every loop
+    p leader          string the scheduler leader's lock (token, with a TTL)
+
+Ownership: a request is held by exactly one stage at a time (prefill queue, a prefetch
+worker, the decode index, the leader in transit, a compute replica); the record's `holder`
+names the process. The holder frees its KV when it sees the request aborted; removal from a
+Redis structure (LPOP, ZREM) is what moves ownership, so two stages never both hold it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RedisKeys:
+    prefix: str = "alignedserve:"
+
+    def req(self, rid: str) -> str:
+        return f"{self.prefix}req:{rid}"
+
+    def tok(self, rid: str) -> str:
+        return f"{self.prefix}tok:{rid}"
+
+    def inbox(self, replica: str) -> str:
+        return f"{self.prefix}inbox:{replica}"
+
+    @property
+    def prefill(self) -> str:
+        return f"{self.prefix}prefill"
+
+    @property
+    def decode(self) -> str:
+        return f"{self.prefix}decode"
+
+    @property
+    def seq(self) -> str:
+        return f"{self.prefix}seq"
+
+    @property
+    def aborted(self) -> str:
+        return f"{self.prefix}aborted"
+
+    @property
+    def abort_channel(self) -> str:
+        return f"{self.prefix}abort"
+
+    @property
+    def replicas(self) -> str:
+        return f"{self.prefix}replicas"
+
+    @property
+    def leader(self) -> str:
+        return f"{self.prefix}leader"

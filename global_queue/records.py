@@ -1,0 +1,121 @@
+"""Typed records kept in Redis: one per request, one per compute replica.
+
+A request record's fields and who writes each (`RequestRecord`):
+    prompt, params, arrival   the router, once (`put_record`)
+    holder                    the stage that takes the request (`set_holder`)
+    out, slots                the prefetch worker after prefill (`set_prefilled`)
+The compute replica publishes tokens to the stream only; the record keeps the state a new
+holder needs to continue the request (prompt, output so far, where its KV is).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+
+import redis
+
+from alignedserve.global_queue.keys import RedisKeys
+from alignedserve.scheduling.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    """A request as every stage sees it."""
+
+    request_id: str
+    prompt_token_ids: tuple[int, ...]  # validated by the router
+    params: SamplingParams  # max_tokens already resolved by the router
+    arrival_time: float  # time.time() seconds at the router; the starvation clocks use it
+    output_token_ids: tuple[int, ...] = ()  # generated so far (the first comes from prefill)
+    slots: tuple[int, ...] = ()  # KV-store blocks holding the prompt's KV, position order
+    holder: str | None = None  # replica or worker id that holds the request now
+
+    @property
+    def kv_len(self) -> int:
+        """Tokens whose KV the request depends on next step: prompt + generated."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    def to_redis(self) -> dict[str, str]:
+        params = dataclasses.asdict(self.params)
+        params.pop("extra", None)
+        fields = {"prompt": json.dumps(self.prompt_token_ids), "params": json.dumps(params),
+                  "arrival": repr(self.arrival_time), **_prefilled(self.output_token_ids,
+                                                                   self.slots)}
+        if self.holder is not None:
+            fields["holder"] = self.holder
+        return fields
+
+    @classmethod
+    def from_redis(cls, rid: str, h: dict[bytes, bytes]) -> RequestRecord:
+        p = json.loads(h[b"params"])
+        p["stop"], p["stop_token_ids"] = tuple(p["stop"]), tuple(p["stop_token_ids"])
+        holder = h.get(b"holder")
+        return cls(rid, tuple(json.loads(h[b"prompt"])), SamplingParams(**p),
+                   float(h[b"arrival"]), tuple(json.loads(h.get(b"out", b"[]"))),
+                   tuple(int(x) for x in h.get(b"slots", b"").split()),
+                   holder.decode() if holder is not None else None)
+
+
+def _prefilled(output_ids: tuple[int, ...], slots: tuple[int, ...]) -> dict[str, str]:
+    return {"out": json.dumps(list(output_ids)), "slots": " ".join(map(str, slots))}
+
+
+def put_record(pipe: redis.client.Pipeline, keys: RedisKeys, rec: RequestRecord) -> None:
+    pipe.hset(keys.req(rec.request_id), mapping=rec.to_redis())
+
+
+def set_holder(pipe: redis.client.Pipeline, keys: RedisKeys, rid: str, holder: str) -> None:
+    pipe.hset(keys.req(rid), "holder", holder)
+
+
+def set_prefilled(pipe: redis.client.Pipeline, keys: RedisKeys, rid: str,
+                  output_ids: tuple[int, ...], slots: tuple[int, ...]) -> None:
+    pipe.hset(keys.req(rid), mapping=_prefilled(output_ids, slots))
+
+
+def load_records(client: redis.Redis, keys: RedisKeys, rids: list[str]) -> list[RequestRecord]:
+    """Records of `rids` that still exist (an aborted request's record may be gone)."""
+    pipe = client.pipeline(transaction=False)
+    for rid in rids:
+        pipe.hgetall(keys.req(rid))
+    return [RequestRecord.from_redis(rid, h) for rid, h in zip(rids, pipe.execute(), strict=True)
+            if h]
+
+
+def is_aborted(client: redis.Redis, keys: RedisKeys, rids: list[str]) -> list[bool]:
+    if not rids:
+        return []
+    return [bool(x) for x in client.smismember(keys.aborted, rids)]
+
+
+@dataclass(frozen=True)
+class ReplicaState:
+    """What a compute replica publishes about itself (`p replicas`), every ~0.1 s."""
+
+    replica: str  # replica id ("r-…"); its prefetch worker has the same id
+    ts: float  # time.time() seconds when published; stale states get no work
+    requests: int = 0  # requests the replica's engine holds
+    running: int = 0  # in the running batch
+    pooled: int = 0  # swapped out or waiting in its host pool
+    waiting: int = 0  # not yet admitted
+    free: int = 0  # requests the leader may still assign (0 while draining)
+    kv_usage: float = 0.0  # device KV pool in use, 0..1
+    prefetch_hit_rate: float | None = None  # steps whose KV had already landed
+    switches: int = 0  # batch switches so far
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> ReplicaState:
+        return cls(**json.loads(raw))
+
+
+def publish_state(client: redis.Redis, keys: RedisKeys, state: ReplicaState) -> None:
+    client.hset(keys.replicas, state.replica, state.to_json())
+
+
+def load_states(client: redis.Redis, keys: RedisKeys) -> list[ReplicaState]:
+    return [ReplicaState.from_json(v) for v in client.hgetall(keys.replicas).values()]
