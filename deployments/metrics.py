@@ -21,6 +21,7 @@ keeps Ray's approximate `_sum`; divide `..._true_sum_total` by `..._count` there
 from __future__ import annotations
 
 import re
+import threading
 
 import httpx
 import ray
@@ -59,6 +60,42 @@ class SummedHistogram:
         self.hist.observe(value, tags)
         if value > 0:  # Ray's Counter.inc rejects 0; a 0 adds nothing to the sum anyway
             self.sum.inc(value, tags)
+
+
+class GaugeKeeper:
+    """Re-sets gauges to their last values every `period_s` on a daemon thread.
+
+    Ray drops a gauge from its export about 20 s after its last `set` (seen with Ray 2.60,
+    counters and histograms stay), so an idle compute replica's queue depths and KV usage
+    would vanish from /metrics instead of reading their last values. The thread starts on
+    the first `set` and dies with the process, so a dead replica's gauges do expire."""
+
+    def __init__(self, tags: dict[str, str], period_s: float = 5.0) -> None:
+        self.tags = tags
+        self.period_s = period_s
+        self._last: dict[int, tuple[Gauge, float]] = {}  # id(gauge) -> (gauge, last value)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def set(self, gauge: Gauge, value: float) -> None:
+        gauge.set(value, self.tags)
+        with self._lock:
+            self._last[id(gauge)] = (gauge, value)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, daemon=True,
+                                                name="alignedserve-gauges")
+                self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period_s):
+            with self._lock:
+                last = list(self._last.values())
+            for gauge, value in last:
+                gauge.set(value, self.tags)
 
 
 class FrontendMetrics:
@@ -120,6 +157,7 @@ class EngineMetrics:
                                     "misses) so far.", t)
         self.queue_time = SummedHistogram("request_queue_time_seconds", "Arrival at the "
                                           "router to first scheduled on a replica.", t, _E2E_S)
+        self.gauges = GaugeKeeper(self.tags)
         self._last: dict[str, int] = {}  # cumulative totals last seen by record_step
         self._prefetched = [0, 0]  # [hits, misses] counted by record_prefetch
 
@@ -137,10 +175,10 @@ class EngineMetrics:
         either here or per copy through `record_prefetch`, not both.
         `batch_kv_lengths`: KV length (tokens) of each running request."""
         tags = self.tags
-        self.running.set(running, tags)
-        self.waiting.set(waiting, tags)
-        self.kv_usage.set(kv_usage, tags)
-        self.host_kv_usage.set(host_kv_usage, tags)
+        self.gauges.set(self.running, running)
+        self.gauges.set(self.waiting, waiting)
+        self.gauges.set(self.kv_usage, kv_usage)
+        self.gauges.set(self.host_kv_usage, host_kv_usage)
         if batch_kv_lengths:
             self.alignment.observe(max(batch_kv_lengths) / max(1, min(batch_kv_lengths)), tags)
         for key, value, counter in (("sw", switches, self.switches),
@@ -152,7 +190,7 @@ class EngineMetrics:
             if d > 0:
                 counter.inc(d, tags)
         if hits is not None and misses is not None and hits + misses:
-            self.prefetch_hit_rate.set(hits / (hits + misses), tags)
+            self.gauges.set(self.prefetch_hit_rate, hits / (hits + misses))
 
     def record_prefetch(self, nbytes: int, hit: bool) -> None:
         """One prefetch: `nbytes` copied; `hit` if the KV was in place when the step
@@ -161,7 +199,7 @@ class EngineMetrics:
             self.prefetch_bytes.inc(nbytes, self.tags)
         self._prefetched[0 if hit else 1] += 1
         (self.prefetch_hits if hit else self.prefetch_misses).inc(1, self.tags)
-        self.prefetch_hit_rate.set(self._prefetched[0] / sum(self._prefetched), self.tags)
+        self.gauges.set(self.prefetch_hit_rate, self._prefetched[0] / sum(self._prefetched))
 
     def record_queue_time(self, seconds: float) -> None:
         """A request was first scheduled, `seconds` after the router accepted it."""

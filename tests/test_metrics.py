@@ -12,6 +12,7 @@ import pytest
 from alignedserve.deployments.metrics import (
     EngineMetrics,
     FrontendMetrics,
+    GaugeKeeper,
     _families,
     _metrics_urls,
     _true_sums,
@@ -68,6 +69,31 @@ def test_true_sums_replace_midpoint_sums_per_label_set():
     # b's histogram had no counter sample: none of its observations was > 0
     assert 'ray_alignedserve_lat_sum{WorkerId="b",model_name="m"} 0.0' in samples
     assert 'ray_alignedserve_lat_count{WorkerId="a",model_name="m"} 2.0' in samples
+
+
+class _FakeGauge:
+    def __init__(self) -> None:
+        self.values: list[tuple[float, dict[str, str]]] = []
+
+    def set(self, value: float, tags: dict[str, str]) -> None:
+        self.values.append((value, tags))
+
+
+def test_gauge_keeper_resets_last_values_until_closed():
+    keeper = GaugeKeeper({"replica": "r0"}, period_s=0.02)
+    a, b = _FakeGauge(), _FakeGauge()
+    keeper.set(a, 1.0)
+    keeper.set(a, 2.0)
+    keeper.set(b, 0.5)
+    time.sleep(0.3)
+    keeper.close()
+    time.sleep(0.1)
+    n = len(a.values)
+    assert a.values[:2] == [(1.0, {"replica": "r0"}), (2.0, {"replica": "r0"})]
+    assert n >= 5 and all(v == (2.0, {"replica": "r0"}) for v in a.values[2:])
+    assert len(b.values) >= 4 and {v for v, _ in b.values} == {0.5}
+    time.sleep(0.1)
+    assert len(a.values) == n  # closed: no more re-sets
 
 
 @pytest.fixture(scope="module")
