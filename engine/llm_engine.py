@@ -20,7 +20,8 @@ from alignedserve.engine.tokenizer import (
     load_tokenizer,
 )
 from alignedserve.kv_store.host_pool import HostKVPool
-from alignedserve.scheduling.aligned import AlignedConfig, AlignedScheduler
+from alignedserve.scheduling.aligned import AlignedScheduler
+from alignedserve.scheduling.aligned_config import AlignedConfig, AlignedKnobs
 from alignedserve.scheduling.block_manager import KVBlockManager
 from alignedserve.scheduling.fcfs import FCFSScheduler, SchedulerLimits
 from alignedserve.scheduling.interface import Scheduler
@@ -49,6 +50,18 @@ class RequestOutput:
         return None if self.first_token_time is None else self.first_token_time - self.arrival_time
 
 
+@dataclass(frozen=True)
+class StepOutput:
+    """What one `LLMEngine.step()` produced."""
+
+    sampled: dict[str, int]  # request id -> token sampled this step (requests at their end)
+    logprobs: dict[str, float]  # request id -> that token's logprob (requests that asked)
+    finished: list[RequestOutput]  # requests that finished this step, in no set order
+
+
+_NOTHING = StepOutput({}, {}, [])
+
+
 @dataclass
 class _Tracked:
     req: Request
@@ -57,13 +70,10 @@ class _Tracked:
 
 
 def aligned_config(cfg: EngineConfig) -> AlignedConfig:
-    return AlignedConfig(
-        max_batch=cfg.max_num_seqs, min_batch=min(cfg.min_batch, cfg.max_num_seqs),
-        max_spread=cfg.max_spread, slack_tokens=cfg.slack_tokens,
-        batch_kv_fraction=cfg.batch_kv_fraction,
-        max_queue_delay_s=cfg.max_queue_delay_s, min_batch_steps=cfg.min_batch_steps,
-        max_num_batched_tokens=cfg.max_num_batched_tokens,
-    )
+    knobs = {name: getattr(cfg, name) for name in AlignedKnobs.model_fields}
+    return AlignedConfig(**{**knobs, "min_batch": min(cfg.min_batch, cfg.max_num_seqs)},
+                         max_batch=cfg.max_num_seqs,
+                         max_num_batched_tokens=cfg.max_num_batched_tokens)
 
 
 def host_pool_blocks(cfg: EngineConfig, bytes_per_block: int) -> int:
@@ -122,8 +132,6 @@ class LLMEngine:
         self.eos_token_ids = frozenset(eos)
         self.record_stats = record_stats
         self.stats: list[StepStats] = []
-        self.last_sampled: dict[str, int] = {}  # request id -> token sampled by the last step
-        self.last_logprobs: dict[str, float] = {}  # request id -> its logprob (if asked for)
         self._tracked: dict[str, _Tracked] = {}
         self._ids = itertools.count()
 
@@ -136,31 +144,35 @@ class LLMEngine:
             raise ValueError("this model folder has no tokenizer; pass token ids instead")
         return self.tokenizer.encode(prompt)
 
-    def add_request(
-        self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None
-    ) -> str:
-        req = self._new_request(prompt, params, request_id)
+    def add_request(self, prompt: str | list[int], params: SamplingParams,
+                    request_id: str | None = None, arrived_at: float | None = None) -> str:
+        """Queue a new request; returns its id. `arrived_at` (time.time() seconds) is when
+        it arrived upstream (the router), so TTFT and the policy's clocks count from there.
+        Raises ValueError for a prompt this engine cannot serve."""
+        req = self._new_request(prompt, params, request_id, arrived_at)
         self._track(req)
         self.scheduler.add_request(req)
         return req.request_id
 
-    def add_restored(self, req: Request) -> None:
-        """Take over a request whose KV for `req.num_computed_tokens` tokens is already in
-        the host pool (`req.host_block_ids`): prefilled by a prefetch worker."""
-        if req.num_host_tokens < req.num_computed_tokens:
-            raise ValueError(f"{req.request_id}: host holds {req.num_host_tokens} of "
-                             f"{req.num_computed_tokens} computed tokens")
-        req.eos_token_ids = self.eos_token_ids
-        req.max_model_len = min(req.max_model_len, self.max_model_len)
+    def add_prefilled(self, request_id: str, prompt: list[int], params: SamplingParams,
+                      output_ids: list[int], host_blocks: list[int],
+                      arrived_at: float | None = None) -> None:
+        """Take over a request prefilled elsewhere: the prompt's KV is in the host pool
+        (`host_blocks`, position order) and `output_ids` were already generated (their KV
+        is computed here). Needs the aligned policy (it swaps KV in from the host)."""
+        req = self._new_request(prompt, params, request_id, arrived_at)
+        req.token_ids.extend(output_ids)
+        req.num_computed_tokens = req.num_host_tokens = len(prompt)
+        req.host_block_ids = list(host_blocks)
         self._track(req)
         self.scheduler.add_request(req)
 
-    def new_request(self, prompt: list[int], params: SamplingParams, request_id: str) -> Request:
-        """A validated `Request` for this engine's model (not added to any scheduler)."""
-        return self._new_request(prompt, params, request_id)
+    def read_kv(self, block_ids: list[int]) -> torch.Tensor:
+        """A copy of these device KV blocks: [len(block_ids), *block_shape]."""
+        return self.runner.cache.kv.index_select(0, torch.tensor(block_ids, dtype=torch.long))
 
     def _new_request(self, prompt: str | list[int], params: SamplingParams,
-                     request_id: str | None) -> Request:
+                     request_id: str | None, arrived_at: float | None) -> Request:
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise ValueError("prompt is empty")
@@ -175,7 +187,10 @@ class LLMEngine:
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer")
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
-        return Request(rid, ids, params, self.eos_token_ids, self.max_model_len)
+        req = Request(rid, ids, params, self.eos_token_ids, self.max_model_len)
+        if arrived_at is not None:  # monotonic clock, counted back from the wall-clock age
+            req.arrival_time = time.monotonic() - max(0.0, time.time() - arrived_at)
+        return req
 
     def _track(self, req: Request) -> None:
         params = req.params
@@ -213,11 +228,10 @@ class LLMEngine:
             self.runner.release(request_id)
             del self._tracked[request_id]
 
-    def step(self) -> list[RequestOutput]:
-        """Run one scheduler step; return the requests that finished in it."""
+    def step(self) -> StepOutput:
+        """Run one scheduler step: the tokens it sampled and the requests it finished."""
         if self.transfers is not None:
             self.scheduler.transfers_done(self.transfers.poll())
-        self.last_sampled, self.last_logprobs = {}, {}
         sched = self.scheduler.schedule()
         if self.transfers is not None:
             self.transfers.submit(sched.transfers)
@@ -226,12 +240,11 @@ class LLMEngine:
             if self.transfers is not None and self.scheduler.has_unfinished():
                 # Nothing runnable until copies land (device full of outgoing KV): wait.
                 self.transfers.wait(self.transfers.submitted)
-            return []
+            return _NOTHING
         res = self.runner.execute(sched)
         if self.record_stats:
             self.stats.append(res.stats)
         now = time.monotonic()
-        self.last_sampled, self.last_logprobs = res.sampled, res.logprobs
         finished = {r.request_id for r in self.scheduler.update(sched, res.sampled)}
         done: list[RequestOutput] = []
         for rid, token in res.sampled.items():
@@ -246,7 +259,7 @@ class LLMEngine:
                 finished.add(rid)
             if rid in finished:
                 done.append(self._complete(t))
-        return done
+        return StepOutput(res.sampled, res.logprobs, done)
 
     def _hit_stop_string(self, t: _Tracked, token: int) -> bool:
         if t.detok is None:

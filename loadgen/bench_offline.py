@@ -177,7 +177,7 @@ def run_engine(engine, policy: str, requests: list[WorkloadRequest], progress: b
         if not engine.has_unfinished():
             time.sleep(min(0.01, requests[arrivals[0]].arrival_s - now))
             continue
-        for out in engine.step():
+        for out in engine.step().finished:
             outs[out.request_id], done_at[out.request_id] = out, time.monotonic() - t0
             bar.update(1)
     wall = time.monotonic() - t0
@@ -186,9 +186,7 @@ def run_engine(engine, policy: str, requests: list[WorkloadRequest], progress: b
     prefill_s = sum(s.seconds for s in stats if s.num_prefill_tokens)
     moves = engine.transfers.stats if engine.transfers is not None else None
     kv_transfer = None if moves is None else {**asdict(moves), "overlap": moves.overlap}
-    counters = getattr(engine.scheduler, "stats", None)
-    swap = getattr(engine.scheduler, "swap", None)
-    sched = None if counters is None else {**asdict(counters), **asdict(swap.stats)}
+    sched = engine.scheduler.stats().counters if policy == "aligned" else None
     records = [_engine_record(r, outs.get(f"r{i}"), done_at.get(f"r{i}"), t0)
                for i, r in enumerate(requests)]
     return SystemRun(

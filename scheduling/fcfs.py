@@ -14,7 +14,12 @@ from collections import deque
 from dataclasses import dataclass
 
 from alignedserve.scheduling.block_manager import KVBlockManager, blocks_for
-from alignedserve.scheduling.interface import ScheduledChunk, SchedulerOutput, TokenBudget
+from alignedserve.scheduling.interface import (
+    ScheduledChunk,
+    SchedulerOutput,
+    SchedulerStats,
+    TokenBudget,
+)
 from alignedserve.scheduling.request import FinishReason, Request, RequestStatus
 
 
@@ -57,6 +62,13 @@ class FCFSScheduler:
 
     def transfers_done(self, seq: int) -> None:
         """FCFS never moves KV to the host pool (it preempts by recompute)."""
+
+    def stats(self) -> SchedulerStats:
+        return SchedulerStats(
+            running=len(self.running), waiting=len(self.waiting), pooled=0,
+            device_usage=self.kv.usage, host_blocks_used=0,
+            batch_kv_lengths=tuple(r.num_tokens for r in self.running),
+            counters={"preemptions": self.num_preemptions})
 
     def schedule(self) -> SchedulerOutput:
         budget = TokenBudget(self.limits.max_num_batched_tokens)

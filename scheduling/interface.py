@@ -70,6 +70,20 @@ class SchedulerOutput:
         return not self.chunks
 
 
+@dataclass(frozen=True)
+class SchedulerStats:
+    """A policy's state and counters, as executors, metrics and the simulator read them."""
+
+    running: int  # requests in the running batch
+    waiting: int  # not yet admitted (fcfs: also preempted ones waiting to be recomputed)
+    pooled: int  # aligned: admitted, KV in the host pool, waiting for a batch (fcfs: 0)
+    device_usage: float  # fraction of the device KV pool in use, 0..1
+    host_blocks_used: int  # aligned: host KV pool blocks held (fcfs: 0)
+    batch_kv_lengths: tuple[int, ...]  # KV length (tokens) of each running request
+    counters: dict[str, int]  # cumulative policy counters: "preemptions", and for aligned
+    #                           every AlignedStats and SwapStats field ("switches", ...)
+
+
 class TokenBudget:
     """Per-step token budget. `take(want)` grants between 0 and `want` tokens."""
 
@@ -105,4 +119,8 @@ class Scheduler(Protocol):
 
     def transfers_done(self, seq: int) -> None:
         """The executor finished every KVTransfer with seq <= `seq`."""
+        ...
+
+    def stats(self) -> SchedulerStats:
+        """A snapshot; cheap enough to call once per step."""
         ...
