@@ -12,12 +12,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict, YamlConfigSettingsSource
 
+from alignedserve.scheduling.aligned_config import AlignedKnobs
 
-class EngineKnobs(BaseModel):
-    """Engine knobs of the compute replicas (`EngineConfig` documents each in full)."""
+
+class EngineKnobs(AlignedKnobs):
+    """Engine knobs of the compute replicas (`EngineConfig` documents each in full); the
+    aligned batching knobs are inherited from `AlignedKnobs`."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -30,12 +33,6 @@ class EngineKnobs(BaseModel):
     max_num_seqs: int = Field(64, ge=1, description="Requests per decode step at most.")
     max_num_batched_tokens: int = Field(1024, ge=16, description="Tokens per step at most.")
     max_model_len: int | None = Field(None, ge=2, description="Context length cap.")
-    min_batch: int = Field(8, ge=1, description="aligned: Kmin, a new batch's minimum size.")
-    max_spread: float = Field(1.5, ge=1.0, description="aligned: longest/shortest KV length.")
-    slack_tokens: int = Field(128, ge=0, description="aligned: lengths this close always align.")
-    batch_kv_fraction: float = Field(0.4, gt=0, le=1, description="aligned: Bmax.")
-    max_queue_delay_s: float = Field(10.0, gt=0, description="aligned: starvation bound.")
-    min_batch_steps: int = Field(8, ge=1, description="aligned: steps before a batch yields.")
 
 
 class ServeConfig(BaseSettings):

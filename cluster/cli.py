@@ -27,20 +27,23 @@ def _add_model_parser(sub: argparse._SubParsersAction) -> None:
     init.set_defaults(func=_cmd_model_init)
 
 
-# (flag, type, what) for the aligned policy's knobs; EngineConfig documents each in full.
-ALIGNED_FLAGS: tuple[tuple[str, type, str], ...] = (
-    ("--min-batch", int, "Kmin, requests a new batch takes at least"),
-    ("--max-spread", float, "longest/shortest KV length in a batch"),
-    ("--batch-kv-fraction", float, "Bmax, a batch's share of the device KV pool"),
-    ("--max-queue-delay-s", float, "starvation bound in seconds"),
-    ("--min-batch-steps", int, "steps a batch runs before a starving request displaces it"),
-    ("--host-kv-gib", float, "host KV pool size in GiB"),
-)
+def _add_aligned_flags(p: argparse.ArgumentParser, extra: Sequence[tuple[str, type, str]] = ()
+                       ) -> None:
+    """The aligned policy's knobs as flags, generated from `AlignedKnobs` (unset = its
+    default), plus `extra` (flag, type, help) of the command."""
+    from alignedserve.scheduling.aligned_config import knob_flags
+
+    for flag, kind, what in (*knob_flags(), *extra):
+        p.add_argument(flag, type=kind, default=None, help=what)
 
 
-def _aligned_overrides(args: argparse.Namespace) -> tuple[tuple[str, float], ...]:
-    names = [flag.removeprefix("--").replace("-", "_") for flag, _, _ in ALIGNED_FLAGS]
-    return tuple((n, getattr(args, n)) for n in names if getattr(args, n) is not None)
+def _aligned_overrides(args: argparse.Namespace, extra: Sequence[str] = ()
+                       ) -> tuple[tuple[str, float], ...]:
+    """(knob, value) of the knob flags (and `extra` names) the user set."""
+    from alignedserve.scheduling.aligned_config import AlignedKnobs
+
+    names = [*AlignedKnobs.model_fields, *extra]
+    return tuple((n, getattr(args, n)) for n in names if getattr(args, n, None) is not None)
 
 
 def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
@@ -77,9 +80,8 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
     off.add_argument("--rate", type=float, default=None,
                      help="Online mode: Poisson arrivals at this many requests/s (engine "
                      "policies only, --peers none). Default: offline, all at t=0.")
-    for flag, kind, what in ALIGNED_FLAGS:
-        off.add_argument(flag, type=kind, default=None,
-                         help=f"aligned policy: {what} (default: EngineConfig's).")
+    _add_aligned_flags(off, [("--host-kv-gib", float, "aligned: host KV pool size in GiB "
+                              "(default: EngineConfig's)")])
     off.add_argument("--no-hw-probe", action="store_true",
                      help="Skip the memory-bandwidth / GEMM / batch-1 decode measurements.")
     off.add_argument("--no-progress", action="store_true", help="Hide the progress bars.")
@@ -178,15 +180,11 @@ def _add_sim_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_knob_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--min-batch", type=int, default=36, help="aligned: Kmin.")
-    p.add_argument("--bmax", type=float, default=0.4,
-                   help="aligned: Bmax, a batch's KV as a fraction of the device KV pool.")
-    p.add_argument("--max-queue-delay-s", type=float, default=10.0,
-                   help="aligned: starvation bound, simulated seconds.")
-    p.add_argument("--max-num-batched-tokens", type=int, default=8192,
-                   help="Tokens (decode + prefill chunks) per step at most.")
-    p.add_argument("--host-pool-gib", type=float, default=100.0,
-                   help="aligned: host KV pool per pair, GiB.")
+    """Simulator knobs: the aligned ones (clocks in simulated seconds; the paper's Kmin is
+    --min-batch 36) and the sim's own limits (unset = SimConfig's defaults)."""
+    _add_aligned_flags(p, [
+        ("--max-num-batched-tokens", int, "Tokens (decode + prefill chunks) per step at most."),
+        ("--host-pool-gib", float, "aligned: host KV pool per pair, GiB.")])
 
 
 def _resolve_model(value: str) -> tuple[str, str]:
@@ -218,7 +216,7 @@ def _cmd_bench_offline(args: argparse.Namespace) -> int:
         policies=args.policies, peers=args.peers, hf_batch_size=args.hf_batch_size,
         kv_cache_gib=args.kv_cache_gib, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, hw_probe=not args.no_hw_probe,
-        aligned=_aligned_overrides(args), rate=args.rate,
+        aligned=_aligned_overrides(args, ["host_kv_gib"]), rate=args.rate,
         out_dir=args.out, progress=not args.no_progress,
         command=shlex.join(["alignedserve", *args.argv]),
     )
@@ -274,11 +272,8 @@ def _cmd_sim_run(args: argparse.Namespace) -> int:
     if "x" in hw and hw.rsplit("x", 1)[1].isdigit():  # h100x8 -> h100-sxm, 8 GPUs
         short, n = hw.rsplit("x", 1)
         hw, gpus = {"h100": "h100-sxm", "a100": "a100-80g"}.get(short, short), int(n)
-    base = SimConfig(hardware=hw, model=args.model, split_kv=args.split_kv,
-                     min_batch=args.min_batch, batch_kv_fraction=args.bmax,
-                     max_queue_delay_s=args.max_queue_delay_s,
-                     max_num_batched_tokens=args.max_num_batched_tokens,
-                     host_pool_gib=args.host_pool_gib)
+    knobs = dict(_aligned_overrides(args, ["max_num_batched_tokens", "host_pool_gib"]))
+    base = SimConfig(hardware=hw, model=args.model, split_kv=args.split_kv, **knobs)
     t0 = time.perf_counter()
     res = run_sim(base, args.workload, args.num_requests, gpus, tuple(args.systems),
                   seed=args.seed, len_scale=args.len_scale, rate=args.rate,

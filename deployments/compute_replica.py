@@ -203,13 +203,9 @@ class ComputeReplica:
             if dead:
                 self.store.free.remote(rec.request_id)
                 continue
-            req = self.engine.new_request(list(rec.prompt_token_ids), rec.params,
-                                          rec.request_id)
-            req.arrival_time = time.monotonic() - max(0.0, time.time() - rec.arrival_time)
-            req.token_ids.extend(rec.output_token_ids)
-            req.num_computed_tokens = req.num_host_tokens = len(rec.prompt_token_ids)
-            req.host_block_ids = list(rec.slots)
-            self.engine.add_restored(req)
+            self.engine.add_prefilled(rec.request_id, list(rec.prompt_token_ids), rec.params,
+                                      list(rec.output_token_ids), list(rec.slots),
+                                      rec.arrival_time)
             self.counts[rec.request_id] = len(rec.output_token_ids)
 
     def _apply_aborts(self) -> None:
@@ -220,12 +216,13 @@ class ComputeReplica:
                 self.counts.pop(rid, None)
 
     def _step(self) -> None:
-        finished = {o.request_id: o for o in self.engine.step()}
-        if self.engine.last_sampled:
+        out = self.engine.step()
+        finished = {o.request_id: o for o in out.finished}
+        if out.sampled:
             pipe = self.r.pipeline(transaction=False)
-            for rid, tok in self.engine.last_sampled.items():
+            for rid, tok in out.sampled.items():
                 n = self.counts[rid] = self.counts[rid] + 1
-                lp = self.engine.last_logprobs.get(rid)
+                lp = out.logprobs.get(rid)
                 reason = finished[rid].finish_reason if rid in finished else None
                 publish(pipe, self.keys, rid, TokenEvent(
                     (tok,), n, reason, (lp,) if lp is not None else None))
@@ -236,28 +233,23 @@ class ComputeReplica:
         self._publish_state()
 
     def _record_metrics(self) -> None:
-        sched, q = self.engine.scheduler, self.transfers
+        st, q = self.engine.scheduler.stats(), self.transfers
         self.metrics.record_step(
-            running=len(sched.running), waiting=len(sched.pooled) + len(sched.waiting),
-            kv_usage=sched.device.usage, host_kv_usage=1 - self.host.num_free /
-            self.host.num_blocks, batch_kv_lengths=[r.num_tokens for r in sched.running],
-            switches=sched.stats.switches, preemptions=sched.stats.preemptions,
+            running=st.running, waiting=st.pooled + st.waiting,
+            kv_usage=st.device_usage, host_kv_usage=1 - self.host.num_free /
+            self.host.num_blocks, batch_kv_lengths=list(st.batch_kv_lengths),
+            switches=st.counters["switches"], preemptions=st.counters["preemptions"],
             prefetch_bytes=q.stats.bytes, hits=q.hits, misses=q.misses)
 
     def _state(self) -> ReplicaState:
-        sched = self.engine.scheduler
-        q = self.transfers
+        st = self.engine.scheduler.stats()
         return ReplicaState(
-            replica=self.replica_id, ts=time.time(),
-            requests=self.engine.num_requests,
-            running=len(getattr(sched, "running", ())),
-            pooled=len(getattr(sched, "pooled", ())),
-            waiting=len(getattr(sched, "waiting", ())),
+            replica=self.replica_id, ts=time.time(), requests=self.engine.num_requests,
+            running=st.running, pooled=st.pooled, waiting=st.waiting,
             free=0 if self._draining.is_set() else max(
                 0, self.cfg.replica_inflight - self.engine.num_requests),
-            kv_usage=sched.device.usage,
-            prefetch_hit_rate=q.hit_rate,
-            switches=getattr(getattr(sched, "stats", None), "switches", 0),
+            kv_usage=st.device_usage, prefetch_hit_rate=self.transfers.hit_rate,
+            switches=st.counters["switches"],
         )
 
     def _publish_state(self) -> None:

@@ -19,6 +19,7 @@ import redis.asyncio as aioredis
 
 from alignedserve.deployments.backend import GenerateRequest
 from alignedserve.global_queue.events import TokenEvent
+from alignedserve.global_queue.index import unindex
 from alignedserve.global_queue.keys import RedisKeys
 from alignedserve.global_queue.records import ReplicaState, RequestRecord, put_record
 
@@ -76,8 +77,8 @@ class RedisBackend:
         pipe.expire(keys.aborted, _ABORTED_TTL_S)
         pipe.publish(keys.abort_channel, request_id)
         pipe.lrem(keys.prefill, 1, request_id)  # not prefilled yet: no KV anywhere
-        pipe.zrem(keys.decode, request_id)  # in the decode index: this router now holds it
-        *_, in_prefill, in_index = await pipe.execute()
+        unindex(pipe, keys, request_id)  # in the decode index: this router now holds it
+        *_, in_prefill, in_index, _ = await pipe.execute()
         if in_prefill or in_index:
             await self.r.delete(keys.req(request_id))
         if in_index and self.free_kv is not None:

@@ -20,6 +20,7 @@ from alignedserve.deployments.metrics import FrontendMetrics, prometheus_text
 from alignedserve.deployments.openai_api import OpenAIFrontend, install_error_handlers
 from alignedserve.deployments.redis_backend import RedisBackend
 from alignedserve.global_queue.keys import RedisKeys
+from alignedserve.scheduling.dispatch import DispatchKnobs
 
 app = FastAPI(title="AlignedServe", description="OpenAI-compatible LLM serving with "
               "prefix-aware batching.")
@@ -44,9 +45,9 @@ class Router(GrpcApiMixin):
                                        limits.max_model_len, limits.vocab_size,
                                        FrontendMetrics(cfg.model_name))
         e = cfg.engine
-        self.leader = LeaderLoop(cfg.redis_url, keys, cfg.leader_ttl_s, e.max_spread,
-                                 e.slack_tokens, lambda rid: store.free.remote(rid),
-                                 e.max_queue_delay_s).start()
+        knobs = DispatchKnobs(e.max_spread, e.slack_tokens, e.max_queue_delay_s)
+        self.leader = LeaderLoop(cfg.redis_url, keys, cfg.leader_ttl_s, knobs,
+                                 lambda rid: store.free.remote(rid)).start()
 
     @app.post("/v1/completions")
     async def completions(self, request: Request) -> Response:

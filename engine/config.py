@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from alignedserve.scheduling.aligned_config import AlignedKnobs
+
 Arch = Literal["llama", "opt"]
 
 # HF `model_type` -> our forward implementation. Qwen2 and Mistral are Llama-shaped.
@@ -121,8 +123,9 @@ def _eos_ids(value: int | list[int] | None) -> tuple[int, ...]:
     return tuple(int(v) for v in value)
 
 
-class EngineConfig(BaseModel):
-    """Knobs of one engine instance (one process). Every field is user-facing."""
+class EngineConfig(AlignedKnobs):
+    """Knobs of one engine instance (one process). Every field is user-facing; the aligned
+    policy's batching knobs are inherited from `AlignedKnobs`."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -171,35 +174,7 @@ class EngineConfig(BaseModel):
         "costs about as much as ~200 padded KV tokens.",
     )
     seed: int = Field(0, description="Seed for requests sampled without their own seed.")
-    # -- aligned policy (ignored by fcfs) --
-    min_batch: int = Field(
-        8, ge=1, description="aligned (the paper's Kmin): a new batch takes at least this many "
-        "requests when that many are in flight. Higher: bigger, better-amortized batches but "
-        "wider KV spread and longer waits for peers.",
-    )
-    max_spread: float = Field(
-        1.5, ge=1.0, description="aligned: longest / shortest KV length allowed in a batch when "
-        "forming or refilling it. Lower: less padding per step, smaller batches.",
-    )
-    slack_tokens: int = Field(
-        128, ge=0, description="aligned: KV lengths within this many tokens of each other "
-        "also count as aligned, whatever their ratio (short requests batch freely: their "
-        "padding costs little next to the linear layers).",
-    )
-    batch_kv_fraction: float = Field(
-        0.4, gt=0.0, le=1.0, description="aligned (the paper's Bmax): a new batch's KV, with "
-        "lookahead, fits in this fraction of the device pool, leaving room to copy the next "
-        "batch in while this one runs.",
-    )
-    max_queue_delay_s: float = Field(
-        10.0, gt=0.0, description="aligned starvation bound: a request that waited this long "
-        "for a batch joins the next one whatever its length. Lower: tighter TTFT/ITL tails, "
-        "less alignment under load.",
-    )
-    min_batch_steps: int = Field(
-        8, ge=1, description="aligned: steps a full batch runs before a starving request may "
-        "displace it; bounds batch switches (and copies) per step.",
-    )
+    # -- aligned policy (ignored by fcfs); its batching knobs come from AlignedKnobs --
     host_kv_gib: float = Field(
         4.0, gt=0.0, description="aligned: host KV pool size in GiB (the in-flight set lives "
         "here); when it is full, new requests wait.",

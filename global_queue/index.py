@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import time
+
 import redis
 
 from alignedserve.global_queue.keys import RedisKeys
+from alignedserve.scheduling.dispatch import Queued
 
 _TIE_BITS = 32  # score = kv_len << 32 | insertion seq (exact in a double below 2^53)
 
@@ -17,17 +20,51 @@ class RedisQueueIndex:
         self.r = client
         self.keys = keys
 
-    def put(self, request_id: str, kv_len: int) -> None:
+    def put(self, request_id: str, kv_len: int, arrival_time: float | None = None) -> None:
+        """Insert or move; `arrival_time` (time.time() seconds at the router; default now)
+        feeds the global starvation clock."""
+        arrival_time = time.time() if arrival_time is None else arrival_time
         seq = self.r.incr(self.keys.seq) & ((1 << _TIE_BITS) - 1)
-        self.r.zadd(self.keys.decode, {request_id: (kv_len << _TIE_BITS) | seq})
+        pipe = self.r.pipeline(transaction=True)  # both sets or neither
+        pipe.zadd(self.keys.decode, {request_id: (kv_len << _TIE_BITS) | seq})
+        pipe.zadd(self.keys.decode_arrival, {request_id: arrival_time})
+        pipe.execute()
 
     def remove(self, request_id: str) -> bool:
-        return bool(self.r.zrem(self.keys.decode, request_id))
+        """Whoever removes a request from the index holds it (ZREM returns 1 once)."""
+        pipe = self.r.pipeline(transaction=True)
+        unindex(pipe, self.keys, request_id)
+        return bool(pipe.execute()[0])
 
     def sorted_items(self) -> list[tuple[int, str]]:
         """(kv_len, request id), shortest first, ties in insertion order."""
         items = self.r.zrange(self.keys.decode, 0, -1, withscores=True)
         return [(int(score) >> _TIE_BITS, rid.decode()) for rid, score in items]
 
+    def claim(self, rids: list[str]) -> list[str]:
+        """Remove `rids`; the ones this call removed (the caller now holds them)."""
+        pipe = self.r.pipeline(transaction=False)
+        for rid in rids:
+            unindex(pipe, self.keys, rid)
+        removed = pipe.execute()[::2]
+        return [rid for rid, ok in zip(rids, removed, strict=True) if ok]
+
+    def queued(self) -> list[Queued]:
+        """The index as the dispatch policy reads it: by KV length, with arrival times."""
+        pipe = self.r.pipeline(transaction=True)
+        pipe.zrange(self.keys.decode, 0, -1, withscores=True)
+        pipe.zrange(self.keys.decode_arrival, 0, -1, withscores=True)
+        by_len, arrivals = pipe.execute()
+        arrived = {rid: t for rid, t in arrivals}
+        return [Queued(rid.decode(), int(score) >> _TIE_BITS, arrived.get(rid, 0.0))
+                for rid, score in by_len]
+
     def __len__(self) -> int:
         return int(self.r.zcard(self.keys.decode))
+
+
+def unindex(pipe: redis.client.Pipeline, keys: RedisKeys, rid: str) -> None:
+    """Queue the removal of `rid` from the index on `pipe`: two results, the first is 1 when
+    `rid` was in the index (the caller then holds it)."""
+    pipe.zrem(keys.decode, rid)
+    pipe.zrem(keys.decode_arrival, rid)

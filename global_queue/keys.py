@@ -3,6 +3,7 @@
     p req:{id}        hash   the request record (`RequestRecord`)
     p prefill         list   request ids waiting for prefill, FCFS (router RPUSH, worker LPOP)
     p decode          zset   prefilled request ids scored by KV length (`RedisQueueIndex`)
+    p decode:arrival  zset   the same ids scored by arrival time (the starvation clocks)
     p seq             string counter giving index ties their insertion order
     p inbox:{replica} list   request ids the leader assigned to a compute replica
     p tok:{id}        stream token events of one request (`TokenEvent`; replica/worker XADD)
@@ -42,6 +43,10 @@ class RedisKeys:
     @property
     def decode(self) -> str:
         return f"{self.prefix}decode"
+
+    @property
+    def decode_arrival(self) -> str:
+        return f"{self.prefix}decode:arrival"
 
     @property
     def seq(self) -> str:

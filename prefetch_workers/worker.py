@@ -24,7 +24,7 @@ import redis
 import torch
 
 from alignedserve.engine.config import EngineConfig
-from alignedserve.engine.llm_engine import LLMEngine
+from alignedserve.engine.llm_engine import LLMEngine, StepOutput
 from alignedserve.global_queue.events import TokenEvent, publish
 from alignedserve.global_queue.index import RedisQueueIndex
 from alignedserve.global_queue.keys import RedisKeys
@@ -75,6 +75,7 @@ class PrefetchWorker:
         self.r = redis.Redis.from_url(cfg.redis_url)
         self.index = RedisQueueIndex(self.r, cfg.keys)
         self.stats = PrefetchStats()
+        self._arrivals: dict[str, float] = {}  # request id -> its router arrival (time.time())
         self._stop = threading.Event()
         self._pending: dict[int, KVTransfer] = {}
         self._cv = threading.Condition()
@@ -156,9 +157,9 @@ class PrefetchWorker:
                 more = self.r.lpop(self.cfg.keys.prefill, min(room, max(1, budget // 64)))
                 self._admit([m.decode() for m in more or ()])
             t0 = time.perf_counter()
-            finished = {o.request_id: o for o in self.engine.step()}
+            out = self.engine.step()
             self.stats.prefill_s += time.perf_counter() - t0
-            self._hand_off(finished)
+            self._hand_off(out)
 
     def _admit(self, rids: list[str]) -> None:
         records = load_records(self.r, self.cfg.keys, rids)
@@ -168,25 +169,25 @@ class PrefetchWorker:
             if aborted:
                 continue  # the router already answered the client
             try:
-                req = self.engine.new_request(list(rec.prompt_token_ids), rec.params,
-                                              rec.request_id)
+                self.engine.add_request(list(rec.prompt_token_ids), rec.params,
+                                        rec.request_id, arrived_at=rec.arrival_time)
+                self._arrivals[rec.request_id] = rec.arrival_time
             except ValueError as e:
                 publish(pipe, self.cfg.keys, rec.request_id, TokenEvent((), 0, error=str(e)))
                 continue
-            req.arrival_time = time.monotonic() - max(0.0, time.time() - rec.arrival_time)
-            self.engine.add_restored(req)
             set_holder(pipe, self.cfg.keys, rec.request_id, self.cfg.worker_id)
         pipe.execute()
 
-    def _hand_off(self, finished: dict) -> None:
+    def _hand_off(self, out: StepOutput) -> None:
         """Requests that just sampled their first token leave for the decode index."""
         keys = self.cfg.keys
         pipe = self.r.pipeline(transaction=False)
-        handed: list[tuple[str, int]] = []
-        rids = list(self.engine.last_sampled)
+        handed: list[tuple[str, int, float]] = []
+        finished = {o.request_id: o for o in out.finished}
+        rids = list(out.sampled)
         for rid, aborted in zip(rids, is_aborted(self.r, keys, rids), strict=True):
-            tok = self.engine.last_sampled[rid]
-            lp = self.engine.last_logprobs.get(rid)
+            tok = out.sampled[rid]
+            lp = out.logprobs.get(rid)
             lps = (lp,) if lp is not None else None
             if rid in finished:
                 o = finished[rid]
@@ -200,11 +201,13 @@ class PrefetchWorker:
                 slots = self._to_store(rid, req.block_ids, req.num_computed_tokens)
                 set_prefilled(pipe, keys, rid, (tok,), tuple(slots))
                 publish(pipe, keys, rid, TokenEvent((tok,), 1, None, lps))
-                handed.append((rid, req.num_prompt_tokens + 1))
+                handed.append((rid, req.num_prompt_tokens + 1, self._arrivals[rid]))
                 self.engine.detach(rid)
         pipe.execute()
-        for rid, kv_len in handed:  # hand-off last: from here the leader may take it
-            self.index.put(rid, kv_len)
+        for rid, kv_len, arrival in handed:  # hand-off last: from here the leader may take it
+            self.index.put(rid, kv_len, arrival)
+        for rid in out.sampled:
+            self._arrivals.pop(rid, None)
 
     def _to_store(self, rid: str, device_blocks: list[int], num_tokens: int) -> list[int]:
         """Copy a prefilled request's KV into store blocks it owns; waits while the store is
@@ -217,6 +220,6 @@ class PrefetchWorker:
         except TimeoutError:
             self.stats.admission_waits += 1
             slots = allocate_wait(self.store, rid, n, timeout_s=self.cfg.admission_timeout_s)
-        src = self.engine.runner.cache.kv.index_select(0, torch.tensor(device_blocks[:n]))
-        self.host.arena.blocks.index_copy_(0, torch.tensor(slots[:n]), src)
+        self.host.arena.blocks.index_copy_(0, torch.tensor(slots[:n]),
+                                           self.engine.read_kv(device_blocks[:n]))
         return slots

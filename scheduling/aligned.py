@@ -38,7 +38,12 @@ from collections.abc import Callable
 
 from alignedserve.scheduling.aligned_config import AlignedConfig, AlignedStats
 from alignedserve.scheduling.block_manager import KVBlockManager, blocks_for
-from alignedserve.scheduling.interface import ScheduledChunk, SchedulerOutput, TokenBudget
+from alignedserve.scheduling.interface import (
+    ScheduledChunk,
+    SchedulerOutput,
+    SchedulerStats,
+    TokenBudget,
+)
 from alignedserve.scheduling.length_index import InMemoryLengthIndex, KVLengthIndex
 from alignedserve.scheduling.request import FinishReason, Request, RequestStatus
 from alignedserve.scheduling.swap import HostAllocator, KVSwapper
@@ -62,7 +67,7 @@ class AlignedScheduler:
         self.running: list[Request] = []
         self.staged: dict[str, Request] = {}  # candidate-requests buffer (still pooled)
         self.requests: dict[str, Request] = {}
-        self.stats = AlignedStats()
+        self.counters = AlignedStats()
         self._batch_steps = 0  # steps the running batch has run since it was formed
         self._bmax = max(1, int(self.cfg.batch_kv_fraction * device.num_blocks))
         self._host_reserve = int(self.cfg.host_watermark * host.num_blocks)
@@ -84,6 +89,14 @@ class AlignedScheduler:
 
     def has_unfinished(self) -> bool:
         return bool(self.requests)
+
+    def stats(self) -> SchedulerStats:
+        host = self.swap.host
+        return SchedulerStats(
+            running=len(self.running), waiting=len(self.waiting), pooled=len(self.pooled),
+            device_usage=self.device.usage, host_blocks_used=host.num_blocks - host.num_free,
+            batch_kv_lengths=tuple(r.num_tokens for r in self.running),
+            counters={**vars(self.counters), **vars(self.swap.stats)})
 
     def transfers_done(self, seq: int) -> None:
         self.swap.transfers_done(seq)
@@ -199,7 +212,7 @@ class AlignedScheduler:
 
     def _stage(self, picked: list[Request]) -> list[Request]:
         """Move `picked` into the candidate buffer and start copying their KV in."""
-        self.stats.batches += 1
+        self.counters.batches += 1
         batch = []
         for r in picked:
             self._take(r)
@@ -227,7 +240,7 @@ class AlignedScheduler:
         chosen = [reqs[i] for i in picked]
         if anchor not in chosen:
             chosen = [anchor]
-        self.stats.starved += sum(r.request_id in late for r in chosen)
+        self.counters.starved += sum(r.request_id in late for r in chosen)
         return chosen
 
     def _switch(self, now: float) -> None:
@@ -245,7 +258,7 @@ class AlignedScheduler:
             r.status = RequestStatus.RUNNING
         self.running, self.candidate = keep + new, []
         self._batch_steps = 0
-        self.stats.switches += 1
+        self.counters.switches += 1
 
     def _refill(self, now: float) -> None:
         """Fill free slots: starving requests first, then the nearest lengths inside the
@@ -262,7 +275,7 @@ class AlignedScheduler:
         budget = self._bmax - sum(self._cost(r) for r in self.running)
         near = nearest_fill([r.num_tokens for r in inside], [self._cost(r) for r in inside],
                             lens[len(lens) // 2], free - len(starving), max(0, budget))
-        self.stats.starved += len(starving)
+        self.counters.starved += len(starving)
         for r in [*starving, *(inside[i] for i in near)]:
             self._take(r)
             if not self.swap.swap_in(r):
@@ -270,8 +283,8 @@ class AlignedScheduler:
                 return
             r.status = RequestStatus.RUNNING
             self.running.append(r)
-            self.stats.refills += 1
-            self.stats.refill_hits += self.staged.pop(r.request_id, None) is not None
+            self.counters.refills += 1
+            self.counters.refill_hits += self.staged.pop(r.request_id, None) is not None
 
     def _stage_refills(self) -> None:
         """Candidate-requests buffer: start copying in the KV of the pooled requests nearest
@@ -322,7 +335,7 @@ class AlignedScheduler:
                 victim = self.running.pop()
                 if not self._swap_out(victim, now):
                     preempted.append(victim.request_id)
-                self.stats.preemptions += 1
+                self.counters.preemptions += 1
                 if victim is req:
                     break
             if req.status is not RequestStatus.RUNNING:
@@ -342,7 +355,7 @@ class AlignedScheduler:
             self.swap.drop_device(req)
             req.num_computed_tokens = req.num_host_tokens = 0
             req.num_preemptions += 1
-            self.stats.recomputes += 1
+            self.counters.recomputes += 1
         req.queued_since = now
         self._to_pool(req)
         return kept

@@ -27,10 +27,13 @@ import multiprocessing
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Literal
 
 import numpy as np
+from pydantic import Field
 
-from alignedserve.scheduling.aligned import AlignedConfig, AlignedScheduler
+from alignedserve.scheduling.aligned import AlignedScheduler
+from alignedserve.scheduling.aligned_config import AlignedConfig, AlignedKnobs
 from alignedserve.scheduling.block_manager import BlockAllocator, KVBlockManager
 from alignedserve.scheduling.fcfs import FCFSScheduler, SchedulerLimits
 from alignedserve.scheduling.interface import Scheduler, SchedulerOutput
@@ -39,35 +42,30 @@ from alignedserve.sim.links import CopyLinks
 from alignedserve.sim.workload import TOKEN, SimWorkload, make_request
 
 
-@dataclass(frozen=True)
-class SimConfig:
-    """One simulated system. Policy knobs mirror AlignedConfig / SchedulerLimits."""
+class SimConfig(AlignedKnobs):
+    """One simulated system: hardware, model, topology and the policy's knobs (the aligned
+    batching knobs are inherited from `AlignedKnobs`; their clocks run in simulated s)."""
 
-    hardware: str = "h100-sxm"  # sim/profiles/hardware.json
-    model: str = "opt-13b"  # sim/profiles/models.json
-    policy: str = "aligned"  # "aligned" | "fcfs"
-    pairs: int = 1  # compute devices (each aligned one has a prefetch device beside it)
-    prefetch: bool = True  # aligned: GPU-Prefetch-For-GPU; False = the ablation
-    split_kv: bool = False  # a load-balanced decode kernel (see cost_model)
-    block_size: int = 16  # tokens per KV block
-    kv_mem_fraction: float = 0.9  # of HBM left after the weights, for the device KV pool
-    host_pool_gib: float = 100.0  # host KV pool per pair, GiB
-    max_num_seqs: int = 256  # requests in one step at most (aligned: max_batch)
-    max_num_batched_tokens: int = 8192  # decode + prefill tokens in one step at most
-    min_batch: int = 36  # the paper's Kmin
-    max_spread: float = 1.5  # longest / shortest KV length of an aligned batch
-    slack_tokens: int = 128  # ... or longest - shortest up to this
-    batch_kv_fraction: float = 0.4  # the paper's Bmax, fraction of device KV blocks
-    max_queue_delay_s: float = 10.0  # starvation bound, simulated seconds
-    min_batch_steps: int = 8  # steps before a starving request may displace a batch
+    hardware: str = Field("h100-sxm", description="sim/profiles/hardware.json entry")
+    model: str = Field("opt-13b", description="sim/profiles/models.json entry")
+    policy: Literal["aligned", "fcfs"] = "aligned"
+    pairs: int = Field(1, ge=1, description="compute devices (each aligned one has a "
+                       "prefetch device beside it)")
+    prefetch: bool = Field(True, description="aligned: GPU-Prefetch-For-GPU; False = the "
+                           "paper's ablation")
+    split_kv: bool = Field(False, description="a load-balanced decode kernel (cost_model)")
+    block_size: int = Field(16, ge=1, description="tokens per KV block")
+    kv_mem_fraction: float = Field(0.9, gt=0, le=1, description="of HBM left after the "
+                                   "weights, for the device KV pool")
+    host_pool_gib: float = Field(100.0, gt=0, description="host KV pool per pair, GiB")
+    max_num_seqs: int = Field(256, ge=1, description="requests in one step at most "
+                              "(aligned: max_batch)")
+    max_num_batched_tokens: int = Field(8192, ge=1, description="decode + prefill tokens in "
+                                        "one step at most")
 
-    def __post_init__(self) -> None:
-        if self.policy not in ("aligned", "fcfs"):
-            raise ValueError(f"policy must be aligned or fcfs, got {self.policy!r}")
-        if self.pairs < 1:
-            raise ValueError("pairs must be >= 1")
-        if not 0 < self.kv_mem_fraction <= 1 or self.host_pool_gib <= 0:
-            raise ValueError("need 0 < kv_mem_fraction <= 1 and host_pool_gib > 0")
+    def but(self, **changes: object) -> SimConfig:
+        """A validated copy with `changes` applied."""
+        return SimConfig(**{**self.model_dump(), **changes})
 
     @property
     def gpus(self) -> int:
@@ -110,12 +108,11 @@ def make_scheduler(cfg: SimConfig, cost: CostModel, clock) -> Scheduler:
         return FCFSScheduler(device, SchedulerLimits(cfg.max_num_seqs,
                                                      cfg.max_num_batched_tokens))
     host_blocks = max(1, int(cfg.host_pool_gib * 2**30 // cost.kv_bytes(1, cfg.block_size)))
+    knobs = {name: getattr(cfg, name) for name in AlignedKnobs.model_fields}
     return AlignedScheduler(device, BlockAllocator(host_blocks), AlignedConfig(
-        max_batch=cfg.max_num_seqs, min_batch=min(cfg.min_batch, cfg.max_num_seqs),
-        max_spread=cfg.max_spread, slack_tokens=cfg.slack_tokens,
-        batch_kv_fraction=cfg.batch_kv_fraction, max_queue_delay_s=cfg.max_queue_delay_s,
-        min_batch_steps=cfg.min_batch_steps,
-        max_num_batched_tokens=cfg.max_num_batched_tokens), clock=clock)
+        **{**knobs, "min_batch": min(cfg.min_batch, cfg.max_num_seqs)},
+        max_batch=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens),
+        clock=clock)
 
 
 class SimPair:
@@ -205,10 +202,8 @@ class SimPair:
         return self._finish_result(res, shard, first, finish, step_s)
 
     def _track_host(self, res: PairResult) -> None:
-        swap = getattr(self.scheduler, "swap", None)
-        if swap is not None:
-            used = swap.host.num_blocks - swap.host.num_free
-            res.peak_host_blocks = max(res.peak_host_blocks, used)
+        used = self.scheduler.stats().host_blocks_used
+        res.peak_host_blocks = max(res.peak_host_blocks, used)
 
     def _finish_result(self, res: PairResult, shard: SimWorkload, first_s: list[float],
                        finish_s: list[float], step_s: list[float]) -> PairResult:
@@ -221,11 +216,7 @@ class SimPair:
         res.steps, res.end_s, res.block_bytes = len(step_s), self.now, self.block_bytes
         res.copy_s = self.links.busy_s
         res.events = len(shard) * 2 + res.steps + self.links.copies
-        for name in ("stats", "swap"):
-            obj = getattr(self.scheduler, name, None)
-            obj = getattr(obj, "stats", obj)  # swap.stats is the SwapStats
-            if obj is not None and hasattr(obj, "__dataclass_fields__"):
-                res.stats |= {k: getattr(obj, k) for k in obj.__dataclass_fields__}
+        res.stats |= self.scheduler.stats().counters
         return res
 
 

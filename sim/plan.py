@@ -16,7 +16,7 @@ grows without bound would otherwise pass a TPOT SLO while TTFT diverges.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from alignedserve.sim.cluster import SimConfig, run_pair
@@ -64,7 +64,7 @@ def evaluate(req: PlanRequest, knobs: dict[str, Any], pairs: int) -> Candidate:
     """Simulate pair 0 of a `pairs`-pair cluster at the global rate."""
     wl = sim_workload(req.workload, req.per_pair * pairs, seed=req.seed,
                       len_scale=req.len_scale, rate=req.rate)
-    cfg = replace(SimConfig(hardware=req.hardware, model=req.model, pairs=pairs), **knobs)
+    cfg = SimConfig(hardware=req.hardware, model=req.model, pairs=pairs).but(**knobs)
     shard = wl.shard(0, pairs)
     s = summarize([run_pair(cfg, shard)])
     keeps_up = s["makespan_s"] <= req.drain_factor * float(shard.arrival[-1]) + 1.0

@@ -13,7 +13,6 @@ Two ways to count devices (`parity`):
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -29,11 +28,11 @@ def system_config(base: SimConfig, system: str, gpus: int, parity: str = "gpus")
         raise ValueError(f"parity must be gpus or compute, got {parity!r}")
     if system == "aligned":
         pairs = gpus if parity == "compute" else max(1, gpus // 2)
-        return replace(base, policy="aligned", prefetch=True, pairs=pairs)
+        return base.but(policy="aligned", prefetch=True, pairs=pairs)
     if system == "aligned-noprefetch":
-        return replace(base, policy="aligned", prefetch=False, pairs=gpus)
+        return base.but(policy="aligned", prefetch=False, pairs=gpus)
     if system == "fcfs":
-        return replace(base, policy="fcfs", prefetch=False, pairs=gpus)
+        return base.but(policy="fcfs", prefetch=False, pairs=gpus)
     raise ValueError(f"unknown system {system!r}; expected one of {SYSTEMS}")
 
 

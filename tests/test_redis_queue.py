@@ -22,6 +22,7 @@ from alignedserve.global_queue.records import (
     set_holder,
     set_prefilled,
 )
+from alignedserve.scheduling.dispatch import DispatchKnobs
 from alignedserve.scheduling.length_index import InMemoryLengthIndex
 from alignedserve.scheduling.sampling_params import SamplingParams
 
@@ -97,7 +98,7 @@ def test_dispatcher_assigns_aligned_groups_and_skips_aborted(r, keys):
     r.sadd(keys.aborted, "q1")
     freed: list[str] = []
     publish_state(r, keys, ReplicaState("rep", time.time(), free=3))
-    d = Dispatcher(r, keys, max_spread=1.5, slack_tokens=0, free_kv=freed.append)
+    d = Dispatcher(r, keys, DispatchKnobs(1.5, 0, 10.0), free_kv=freed.append)
     # The narrowest aligned window of 3 is 11..13 (q1..q3); q1 was aborted: freed, not sent.
     assert d.tick() == 2
     assert [x.decode() for x in r.lrange(keys.inbox("rep"), 0, -1)] == ["q2", "q3"]
@@ -106,7 +107,7 @@ def test_dispatcher_assigns_aligned_groups_and_skips_aborted(r, keys):
 
 
 def test_leader_loop_only_one_dispatches(redis_url, r, keys):
-    loops = [LeaderLoop(redis_url, keys, ttl_s=0.5, max_spread=1.5, slack_tokens=0).start()
+    loops = [LeaderLoop(redis_url, keys, ttl_s=0.5, knobs=DispatchKnobs(1.5, 0, 10.0)).start()
              for _ in range(2)]
     try:
         deadline = time.monotonic() + 5
