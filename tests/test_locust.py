@@ -121,4 +121,4 @@ def test_dashboard_queries_only_metrics_the_server_exports(server):
         if not missing or time.monotonic() > deadline:
             break
         time.sleep(2)
-    assert not missing, f"missing: {' '.join(sorted(missing))}\nexported: {' '.join(sorted(exported))}"
+    assert not missing, f"missing: {sorted(missing)}\nexported: {sorted(exported)}"
