@@ -195,6 +195,7 @@ def test_serve_args_validate_as_serve_config(rendered):
         rs = _one(docs, "RayService")
         app = _serve_app(rs)
         assert app["import_path"] == "alignedserve.deployments.app:build"
+        assert app["name"] == _app_constant("APP_NAME")
         args = app["args"]
         assert "redis_url" not in args and "redis://" not in rs["spec"]["serveConfigV2"], name
         cfg = ServeConfig.model_validate(args)  # extra="forbid": unknown args fail here
@@ -206,6 +207,19 @@ def test_serve_args_validate_as_serve_config(rendered):
                 assert got.model_dump() | want == got.model_dump(), (name, key)
             else:
                 assert got == want, (name, key)
+
+
+def _app_constant(name: str) -> str:
+    """A string constant of deployments/app.py (the Serve app the chart deploys), read from
+    the source so the test does not start Serve."""
+    import ast
+
+    tree = ast.parse((REPO / "deployments" / "app.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == [
+                name]:
+            return ast.literal_eval(node.value)
+    raise AssertionError(f"deployments/app.py has no {name}")
 
 
 def _containers(rs: dict[str, Any]) -> list[tuple[dict, dict]]:
@@ -257,6 +271,7 @@ def test_rayservice_shape(rendered):
     assert svc_ports["serve"]["port"] == 8000
     grpc = yaml.safe_load(spec["serveConfigV2"])["grpc_options"]
     assert grpc["port"] == 9000
+    assert grpc["grpc_servicer_functions"] == [_app_constant("GRPC_SERVICER")]
     cfg = ServeConfig.model_validate(_serve_app(rs)["args"])
     for group in (head, workers):
         pod = group["template"]["spec"]
