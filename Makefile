@@ -32,6 +32,7 @@ $(STAMP): pyproject.toml Makefile
 
 lint: install
 	$(BIN)/ruff check .
+	$(BIN)/python tools/typecheck.py
 
 test: install lint tools
 	HF_HUB_OFFLINE=1 $(BIN)/pytest $(PYTEST_ARGS)

@@ -78,6 +78,9 @@ class ServeConfig(BaseSettings):
                                      "its requests end with an error, their KV is freed.")
     drain_timeout_s: float = Field(20.0, ge=0, description="On shutdown, in-flight requests "
                                    "get this long to finish.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="Level of the serving processes' logs (request id on every line; "
+        "prompts and outputs are never logged at INFO or above).")
     engine: EngineKnobs = Field(default_factory=EngineKnobs)
 
     @property

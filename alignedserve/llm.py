@@ -34,13 +34,12 @@ class LLM:
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
         """Run all prompts to completion; outputs come back in prompt order."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]  # a single prompt: text, or one list of token ids
+        batch = _as_batch(prompts)
         if params is None or isinstance(params, SamplingParams):
-            params = [params or SamplingParams()] * len(prompts)
-        if len(params) != len(prompts):
-            raise ValueError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
-        ids = [self.engine.add_request(p, sp) for p, sp in zip(prompts, params, strict=True)]
+            params = [params or SamplingParams()] * len(batch)
+        if len(params) != len(batch):
+            raise ValueError(f"{len(batch)} prompts but {len(params)} SamplingParams")
+        ids = [self.engine.add_request(p, sp) for p, sp in zip(batch, params, strict=True)]
         results: dict[str, RequestOutput] = {}
         with tqdm(total=len(ids), desc="generate", disable=not use_tqdm) as bar:
             while self.engine.has_unfinished():
@@ -48,3 +47,15 @@ class LLM:
                     results[out.request_id] = out
                     bar.update(1)
         return [results[i] for i in ids]
+
+
+def _as_batch(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
+    """One prompt (text, or a list of token ids) or a sequence of them, as a list."""
+    if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        return [list(prompts) if isinstance(prompts, list) else str(prompts)]
+    batch: list[Prompt] = []
+    for p in prompts:
+        if not isinstance(p, str | list):
+            raise TypeError(f"a prompt is text or a list of token ids, not {type(p).__name__}")
+        batch.append(p)
+    return batch

@@ -20,7 +20,7 @@ def _add_model_parser(sub: argparse._SubParsersAction) -> None:
     model = sub.add_parser("model", help="Build and manage local model folders.")
     msub = model.add_subparsers(dest="model_cmd", required=True, metavar="ACTION")
     init = msub.add_parser("init", help="Build a named model into an HF-format folder.")
-    init.add_argument("name", help="Model name (see alignedserve.engine.model_builder).")
+    init.add_argument("name", help="Model name (see alignedserve.model_zoo.model_builder).")
     init.add_argument("--out", required=True, help="Output folder (replaced if it exists).")
     init.add_argument("--seed", type=int, default=0,
                       help="Weight seed of the random-weight models (default 0).")
@@ -192,7 +192,7 @@ def _resolve_model(value: str) -> tuple[str, str]:
     path = Path(value)
     if path.is_dir():
         return str(path), path.name
-    from alignedserve.engine.model_builder import MODEL_NAMES, ensure_model
+    from alignedserve.model_zoo.model_builder import MODEL_NAMES, ensure_model
 
     if value not in MODEL_NAMES:
         raise SystemExit(f"--model {value!r} is neither a folder nor one of {list(MODEL_NAMES)}")
@@ -200,7 +200,7 @@ def _resolve_model(value: str) -> tuple[str, str]:
 
 
 def _cmd_model_init(args: argparse.Namespace) -> int:
-    from alignedserve.engine.model_builder import build_model
+    from alignedserve.model_zoo.model_builder import build_model
 
     print(build_model(args.name, args.out, seed=args.seed))
     return 0

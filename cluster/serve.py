@@ -14,8 +14,9 @@ import threading
 import time
 from pathlib import Path
 
-from alignedserve.cluster.redis_server import LocalRedis
 from alignedserve.config import ServeConfig, load_config
+from alignedserve.global_queue.redis_server import LocalRedis
+from alignedserve.logs import configure_logging
 
 # Flags of `serve` (each overrides the config file and the environment); ServeConfig
 # documents every field.
@@ -51,50 +52,18 @@ def resolve_model(model: str) -> str:
     """A model folder, preparing a built-in name (e.g. smollm2-135m) on first use."""
     if Path(model).is_dir():
         return str(Path(model).resolve())
-    from alignedserve.engine.model_builder import MODEL_NAMES, ensure_model
+    from alignedserve.model_zoo.model_builder import MODEL_NAMES, ensure_model
 
     if model not in MODEL_NAMES:
         raise ValueError(f"model {model!r} is neither a folder nor one of {list(MODEL_NAMES)}")
     return str(ensure_model(model))
 
 
-def init_ray(cfg: ServeConfig) -> None:
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=cfg.ray_address, include_dashboard=cfg.ray_address is None,
-                 dashboard_host="127.0.0.1", log_to_driver=False)
-
-
-def start(cfg: ServeConfig, model_dir: str) -> None:
-    """Start Ray (if needed) and run the app; returns once it is deployed and healthy."""
-    from ray import serve
-    from ray.serve.config import gRPCOptions
-
-    from alignedserve.deployments.app import APP_NAME, GRPC_SERVICER, build_app
-
-    init_ray(cfg)
-    grpc = (gRPCOptions(port=cfg.grpc_port, grpc_servicer_functions=[GRPC_SERVICER])
-            if cfg.grpc_port else None)
-    serve.start(http_options={"host": cfg.host, "port": cfg.http_port}, grpc_options=grpc)
-    serve.run(build_app(cfg, model_dir), name=APP_NAME, route_prefix="/")
-
-
-def stop() -> None:
-    """Delete the app (Serve drains: routers finish open requests, replicas their batches)
-    and shut Serve down."""
-    from ray import serve
-
-    from alignedserve.deployments.app import APP_NAME
-    from alignedserve.kv_store.store import close_stores
-
-    serve.delete(APP_NAME)
-    serve.shutdown()
-    close_stores()  # after the replicas: their drain may still free KV
-
-
 def _cmd_serve(args: argparse.Namespace) -> int:
+    from alignedserve.deployments import app
+
     cfg = load_config(args.config, **_flags(args))
+    configure_logging(cfg.log_level)
     model_dir = resolve_model(cfg.model)
     cfg = cfg.model_copy(update={"served_model_name": cfg.served_model_name or
                                  Path(cfg.model).name})
@@ -103,16 +72,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if redis_srv is not None:
         redis_srv.start()
     try:
-        init_ray(cfg)
+        app.init_ray(cfg)
         # After ray.init, whose native handler would otherwise end the process at once on
         # SIGTERM, skipping the drain. A signal during start-up drains once it is up.
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: done.set())
-        start(cfg, model_dir)
+        app.start(cfg, model_dir)
         _print_usage(cfg)
         done.wait()
         print("draining...", flush=True)
-        stop()
+        app.stop()
     finally:
         if redis_srv is not None:
             redis_srv.stop()

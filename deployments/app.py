@@ -1,6 +1,7 @@
 """Builds the Serve application: the router (HTTP + gRPC ingress, scheduler leader) bound to
 the compute replicas (each with its prefetch worker). `import_path`-style entry for YAML
-deployments (KubeRay `serveConfigV2`): `alignedserve.deployments.app:build`."""
+deployments (KubeRay `serveConfigV2`): `alignedserve.deployments.app:build`; `start` and
+`stop` run it on a local or joined Ray cluster (the CLI, benchmarks and tests)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,11 @@ from ray import serve
 from ray.serve import Application
 
 from alignedserve.config import ServeConfig, load_config
-from alignedserve.deployments.compute_replica import ComputeReplica
-from alignedserve.deployments.router import Router
+from alignedserve.deployments.replica.compute_replica import ComputeReplica
+from alignedserve.deployments.router.router import Router
 
 APP_NAME = "alignedserve"
-GRPC_SERVICER = "alignedserve.deployments.grpc_servicer.add_servicer_to_server"
+GRPC_SERVICER = "alignedserve.deployments.router.grpc_servicer.add_servicer_to_server"
 
 
 def build_app(cfg: ServeConfig, model_dir: str) -> Application:
@@ -41,3 +42,35 @@ def build(args: dict[str, Any]) -> Application:
     args = dict(args)
     cfg = load_config(args.pop("config", None), **args)
     return build_app(cfg, cfg.model)
+
+
+def init_ray(cfg: ServeConfig) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=cfg.ray_address, include_dashboard=cfg.ray_address is None,
+                 dashboard_host="127.0.0.1", log_to_driver=False)
+
+
+def start(cfg: ServeConfig, model_dir: str) -> None:
+    """Start Ray (if needed) and run the app; returns once it is deployed and healthy."""
+    from ray import serve
+    from ray.serve.config import gRPCOptions
+
+    init_ray(cfg)
+    grpc = (gRPCOptions(port=cfg.grpc_port, grpc_servicer_functions=[GRPC_SERVICER])
+            if cfg.grpc_port else None)
+    serve.start(http_options={"host": cfg.host, "port": cfg.http_port}, grpc_options=grpc)
+    serve.run(build_app(cfg, model_dir), name=APP_NAME, route_prefix="/")
+
+
+def stop() -> None:
+    """Delete the app (Serve drains: routers finish open requests, replicas their batches)
+    and shut Serve down."""
+    from ray import serve
+
+    from alignedserve.kv_store.store import close_stores
+
+    serve.delete(APP_NAME)
+    serve.shutdown()
+    close_stores()  # after the replicas: their drain may still free KV

@@ -169,7 +169,7 @@ class AttentionStep:
         self.cache.write(layer, k, v, self.slot_blocks, self.slot_offsets)
         out = torch.empty_like(q)
         nd = self.num_decode
-        if nd:
+        if nd and self.decode is not None:
             kc, vc = self.cache.k[layer], self.cache.v[layer]
             out[:nd] = self.backend.forward(q[:nd], kc, vc, self.decode, scale)
         for c in self.prefills:

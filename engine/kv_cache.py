@@ -33,16 +33,6 @@ class PagedKVCache:
         self.k = [self.kv[:, i, 0] for i in range(cfg.num_layers)]
         self.v = [self.kv[:, i, 1] for i in range(cfg.num_layers)]
 
-    @staticmethod
-    def block_shape(cfg: ModelConfig, block_size: int) -> tuple[int, ...]:
-        """One block: [layers, K|V, block_size, kv_heads, head_dim]."""
-        return (cfg.num_layers, 2, block_size, cfg.num_kv_heads, cfg.head_dim)
-
-    @staticmethod
-    def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-        elem = torch.tensor([], dtype=dtype).element_size()
-        return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * elem
-
     def write(
         self, layer: int, k: torch.Tensor, v: torch.Tensor, blk: torch.Tensor, off: torch.Tensor
     ) -> None:

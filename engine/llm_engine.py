@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 import torch
 
 from alignedserve.engine.config import EngineConfig
-from alignedserve.engine.kv_cache import PagedKVCache
 from alignedserve.engine.kv_transfer import KVTransferQueue, TransferExecutor
 from alignedserve.engine.model_runner import ModelRunner, StepStats
+from alignedserve.engine.sizing import PoolSizes
 from alignedserve.engine.tokenizer import (
     IncrementalDetokenizer,
     final_text,
@@ -76,14 +76,8 @@ def aligned_config(cfg: EngineConfig) -> AlignedConfig:
                          max_num_batched_tokens=cfg.max_num_batched_tokens)
 
 
-def host_pool_blocks(cfg: EngineConfig, bytes_per_block: int) -> int:
-    """Host KV pool size in blocks: host_kv_blocks, else host_kv_gib worth."""
-    return cfg.host_kv_blocks or max(1, int(cfg.host_kv_gib * 2**30 // bytes_per_block))
-
-
-def make_host_pool(cfg: EngineConfig, cache: PagedKVCache) -> HostKVPool:
-    per_block = cache.kv[0].numel() * cache.kv.element_size()
-    return HostKVPool(host_pool_blocks(cfg, per_block), tuple(cache.kv.shape[1:]), cache.kv.dtype)
+def make_host_pool(sizes: PoolSizes) -> HostKVPool:
+    return HostKVPool(sizes.host_blocks, sizes.block_shape, sizes.dtype)
 
 
 def make_scheduler(cfg: EngineConfig, num_blocks: int,
@@ -119,7 +113,7 @@ class LLMEngine:
         if parts is not None:
             host, self.transfers = parts.host, parts.transfers
         elif cfg.policy == "aligned":
-            self.host_pool = make_host_pool(cfg, cache)
+            self.host_pool = make_host_pool(self.runner.sizes)
             host, self.transfers = self.host_pool.allocator, KVTransferQueue(cache, self.host_pool)
         self.scheduler = make_scheduler(cfg, cache.num_blocks, host)
         try:

@@ -22,9 +22,8 @@ from alignedserve.engine.config import EngineConfig, ModelConfig
 from alignedserve.engine.kv_cache import PagedKVCache
 from alignedserve.engine.models import load_model
 from alignedserve.engine.sampler import sample
+from alignedserve.engine.sizing import pool_sizes
 from alignedserve.scheduling.interface import ScheduledChunk, SchedulerOutput
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -55,18 +54,14 @@ class ModelRunner:
         if cfg.num_threads is not None:
             torch.set_num_threads(cfg.num_threads)
         self.cfg = cfg
-        self.dtype = DTYPES[cfg.dtype]
         self.model_cfg = ModelConfig.from_pretrained(cfg.model)
+        self.sizes = pool_sizes(cfg, self.model_cfg)
+        self.dtype = self.sizes.dtype
         self.model = load_model(cfg.model, self.model_cfg, self.dtype)
-        per_block = PagedKVCache.bytes_per_block(self.model_cfg, cfg.block_size, self.dtype)
-        blocks = cfg.num_kv_blocks or max(1, int(cfg.kv_cache_gib * 2**30 // per_block))
+        blocks = self.sizes.device_blocks
         storage = kv_storage(blocks) if kv_storage is not None else None
         self.cache = PagedKVCache(self.model_cfg, blocks, cfg.block_size, self.dtype, storage)
-        self.max_model_len = min(
-            cfg.max_model_len or self.model_cfg.max_position_embeddings,
-            self.model_cfg.max_position_embeddings,
-            blocks * cfg.block_size,
-        )
+        self.max_model_len = self.sizes.max_model_len
         self._generators: dict[str, torch.Generator] = {}
 
     def choose_backend(self, kv_lens: list[int]) -> DecodeBackend:

@@ -70,6 +70,11 @@ def set_holder(pipe: redis.client.Pipeline, keys: RedisKeys, rid: str, holder: s
     pipe.hset(keys.req(rid), "holder", holder)
 
 
+def read_holder(pipe: redis.client.Pipeline, keys: RedisKeys, rid: str) -> None:
+    """Queue a read of `rid`'s holder on `pipe` (its result: the id as bytes, or None)."""
+    pipe.hget(keys.req(rid), "holder")
+
+
 def set_prefilled(pipe: redis.client.Pipeline, keys: RedisKeys, rid: str,
                   output_ids: tuple[int, ...], slots: tuple[int, ...]) -> None:
     pipe.hset(keys.req(rid), mapping=_prefilled(output_ids, slots))

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import grpc
 import torch
 
+from alignedserve.kv_store.core import KVStoreCore
 from alignedserve.kv_store.protos import kv_store_pb2 as pb
 from alignedserve.kv_store.protos import kv_store_pb2_grpc as pbg
-from alignedserve.kv_store.store import KVStoreCore
 
 _MAX_MSG = 64 << 20  # bytes per message (one block is far smaller)
 _OPTIONS = [("grpc.max_send_message_length", _MAX_MSG),

@@ -15,12 +15,13 @@ import time
 from collections import deque
 
 import ray
+from ray.actor import ActorHandle
 
 _STATS_EVERY_S = 0.2  # how stale the cached free-block count may get
 
 
 class StoreHostAllocator:
-    def __init__(self, store: object, num_blocks: int) -> None:
+    def __init__(self, store: ActorHandle, num_blocks: int) -> None:
         self.store = store  # Ray handle of the node's KVStore actor
         self.num_blocks = num_blocks
         self._free = num_blocks

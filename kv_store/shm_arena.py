@@ -48,7 +48,7 @@ class ArenaSpec:
 
 class ShmArena:
     def __init__(self, shm: shared_memory.SharedMemory, spec: ArenaSpec, owner: bool) -> None:
-        self._shm = shm
+        self._shm: shared_memory.SharedMemory | None = shm
         self.spec = spec
         self.owner = owner
         head = spec.header_slots * _HEADER_ITEM
@@ -74,14 +74,15 @@ class ShmArena:
     @classmethod
     def attach(cls, spec: ArenaSpec) -> ShmArena:
         shm = shared_memory.SharedMemory(name=spec.name, create=False)
-        resource_tracker.unregister(shm._name, "shared_memory")  # the creator owns it
+        # The creator owns it. The tracker registered the POSIX name, "/" + name.
+        resource_tracker.unregister("/" + spec.name, "shared_memory")
         return cls(shm, spec, owner=False)
 
     def close(self) -> None:
         """Unmap. Tensors viewing the segment must not be used afterwards."""
         if self._shm is None:
             return
-        self.header = self.blocks = None  # drop the views before the buffer goes
+        del self.header, self.blocks  # drop the views before the buffer goes
         with contextlib.suppress(BufferError):  # a view still alive: unmapped at process exit
             self._shm.close()
         self._shm = None

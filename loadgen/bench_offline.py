@@ -120,13 +120,11 @@ def _engine_config(cfg: OfflineBenchConfig, policy: str):
 def kv_pool_blocks(cfg: OfflineBenchConfig) -> tuple[int, int, int]:
     """(KV blocks, max model len, vocab) exactly as the engine sizes them, without loading it."""
     from alignedserve.engine.config import ModelConfig
-    from alignedserve.engine.kv_cache import PagedKVCache
-    from alignedserve.engine.model_runner import DTYPES
+    from alignedserve.engine.sizing import pool_sizes
 
     mc = ModelConfig.from_pretrained(cfg.model)
-    per_block = PagedKVCache.bytes_per_block(mc, cfg.block_size, DTYPES[cfg.dtype])
-    blocks = max(1, int(cfg.kv_cache_gib * 2**30 // per_block))
-    return blocks, min(mc.max_position_embeddings, blocks * cfg.block_size), mc.vocab_size
+    sizes = pool_sizes(_engine_config(cfg, "fcfs"), mc)
+    return sizes.device_blocks, sizes.max_model_len, mc.vocab_size
 
 
 def batch_change_rate(stats: list) -> float | None:

@@ -100,9 +100,9 @@ def run_serve_path(cfg: ServeBenchConfig, requests: list[WorkloadRequest]) -> tu
                                                                                      list[float]]:
     import ray
 
-    from alignedserve.cluster import serve as cluster
-    from alignedserve.cluster.redis_server import LocalRedis
     from alignedserve.config import ServeConfig
+    from alignedserve.deployments import app
+    from alignedserve.global_queue.redis_server import LocalRedis
 
     url = f"redis://127.0.0.1:{_free_port()}/0"
     scfg = ServeConfig(
@@ -117,12 +117,12 @@ def run_serve_path(cfg: ServeBenchConfig, requests: list[WorkloadRequest]) -> tu
     with LocalRedis(url):
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
         try:
-            cluster.start(scfg, cfg.model)
+            app.start(scfg, cfg.model)
             base = f"http://127.0.0.1:{scfg.http_port}"
             warm = [WorkloadRequest(list(range(32, 40)), 4, 0.0)]
             asyncio.run(_drive(base, cfg.label, warm, False, []))
             records, wall = asyncio.run(_drive(base, cfg.label, requests, cfg.progress, itl))
-            cluster.stop()
+            app.stop()
         finally:
             ray.shutdown()
     run = SystemRun(name="serve", kind="engine", wall_s=wall, requests=tuple(records),

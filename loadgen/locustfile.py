@@ -92,7 +92,7 @@ def _load_tokenizer(name: str):
 
     if Path(name).is_dir():
         return load_tokenizer(name)
-    from alignedserve.engine.model_builder import ensure_model
+    from alignedserve.model_zoo.model_builder import ensure_model
 
     return load_tokenizer(ensure_model(name))
 

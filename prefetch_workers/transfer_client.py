@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 
 import torch
+from ray.actor import ActorHandle
 
 from alignedserve.engine.kv_transfer import TransferStats
 from alignedserve.prefetch_workers.worker import HEADER_DONE_SEQ
@@ -16,7 +17,7 @@ _SPIN_S = 0.0002  # sleep between header reads while a step waits on its fence
 
 
 class PrefetchTransferQueue:
-    def __init__(self, worker: object, header: torch.Tensor, block_bytes: int) -> None:
+    def __init__(self, worker: ActorHandle, header: torch.Tensor, block_bytes: int) -> None:
         self.worker = worker  # Ray handle of the paired PrefetchWorker
         self.header = header  # int64 view over the device arena's header
         self.block_bytes = block_bytes

@@ -16,12 +16,14 @@ handles / peer access) on a side stream; that path is not exercised in CI (no GP
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass
 
 import redis
 import torch
+from ray.actor import ActorHandle
 
 from alignedserve.engine.config import EngineConfig
 from alignedserve.engine.llm_engine import LLMEngine, StepOutput
@@ -35,9 +37,12 @@ from alignedserve.global_queue.records import (
     set_prefilled,
 )
 from alignedserve.kv_store.shm_arena import ArenaSpec, ShmArena
+from alignedserve.logs import configure_logging
+from alignedserve.logs import rid as log_rid
 from alignedserve.scheduling.block_manager import blocks_for
 from alignedserve.scheduling.interface import KVTransfer
 
+log = logging.getLogger("alignedserve.prefetch")
 HEADER_DONE_SEQ = 0  # device-arena header slot: every transfer with seq <= it has finished
 
 
@@ -48,6 +53,7 @@ class PrefetchConfig:
     keys: RedisKeys
     worker_id: str  # pairs with the compute replica of the same id
     admission_timeout_s: float = 600.0  # a prefilled request waits this long for store room
+    log_level: str = "INFO"  # ServeConfig.log_level
 
 
 @dataclass
@@ -64,9 +70,10 @@ class PrefetchStats:
 class PrefetchWorker:
     """Run as a Ray actor (`PrefetchWorkerActor`); the methods below are its RPCs."""
 
-    def __init__(self, cfg: PrefetchConfig, store: object, device: ArenaSpec) -> None:
+    def __init__(self, cfg: PrefetchConfig, store: ActorHandle, device: ArenaSpec) -> None:
         from alignedserve.kv_store.client import KVStoreClient
 
+        configure_logging(cfg.log_level)
         self.cfg = cfg
         self.engine = LLMEngine(cfg.engine)
         self.store = store
@@ -115,6 +122,8 @@ class PrefetchWorker:
         try:
             loop()
         except BaseException as e:  # surfaced by get_stats (the replica's health check)
+            log.exception("prefetch worker %s: %s loop failed", self.cfg.worker_id,
+                          threading.current_thread().name)
             self._error = e
             raise
 
@@ -173,6 +182,7 @@ class PrefetchWorker:
                                         rec.request_id, arrived_at=rec.arrival_time)
                 self._arrivals[rec.request_id] = rec.arrival_time
             except ValueError as e:
+                log.warning("rejected at prefill: %s", e, extra=log_rid(rec.request_id))
                 publish(pipe, self.cfg.keys, rec.request_id, TokenEvent((), 0, error=str(e)))
                 continue
             set_holder(pipe, self.cfg.keys, rec.request_id, self.cfg.worker_id)
@@ -193,9 +203,12 @@ class PrefetchWorker:
                 o = finished[rid]
                 publish(pipe, keys, rid, TokenEvent((tok,), 1, o.finish_reason, lps))
             elif aborted:
+                log.info("aborted during prefill", extra=log_rid(rid))
                 self.engine.detach(rid)
             else:
                 req = self.engine.get_request(rid)
+                if req is None:
+                    raise RuntimeError(f"{rid} sampled but is not tracked")  # a bug, not input
                 self.stats.prefills += 1
                 self.stats.prefill_tokens += req.num_prompt_tokens
                 slots = self._to_store(rid, req.block_ids, req.num_computed_tokens)
@@ -217,7 +230,8 @@ class PrefetchWorker:
         n = blocks_for(num_tokens, self.engine.cfg.block_size)
         try:
             slots = allocate_wait(self.store, rid, n, timeout_s=0.0)
-        except TimeoutError:
+        except TimeoutError:  # the store is full: wait for room (admission control)
+            log.info("KV store full; prefilled request waits for room", extra=log_rid(rid))
             self.stats.admission_waits += 1
             slots = allocate_wait(self.store, rid, n, timeout_s=self.cfg.admission_timeout_s)
         self.host.arena.blocks.index_copy_(0, torch.tensor(slots[:n]),

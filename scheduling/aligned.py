@@ -165,10 +165,10 @@ class AlignedScheduler:
         the bound so that a burst's requests tie; ties go nearest `anchor` (a KV length),
         or shortest first without one."""
         limit = self.cfg.max_queue_delay_s
-        late = [r for r in self.pooled.values() if now - r.queued_since >= limit]
+        late = [r for r in self.pooled.values() if now - _queued_since(r) >= limit]
 
         def key(r: Request) -> tuple[int, int]:
-            overdue = int((now - r.queued_since) // limit)
+            overdue = int((now - _queued_since(r)) // limit)
             return (-overdue, abs(r.num_tokens - anchor) if anchor is not None else r.num_tokens)
 
         return sorted(late, key=key)
@@ -385,3 +385,10 @@ class AlignedScheduler:
     @staticmethod
     def _age_key(req: Request) -> tuple[float, int]:
         return (req.queued_since or 0.0, req.num_tokens)
+
+
+def _queued_since(req: Request) -> float:
+    """When a pooled request began waiting (set whenever it enters the pool)."""
+    if req.queued_since is None:
+        raise RuntimeError(f"{req.request_id} is pooled without a queued_since time")
+    return req.queued_since

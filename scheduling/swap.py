@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 from alignedserve.scheduling.block_manager import KVBlockManager, blocks_for
 from alignedserve.scheduling.interface import KVTransfer
@@ -135,7 +135,8 @@ class KVSwapper:
         while self._deferred_free and self._deferred_free[0][0] <= self.done_seq:
             self.device.allocator.free(self._deferred_free.popleft()[1])
 
-    def _issue(self, req: Request, kind: str, host: list[int], device: list[int]) -> KVTransfer:
+    def _issue(self, req: Request, kind: Literal["swap_in", "swap_out"], host: list[int],
+               device: list[int]) -> KVTransfer:
         self._seq += 1
         t = KVTransfer(self._seq, req.request_id, kind, tuple(host), tuple(device))
         self._outbox.append(t)

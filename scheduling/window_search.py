@@ -100,7 +100,8 @@ def nearest_fill(
     budget permitting. Used to refill a running batch's free slots (candidate-requests
     buffer) and to fill around starving requests."""
     order = sorted(range(len(lengths)), key=lambda i: (abs(lengths[i] - anchor), i))
-    picked, spent = [], 0
+    picked: list[int] = []
+    spent = 0
     for i in order:
         if len(picked) == slots:
             break

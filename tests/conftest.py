@@ -15,7 +15,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def model_dirs(tmp_path_factory):
     """name -> folder; builds lazily so each test pays only for the models it uses."""
-    from alignedserve.engine.model_builder import build_model, ensure_model
+    from alignedserve.model_zoo.model_builder import build_model, ensure_model
 
     root = tmp_path_factory.mktemp("models")
     built: dict[str, Path] = {}
@@ -41,7 +41,7 @@ def redis_url():
     """A real redis-server on loopback for the session (started and stopped here)."""
     import socket
 
-    from alignedserve.cluster.redis_server import LocalRedis
+    from alignedserve.global_queue.redis_server import LocalRedis
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

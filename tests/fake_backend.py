@@ -12,8 +12,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from alignedserve.deployments.backend import GenerateRequest, TokenEvent
-from alignedserve.deployments.openai_protocol import APIError
+from alignedserve.deployments.router.backend import GenerateRequest, TokenEvent
+from alignedserve.deployments.router.openai_protocol import APIError
 from alignedserve.engine.tokenizer import find_stop
 
 STORY = ("Once upon a time, a small fox lived by the river. Every morning the fox said: "

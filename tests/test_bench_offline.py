@@ -22,7 +22,7 @@ SMALL = {"num_requests": 6, "len_scale": 16.0, "threads": 1, "progress": False}
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
-    from alignedserve.engine.model_builder import build_model
+    from alignedserve.model_zoo.model_builder import build_model
 
     return build_model("tiny", tmp_path_factory.mktemp("bench-models") / "tiny")
 

@@ -17,15 +17,15 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from ray import serve
 
-from alignedserve.deployments.grpc_api import GrpcApiMixin
-from alignedserve.deployments.openai_api import OpenAIFrontend, install_error_handlers
+from alignedserve.deployments.router.grpc_api import GrpcApiMixin
+from alignedserve.deployments.router.openai_api import OpenAIFrontend, install_error_handlers
 from alignedserve.engine.tokenizer import final_text, load_tokenizer
 from alignedserve.scheduling.sampling_params import SamplingParams
 
 APP = "alignedserve"
 META = (("application", APP),)
 MAX_LEN = 256
-SERVICER = "alignedserve.deployments.grpc_servicer.add_servicer_to_server"
+SERVICER = "alignedserve.deployments.router.grpc_servicer.add_servicer_to_server"
 
 app = FastAPI()
 install_error_handlers(app)

@@ -5,18 +5,28 @@ from __future__ import annotations
 
 import asyncio
 
-from alignedserve.deployments.grpc_servicer import abort_on_cancel
 from alignedserve.deployments.protos import alignedserve_pb2 as pb
+from alignedserve.deployments.router.grpc_servicer import abort_on_cancel
 
 
 class FakeContext:
     def __init__(self) -> None:
         self.callbacks = []
+        self.done = False
+
+    def invocation_metadata(self):
+        assert not self.done, "read after the call ended (grpc segfaults here)"
+        return (("application", "alignedserve"), ("request_id", "serve-1"))
+
+    def peer(self):
+        assert not self.done
+        return "ipv4:127.0.0.1:5555"
 
     def add_done_callback(self, cb) -> None:
         self.callbacks.append(cb)
 
     def finish(self) -> None:  # what gRPC does when the RPC ends, however it ends
+        self.done = True
         for cb in self.callbacks:
             cb(self)
 
@@ -28,6 +38,9 @@ def _wrapped(n_messages: int, aborted: list[str]):
             yield f"{request.request_id}:{i}"
 
     async def abort(request, context):
+        # The abort goes to the same application, under a Serve request id of its own.
+        assert dict(context.invocation_metadata()) == {"application": "alignedserve"}
+        context.set_code(0)
         aborted.append(request.request_id)
 
     return abort_on_cancel(generate, abort)

@@ -11,8 +11,8 @@ import uuid
 import pytest
 import torch
 
+from alignedserve.kv_store.core import KVStoreCore
 from alignedserve.kv_store.shm_arena import ArenaSpec, ShmArena
-from alignedserve.kv_store.store import KVStoreCore
 
 SHAPE = (2, 2, 4, 1, 8)  # [layers, K|V, block_size, kv_heads, head_dim]
 

@@ -14,13 +14,13 @@ from safetensors import safe_open
 from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from alignedserve.engine.model_builder import (
+from alignedserve.model_zoo.model_builder import (
     MODEL_NAMES,
     build_model,
     default_models_root,
     ensure_model,
 )
-from alignedserve.engine.tokenizer_train import SPECIAL_TOKENS, train_byte_bpe
+from alignedserve.model_zoo.tokenizer_train import SPECIAL_TOKENS, train_byte_bpe
 
 RANDOM_MODELS = {"tiny": 4096, "tiny-qwen2": 4096, "tiny-mistral": 4096, "opt-like": 50272}
 ENGLISH = (
@@ -128,7 +128,7 @@ def test_builds_are_deterministic(tmp_path):
     assert (other / "tokenizer.json").read_bytes() == tokenizer
 
     # A fresh interpreter (new hash seeds, fresh tokenizer training) gives the same bytes.
-    script = "import sys; from alignedserve.engine.model_builder import build_model as b; "
+    script = "import sys; from alignedserve.model_zoo.model_builder import build_model as b; "
     script += "b('tiny', sys.argv[1], seed=0)"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     subprocess.run([sys.executable, "-c", script, str(tmp_path / "d")], check=True, env=env)

@@ -13,7 +13,7 @@ import openai
 import pytest
 from fake_backend import FAIL_SEED, OVERLOAD_SEED, SLOW_SEED, FakeBackend
 
-from alignedserve.deployments.openai_api import OpenAIFrontend, create_app
+from alignedserve.deployments.router.openai_api import OpenAIFrontend, create_app
 from alignedserve.engine.tokenizer import final_text, load_tokenizer
 
 MODEL = "tiny"

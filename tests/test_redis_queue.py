@@ -9,7 +9,7 @@ import uuid
 import pytest
 import redis
 
-from alignedserve.deployments.leader import Dispatcher, LeaderLock, LeaderLoop
+from alignedserve.deployments.router.leader import Dispatcher, LeaderLock, LeaderLoop
 from alignedserve.global_queue.events import TokenEvent, publish
 from alignedserve.global_queue.index import RedisQueueIndex
 from alignedserve.global_queue.keys import RedisKeys

@@ -27,8 +27,8 @@ PROMPTS = ["the quick brown fox", "a b c d e f g h i j k l m n o p", "hello",
 def cluster(tiny_dir, redis_url):
     import ray
 
-    from alignedserve.cluster import serve as cli_serve
     from alignedserve.config import ServeConfig
+    from alignedserve.deployments import app as cli_serve
 
     cfg = ServeConfig(
         model=str(tiny_dir), served_model_name="tiny", http_port=free_port(),

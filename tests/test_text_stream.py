@@ -6,8 +6,12 @@ import random
 
 import pytest
 
-from alignedserve.deployments.openai_protocol import APIError, CompletionRequest, to_sampling_params
-from alignedserve.deployments.text_stream import TextStream
+from alignedserve.deployments.router.openai_protocol import (
+    APIError,
+    CompletionRequest,
+    to_sampling_params,
+)
+from alignedserve.deployments.router.text_stream import TextStream
 from alignedserve.engine.tokenizer import final_text, load_tokenizer
 from alignedserve.scheduling.sampling_params import SamplingParams
 

@@ -31,5 +31,6 @@ def load_model(model_dir: str | Path, cfg: ModelConfig, dtype: torch.dtype) -> C
     from alignedserve.engine.models.llama import LlamaForCausalLM
     from alignedserve.engine.models.opt import OPTForCausalLM
 
-    cls = {"llama": LlamaForCausalLM, "opt": OPTForCausalLM}[cfg.arch]
-    return cls.from_pretrained(model_dir, cfg, dtype)
+    if cfg.arch == "opt":
+        return OPTForCausalLM.from_pretrained(model_dir, cfg, dtype)
+    return LlamaForCausalLM.from_pretrained(model_dir, cfg, dtype)

@@ -14,11 +14,10 @@ Redis. Then one thread loops:
 
 from __future__ import annotations
 
-import contextlib
+import logging
 import threading
 import time
 import uuid
-from dataclasses import dataclass
 
 import ray
 import redis
@@ -26,11 +25,9 @@ import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from alignedserve.config import ServeConfig
+from alignedserve.deployments.limits import engine_config, serving_limits
 from alignedserve.deployments.metrics import EngineMetrics
-from alignedserve.engine.config import EngineConfig, ModelConfig
-from alignedserve.engine.kv_cache import PagedKVCache
-from alignedserve.engine.llm_engine import EngineParts, LLMEngine, host_pool_blocks
-from alignedserve.engine.model_runner import DTYPES
+from alignedserve.engine.llm_engine import EngineParts, LLMEngine
 from alignedserve.global_queue.events import TokenEvent, publish
 from alignedserve.global_queue.keys import RedisKeys
 from alignedserve.global_queue.records import (
@@ -42,66 +39,39 @@ from alignedserve.global_queue.records import (
 from alignedserve.kv_store.host_allocator import StoreHostAllocator
 from alignedserve.kv_store.shm_arena import ShmArena
 from alignedserve.kv_store.store import get_or_create_store
+from alignedserve.logs import configure_logging
+from alignedserve.logs import rid as log_rid
 from alignedserve.prefetch_workers.transfer_client import PrefetchTransferQueue
 from alignedserve.prefetch_workers.worker import PrefetchConfig, PrefetchWorker
 
+log = logging.getLogger("alignedserve.replica")
 _STATE_EVERY_S = 0.1
 _IDLE_WAIT_S = 0.02
-
-
-def engine_config(cfg: ServeConfig, model_dir: str, threads: int, **over) -> EngineConfig:
-    knobs = cfg.engine.model_dump()
-    return EngineConfig(model=model_dir, num_threads=threads,
-                        host_kv_gib=cfg.host_kv_gib, **{**knobs, **over})
-
-
-@dataclass(frozen=True)
-class ServingLimits:
-    """Sizes every process of a deployment agrees on, derived from the config and model."""
-
-    block_shape: tuple[int, ...]  # one KV block: [layers, K|V, block_size, kv_heads, head_dim]
-    dtype: torch.dtype
-    block_bytes: int
-    device_blocks: int  # a compute replica's device pool
-    host_blocks: int  # the node's KV store
-    max_model_len: int  # prompt + output tokens a request may have
-    vocab_size: int
-
-
-def serving_limits(cfg: ServeConfig, model_dir: str) -> ServingLimits:
-    ecfg = engine_config(cfg, model_dir, cfg.replica_threads)
-    mcfg = ModelConfig.from_pretrained(model_dir)
-    dtype = DTYPES[ecfg.dtype]
-    block_bytes = PagedKVCache.bytes_per_block(mcfg, ecfg.block_size, dtype)
-    device = ecfg.num_kv_blocks or max(1, int(ecfg.kv_cache_gib * 2**30 // block_bytes))
-    host = host_pool_blocks(ecfg, block_bytes)
-    max_len = min(ecfg.max_model_len or mcfg.max_position_embeddings,
-                  mcfg.max_position_embeddings, min(device, host) * ecfg.block_size)
-    return ServingLimits(PagedKVCache.block_shape(mcfg, ecfg.block_size), dtype, block_bytes,
-                         device, host, max_len, mcfg.vocab_size)
 
 
 class ComputeReplica:
     """Wrapped by `serve.deployment` in `deployments/app.py`."""
 
     def __init__(self, cfg: ServeConfig, model_dir: str) -> None:
+        configure_logging(cfg.log_level)
         self.cfg = cfg
         self.keys = RedisKeys(cfg.redis_prefix)
         self.replica_id = f"r-{uuid.uuid4().hex[:8]}"
         self.r = redis.Redis.from_url(cfg.redis_url)
         ecfg = engine_config(cfg, model_dir, cfg.replica_threads)
-        lim = serving_limits(cfg, model_dir)
+        lim = serving_limits(cfg, model_dir).pools
         self.store = get_or_create_store(lim.host_blocks, lim.block_shape, lim.dtype)
         # The device pool is created first (its size is known from the config), so the
         # worker can map it and the engine gets every part at construction.
-        self.arena: ShmArena | None = ShmArena.create(
+        self.arena = ShmArena.create(
             f"as-dev-{self.replica_id}", lim.device_blocks, lim.block_shape, lim.dtype)
         node = ray.get_runtime_context().get_node_id()
         pcfg = PrefetchConfig(
             engine=engine_config(cfg, model_dir, cfg.worker_threads, policy="fcfs",
                                  kv_cache_gib=0.25,
                                  max_num_batched_tokens=cfg.prefill_token_budget),
-            redis_url=cfg.redis_url, keys=self.keys, worker_id=self.replica_id)
+            redis_url=cfg.redis_url, keys=self.keys, worker_id=self.replica_id,
+            log_level=cfg.log_level)
         self.worker = ray.remote(PrefetchWorker).options(
             name=f"alignedserve-prefetch-{self.replica_id}", num_cpus=cfg.worker_cpus,
             num_gpus=cfg.worker_gpus,
@@ -160,16 +130,18 @@ class ComputeReplica:
             self._thread.join(timeout=10)
         pipe = self.r.pipeline(transaction=False)
         for rid, n in self.counts.items():
+            log.warning("failed: still running when the drain timed out", extra=log_rid(rid))
             publish(pipe, self.keys, rid, TokenEvent((), n, error="server shutting down"))
             self.store.free.remote(rid)
         pipe.execute()
         self.counts.clear()
         self.r.hdel(self.keys.replicas, self.replica_id)
-        with contextlib.suppress(Exception):  # the worker may be gone; the arena must still go
+        try:
             ray.get(self.worker.stop.remote(), timeout=15)
-        if self.arena is not None:
-            self.arena.close()
-            self.arena = None
+        except Exception as e:  # the worker may be gone; the arena must still go
+            log.warning("replica %s: prefetch worker did not stop cleanly: %r",
+                        self.replica_id, e)
+        self.arena.close()  # idempotent
 
     # -- the loop -----------------------------------------------------------------------------
 
@@ -190,6 +162,7 @@ class ComputeReplica:
                     self._publish_state()
                     time.sleep(_IDLE_WAIT_S)
         except BaseException as e:
+            log.exception("replica %s: decode loop failed", self.replica_id)
             self._error = e
             raise
 
@@ -201,8 +174,10 @@ class ComputeReplica:
         aborted = is_aborted(self.r, self.keys, [rec.request_id for rec in records])
         for rec, dead in zip(records, aborted, strict=True):
             if dead:
+                log.info("aborted before decode; KV freed", extra=log_rid(rec.request_id))
                 self.store.free.remote(rec.request_id)
                 continue
+            log.debug("assigned: kv_len %d", rec.kv_len, extra=log_rid(rec.request_id))
             self.engine.add_prefilled(rec.request_id, list(rec.prompt_token_ids), rec.params,
                                       list(rec.output_token_ids), list(rec.slots),
                                       rec.arrival_time)
@@ -212,6 +187,7 @@ class ComputeReplica:
         while (msg := self._pubsub.get_message(timeout=0)) is not None:
             rid = msg["data"].decode()
             if rid in self.counts:
+                log.info("aborted after %d tokens", self.counts[rid], extra=log_rid(rid))
                 self.engine.abort(rid)
                 self.counts.pop(rid, None)
 
@@ -227,6 +203,7 @@ class ComputeReplica:
                 publish(pipe, self.keys, rid, TokenEvent(
                     (tok,), n, reason, (lp,) if lp is not None else None))
                 if reason is not None:
+                    log.debug("finished (%s) after %d tokens", reason, n, extra=log_rid(rid))
                     del self.counts[rid]
             pipe.execute()
         self._record_metrics()

@@ -33,7 +33,7 @@ from transformers import (
 from transformers.initialization import no_init_weights
 from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-from alignedserve.engine import tokenizer_train
+from alignedserve.model_zoo import tokenizer_train
 
 MODEL_NAMES: tuple[str, ...] = ("tiny", "tiny-qwen2", "tiny-mistral", "opt-like", "smollm2-135m")
 

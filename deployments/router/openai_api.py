@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -22,9 +23,9 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from alignedserve.deployments.backend import GenerateRequest, GenerationBackend, TokenEvent
 from alignedserve.deployments.metrics import FrontendMetrics
-from alignedserve.deployments.openai_protocol import (
+from alignedserve.deployments.router.backend import GenerateRequest, GenerationBackend, TokenEvent
+from alignedserve.deployments.router.openai_protocol import (
     APIError,
     ChatCompletionRequest,
     ChunkFormat,
@@ -34,9 +35,11 @@ from alignedserve.deployments.openai_protocol import (
     to_sampling_params,
     validation_error,
 )
-from alignedserve.deployments.text_stream import TextStream
+from alignedserve.deployments.router.text_stream import TextStream
+from alignedserve.logs import rid
 from alignedserve.scheduling.sampling_params import SamplingParams
 
+log = logging.getLogger("alignedserve.router")
 _DISCONNECT_POLL_S = 0.5
 
 
@@ -81,7 +84,7 @@ class OpenAIFrontend:
         return Generation(GenerateRequest(rid, tuple(ids), params, time.time()),
                           TextStream(self.tokenizer, params))
 
-    async def run(self, gen: Generation) -> AsyncIterator[tuple[str, TokenEvent]]:
+    async def run(self, gen: Generation) -> AsyncGenerator[tuple[str, TokenEvent]]:
         """(text delta, event) per backend event, until the final one. Abandoning the
         iterator before then (close, cancellation, an exception) aborts the request in the
         backend; a backend error event raises APIError(500)."""
@@ -211,7 +214,7 @@ class OpenAIFrontend:
                                      gen.token_ids, gen.logprobs))
 
     async def _sse(self, gen: Generation, fmt: ChunkFormat,
-                   include_usage: bool) -> AsyncIterator[str]:
+                   include_usage: bool) -> AsyncGenerator[str]:
         try:
             if fmt.chat:
                 yield _event(fmt.chunk({"role": "assistant", "content": ""}, None))
@@ -225,6 +228,7 @@ class OpenAIFrontend:
         except APIError as e:
             yield _event(e.body())
         except Exception as e:  # a mid-stream failure is reported in-stream, then [DONE]
+            log.exception("stream failed", extra=rid(gen.request.request_id))
             yield _event(APIError(f"internal error: {type(e).__name__}: {e}", 500).body())
         yield "data: [DONE]\n\n"
 
@@ -234,11 +238,15 @@ class _SSEResponse(StreamingResponse):
     suspended at a `yield` open when the client disconnects (or Serve cancels the task), and
     only its close runs the abort in `OpenAIFrontend.run`."""
 
+    def __init__(self, content: AsyncGenerator[str], media_type: str) -> None:
+        super().__init__(content, media_type=media_type)
+        self._events = content
+
     async def __call__(self, scope, receive, send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            await self.body_iterator.aclose()
+            await self._events.aclose()
 
 
 @asynccontextmanager
@@ -256,7 +264,7 @@ def _event(payload: dict) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-async def _drain(events: AsyncIterator) -> None:
+async def _drain(events: AsyncGenerator) -> None:
     async with aclosing(events):
         async for _ in events:
             pass
@@ -293,6 +301,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _internal(_: Request, exc: Exception) -> JSONResponse:
+        log.error("internal error answered with 500", exc_info=exc)
         err = APIError(f"internal error: {type(exc).__name__}: {exc}", status=500)
         return JSONResponse(err.body(), status_code=500)
 

@@ -12,17 +12,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 
 import redis.asyncio as aioredis
 
-from alignedserve.deployments.backend import GenerateRequest
+from alignedserve.deployments.router.backend import GenerateRequest
 from alignedserve.global_queue.events import TokenEvent
 from alignedserve.global_queue.index import unindex
 from alignedserve.global_queue.keys import RedisKeys
-from alignedserve.global_queue.records import ReplicaState, RequestRecord, put_record
+from alignedserve.global_queue.records import (
+    ReplicaState,
+    RequestRecord,
+    put_record,
+    read_holder,
+)
+from alignedserve.logs import rid as log_rid
 
+log = logging.getLogger("alignedserve.router")
 _BLOCK_MS = 50  # reader's XREAD block; new streams join within this long
 _ABORTED_TTL_S = 3600
 _POOL_SIZE = 32  # Redis connections per router for enqueue/abort (streams use one more)
@@ -61,6 +69,8 @@ class RedisBackend:
             put_record(pipe, self.keys, rec)
             pipe.rpush(self.keys.prefill, rid)
             await pipe.execute()
+            log.info("accepted: %d prompt tokens, max_tokens %d", len(req.prompt_token_ids),
+                     req.params.max_tokens, extra=log_rid(rid))
             while True:
                 ev = await q.get()
                 yield ev
@@ -110,7 +120,7 @@ class RedisBackend:
         rids = list(self._queues)
         pipe = self.r.pipeline(transaction=False)
         for rid in rids:
-            pipe.hget(self.keys.req(rid), "holder")
+            read_holder(pipe, self.keys, rid)
         pipe.hgetall(self.keys.replicas)
         *holders, states = await pipe.execute()
         now = time.time()
@@ -119,6 +129,8 @@ class RedisBackend:
             if holder is None or ages.get(holder.decode(), float("inf")) < self.holder_timeout_s:
                 continue
             q = self._queues.get(rid)
+            log.warning("holder %s silent for %.0f s: request failed", holder.decode(),
+                        self.holder_timeout_s, extra=log_rid(rid))
             if q is not None:
                 q.put_nowait(TokenEvent((), 0, error=f"replica {holder.decode()} failed while "
                                          "serving this request; it was not completed"))
@@ -140,14 +152,16 @@ class RedisBackend:
             try:
                 got = await self._reader_conn.xread(streams, block=_BLOCK_MS)
             except aioredis.RedisError as e:
+                log.error("token stream reader: Redis unavailable (%s); failing %d open "
+                          "requests", e, len(self._queues))
                 for q in self._queues.values():
                     q.put_nowait(TokenEvent((), 0, error=f"queue unavailable: {e}"))
                 return
             for key, entries in got or ():
                 rid = key.decode().removeprefix(self.keys.tok(""))
-                q = self._queues.get(rid)
-                if q is None:
+                queue = self._queues.get(rid)
+                if queue is None:
                     continue
                 for entry_id, fields in entries:
                     self._last_ids[rid] = entry_id
-                    q.put_nowait(TokenEvent.from_fields(fields))
+                    queue.put_nowait(TokenEvent.from_fields(fields))

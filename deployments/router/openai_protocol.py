@@ -147,14 +147,15 @@ def to_sampling_params(req: _Common, prompt_len: int, max_model_len: int) -> Sam
         raise APIError(f"max_tokens is {asked}, but the prompt has {prompt_len} tokens and the "
                        f"context is {max_model_len}: at most {room} can be generated",
                        param="max_tokens")
-    logprobs = bool(req.logprobs) if isinstance(req, ChatCompletionRequest) else \
-        req.logprobs is not None
+    logprobs = (bool(req.logprobs) if isinstance(req, ChatCompletionRequest) else
+                isinstance(req, CompletionRequest) and req.logprobs is not None)
+    top_k = req.top_k or 0  # vLLM's -1 (disabled) is our 0; other negatives are rejected
     try:
         return SamplingParams(
             max_tokens=room if asked is None else asked,
             temperature=1.0 if req.temperature is None else req.temperature,
             top_p=1.0 if req.top_p is None else req.top_p,
-            top_k=max(0, req.top_k or 0) if (req.top_k or 0) >= -1 else req.top_k,
+            top_k=0 if top_k == -1 else top_k,
             min_p=req.min_p or 0.0, seed=req.seed,
             stop=(req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ()),
             stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=req.ignore_eos,

@@ -6,21 +6,25 @@ aborts the request like an HTTP disconnect."""
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
-from alignedserve.deployments.backend import TokenEvent
-from alignedserve.deployments.openai_api import OpenAIFrontend
-from alignedserve.deployments.openai_protocol import (
+from alignedserve.deployments.protos import alignedserve_pb2 as pb
+from alignedserve.deployments.router.backend import TokenEvent
+from alignedserve.deployments.router.openai_api import OpenAIFrontend
+from alignedserve.deployments.router.openai_protocol import (
     APIError,
     CompletionRequest,
     parse_request,
     to_sampling_params,
 )
-from alignedserve.deployments.protos import alignedserve_pb2 as pb
+from alignedserve.logs import rid as log_rid
 from alignedserve.scheduling.sampling_params import SamplingParams
+
+log = logging.getLogger("alignedserve.router")
 
 # Optional proto fields that map one to one onto the OpenAI completion request's.
 _OPTIONAL = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed",
@@ -80,6 +84,7 @@ class GrpcApiMixin:
         except APIError as e:
             yield _error(rid, e.message, e.status)
         except Exception as e:  # reported like HTTP's in-stream error, never a bare failure
+            log.exception("gRPC Generate failed", extra=log_rid(rid))
             yield _error(rid, f"internal error: {type(e).__name__}: {e}", 500)
 
     async def Abort(self, request: pb.AbortRequest) -> pb.AbortResponse:

@@ -13,6 +13,7 @@ hold it.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import uuid
@@ -24,6 +25,8 @@ from alignedserve.global_queue.index import RedisQueueIndex
 from alignedserve.global_queue.keys import RedisKeys
 from alignedserve.global_queue.records import ReplicaState, is_aborted, load_states, set_holder
 from alignedserve.scheduling.dispatch import DispatchKnobs, Room, plan_dispatch
+
+log = logging.getLogger("alignedserve.leader")
 
 _RENEW = """
 if redis.call('get', KEYS[1]) == ARGV[1] then
@@ -118,23 +121,35 @@ class LeaderLoop:
 
     def _run(self) -> None:
         renew_at = 0.0
+        failing = False  # log a Redis failure once, and its recovery once
         while not self._stop.is_set():
             now = time.monotonic()
-            if now >= renew_at or not self.is_leader:
-                try:
-                    self.is_leader = self.lock.hold()
-                except redis.RedisError:
-                    self.is_leader = False
-                renew_at = now + self.ttl_s / 3
+            moved = 0
+            try:
+                if now >= renew_at or not self.is_leader:
+                    self._set_leader(self.lock.hold())
+                    renew_at = now + self.ttl_s / 3
+                if self.is_leader:
+                    moved = self.dispatcher.tick()
+                if failing:
+                    log.info("leader loop: Redis reachable again")
+                    failing = False
+            except redis.RedisError as e:
+                if not failing:
+                    log.warning("leader loop: Redis unavailable (%s); not leading until it "
+                                "answers", e)
+                    failing = True
+                self._set_leader(False)
             if not self.is_leader:
                 self._stop.wait(self.ttl_s / 3)
-                continue
-            try:
-                moved = self.dispatcher.tick()
-            except redis.RedisError:
-                moved = 0
-            if not moved:
+            elif not moved:
                 self._stop.wait(self.tick_s)
+
+    def _set_leader(self, leading: bool) -> None:
+        if leading != self.is_leader:
+            log.info("this router %s the scheduler leader", "is now" if leading else "is no "
+                     "longer")
+        self.is_leader = leading
 
     def stop(self) -> None:
         self._stop.set()

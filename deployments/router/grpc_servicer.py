@@ -67,10 +67,13 @@ def abort_on_cancel(generate: Callable[..., AsyncIterator[Any]],
         rid = request.request_id
         ended = asyncio.Event()
         loop = asyncio.get_running_loop()
+        # The abort must not touch this call's context once the call is over (grpc's
+        # context segfaults when read after the RPC ended): it gets a copy made now.
+        abort_context = _DetachedContext(context)
 
         def on_done(_: Any) -> None:
             if not ended.is_set():
-                task = loop.create_task(_abort(abort, rid, context))
+                task = loop.create_task(_abort(abort, rid, abort_context))
                 pending.add(task)
                 task.add_done_callback(pending.discard)
 
@@ -80,6 +83,54 @@ def abort_on_cancel(generate: Callable[..., AsyncIterator[Any]],
         ended.set()
 
     return handler
+
+
+class _DetachedContext:
+    """What Serve's proxy reads and writes of a gRPC servicer context, copied from a live
+    call (its metadata routes the abort to the same application), detached from it."""
+
+    def __init__(self, live: Any) -> None:
+        self._metadata = tuple((k, v) for k, v in live.invocation_metadata()
+                               if k != "request_id")  # the abort gets its own Serve id
+        self._peer = live.peer()
+        self._code: Any = None
+        self._details: str | None = None
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return self._metadata
+
+    def peer(self) -> str:
+        return self._peer
+
+    def auth_context(self) -> dict[str, Any]:
+        return {}
+
+    def peer_identities(self) -> None:
+        return None
+
+    def peer_identity_key(self) -> None:
+        return None
+
+    def code(self) -> Any:
+        return self._code
+
+    def set_code(self, code: Any) -> None:
+        self._code = code
+
+    def details(self) -> str | None:
+        return self._details
+
+    def set_details(self, details: str) -> None:
+        self._details = details
+
+    def trailing_metadata(self) -> tuple[()]:
+        return ()
+
+    def set_trailing_metadata(self, _: Any) -> None:
+        pass
+
+    def set_compression(self, _: Any) -> None:
+        pass
 
 
 async def _abort(abort: Callable[..., Any], rid: str, context: Any) -> None:

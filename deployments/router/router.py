@@ -14,12 +14,14 @@ from fastapi.responses import PlainTextResponse, Response
 from ray import serve
 
 from alignedserve.config import ServeConfig
-from alignedserve.deployments.grpc_api import GrpcApiMixin
-from alignedserve.deployments.leader import LeaderLoop
+from alignedserve.deployments.limits import serving_limits
 from alignedserve.deployments.metrics import FrontendMetrics, prometheus_text
-from alignedserve.deployments.openai_api import OpenAIFrontend, install_error_handlers
-from alignedserve.deployments.redis_backend import RedisBackend
+from alignedserve.deployments.router.grpc_api import GrpcApiMixin
+from alignedserve.deployments.router.leader import LeaderLoop
+from alignedserve.deployments.router.openai_api import OpenAIFrontend, install_error_handlers
+from alignedserve.deployments.router.redis_backend import RedisBackend
 from alignedserve.global_queue.keys import RedisKeys
+from alignedserve.logs import configure_logging
 from alignedserve.scheduling.dispatch import DispatchKnobs
 
 app = FastAPI(title="AlignedServe", description="OpenAI-compatible LLM serving with "
@@ -30,15 +32,16 @@ install_error_handlers(app)
 @serve.ingress(app)
 class Router(GrpcApiMixin):
     def __init__(self, cfg: ServeConfig, model_dir: str, compute: object) -> None:
-        from alignedserve.deployments.compute_replica import serving_limits
         from alignedserve.engine.tokenizer import load_tokenizer
         from alignedserve.kv_store.store import get_or_create_store
 
+        configure_logging(cfg.log_level)
         self.cfg = cfg
         self.compute = compute  # the ComputeReplica deployment's handle (keeps it deployed)
         keys = RedisKeys(cfg.redis_prefix)
         limits = serving_limits(cfg, model_dir)
-        store = get_or_create_store(limits.host_blocks, limits.block_shape, limits.dtype)
+        pools = limits.pools
+        store = get_or_create_store(pools.host_blocks, pools.block_shape, pools.dtype)
         self.backend = RedisBackend(cfg.redis_url, keys, lambda rid: store.free.remote(rid),
                                     cfg.replica_timeout_s)
         self.frontend = OpenAIFrontend(self.backend, load_tokenizer(model_dir), cfg.model_name,

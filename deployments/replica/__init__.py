@@ -1,0 +1,1 @@
+"""The compute replica process: the decode loop over the requests the leader assigns it."""

@@ -1,0 +1,2 @@
+"""The router process: OpenAI HTTP and gRPC front ends over the Redis global queue, and
+the scheduler leader."""
