@@ -149,6 +149,10 @@ def _add_sim_parser(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--policies", "--systems", dest="systems", type=_csv,
                      default=("aligned", "fcfs", "aligned-noprefetch"),
                      help="Systems: aligned, fcfs, aligned-noprefetch.")
+    run.add_argument("--router", choices=("round-robin", "dispatch"), default="round-robin",
+                     help="How requests reach pairs: round-robin shards (pairs simulated "
+                     "independently, --workers applies) or the deployed global dispatch "
+                     "(scheduling/dispatch.py, all pairs in one event loop).")
     run.add_argument("--split-kv", action="store_true",
                      help="Model a load-balanced (split-KV) decode kernel instead of "
                      "PagedAttention V1.")
@@ -273,7 +277,8 @@ def _cmd_sim_run(args: argparse.Namespace) -> int:
         short, n = hw.rsplit("x", 1)
         hw, gpus = {"h100": "h100-sxm", "a100": "a100-80g"}.get(short, short), int(n)
     knobs = dict(_aligned_overrides(args, ["max_num_batched_tokens", "host_pool_gib"]))
-    base = SimConfig(hardware=hw, model=args.model, split_kv=args.split_kv, **knobs)
+    base = SimConfig(hardware=hw, model=args.model, split_kv=args.split_kv,
+                     router=args.router, **knobs)
     t0 = time.perf_counter()
     res = run_sim(base, args.workload, args.num_requests, gpus, tuple(args.systems),
                   seed=args.seed, len_scale=args.len_scale, rate=args.rate,

@@ -62,6 +62,12 @@ class SimConfig(AlignedKnobs):
                               "(aligned: max_batch)")
     max_num_batched_tokens: int = Field(8192, ge=1, description="decode + prefill tokens in "
                                         "one step at most")
+    router: Literal["round-robin", "dispatch"] = Field(
+        "round-robin", description="how requests reach pairs: round-robin shards in arrival "
+        "order (pairs simulated independently), or the deployed global dispatch "
+        "(scheduling/dispatch.py; sim/router.py)")
+    inflight_per_pair: int = Field(256, ge=1, description="dispatch: requests the router "
+                                   "keeps assigned to a pair (ServeConfig.replica_inflight)")
 
     def but(self, **changes: object) -> SimConfig:
         """A validated copy with `changes` applied."""
@@ -92,6 +98,7 @@ class PairResult:
     peak_host_blocks: int = 0  # most host-pool blocks held at once
     block_bytes: int = 0
     stats: dict[str, int] = field(default_factory=dict)  # AlignedStats and SwapStats
+    prompt: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))  # [n] tokens
 
 
 def _device_blocks(cfg: SimConfig, cost: CostModel) -> int:
@@ -155,51 +162,88 @@ class SimPair:
     def run(self, shard: SimWorkload) -> PairResult:
         """Simulate `shard` (sorted by arrival) to completion."""
         n = len(shard)
-        nan = float("nan")
-        first, finish = [nan] * n, [nan] * n  # simulated s; lists: scalar numpy is slow
-        pos: dict[str, int] = {}
-        step_s: list[float] = []
-        res = PairResult(np.empty(0), np.empty(0), shard.output.copy(), np.empty(0))
-        arrival, sched, links = shard.arrival.tolist(), self.scheduler, self.links
-        i = idle = 0  # idle: consecutive empty schedules that moved no KV
-        while i < n or sched.has_unfinished():
+        arrival = shard.arrival.tolist()
+        self.begin()
+        i = 0
+        while i < n or self.scheduler.has_unfinished():
             while i < n and arrival[i] <= self.now:
-                req = make_request(i, int(shard.prompt[i]), int(shard.output[i]), arrival[i])
-                pos[req.request_id] = i
-                sched.add_request(req)
+                self.admit(int(shard.prompt[i]), int(shard.output[i]), arrival[i])
                 i += 1
-            sched.transfers_done(links.advance(self.now))
-            out = sched.schedule()
-            links.start(out.transfers, self.now)
-            if not self.cfg.prefetch and out.transfers:  # ablation: synchronous copies
-                self._wait(out.transfers[-1].seq, res)
-            self._wait(out.fence, res)
-            if out.empty:
-                # Copies this schedule issued (and, in the ablation, already waited for) can
-                # free device blocks, so an empty step that moved KV is progress: retry.
-                idle = 0 if out.transfers else idle + 1
-                nxt = [t for t in (arrival[i] if i < n else None, links.next_landing())
-                       if t is not None]
-                if nxt:
-                    self.now = max(self.now, min(nxt))
-                elif idle > 1:
-                    raise RuntimeError("simulated pair stalled with work left")
-                continue
-            dt, ndec, ids = self._step_time(out)
-            self.now += dt
-            step_s.append(dt)
-            res.busy_s += dt
-            res.decode_seqs += ndec
-            res.switches += out.batch_switch
-            sampled = dict.fromkeys(ids, TOKEN)
-            for rid in ids:
-                k = pos[rid]
-                if math.isnan(first[k]):  # this is its first token
-                    first[k] = self.now
-            for r in sched.update(out, sampled):
-                finish[pos.pop(r.request_id)] = self.now
-            self._track_host(res)
-        return self._finish_result(res, shard, first, finish, step_s)
+            self.step(arrival[i] if i < n else None)
+        return self.result()
+
+    # -- step-wise use (run, and the dispatch-routed cluster) ---------------------------------
+
+    def begin(self) -> None:
+        nan = float("nan")
+        self._nan = nan
+        self._first: list[float] = []  # simulated s per admitted request; lists: numpy
+        self._finish: list[float] = []  # scalars are slow here
+        self._prompt: list[int] = []
+        self._output: list[int] = []
+        self._arrival: list[float] = []
+        self._pos: dict[str, int] = {}
+        self._step_s: list[float] = []
+        self._idle = 0  # consecutive empty schedules that moved no KV
+        self._res = PairResult(np.empty(0), np.empty(0), np.empty(0), np.empty(0))
+
+    @property
+    def num_requests(self) -> int:
+        """Admitted and not finished."""
+        return len(self._pos)
+
+    def admit(self, prompt: int, output: int, arrival: float) -> None:
+        k = len(self._first)
+        req = make_request(k, prompt, output, arrival)
+        self._pos[req.request_id] = k
+        for lst, v in ((self._first, self._nan), (self._finish, self._nan),
+                       (self._prompt, prompt), (self._output, output),
+                       (self._arrival, arrival)):
+            lst.append(v)
+        self.scheduler.add_request(req)
+
+    def step(self, next_arrival: float | None) -> None:
+        """One scheduler step (or, when nothing can run, a jump to the next event: a copy
+        landing or `next_arrival`)."""
+        sched, links, res = self.scheduler, self.links, self._res
+        sched.transfers_done(links.advance(self.now))
+        out = sched.schedule()
+        links.start(out.transfers, self.now)
+        if not self.cfg.prefetch and out.transfers:  # ablation: synchronous copies
+            self._wait(out.transfers[-1].seq, res)
+        self._wait(out.fence, res)
+        if out.empty:
+            # Copies this schedule issued (and, in the ablation, already waited for) can
+            # free device blocks, so an empty step that moved KV is progress: retry.
+            self._idle = 0 if out.transfers else self._idle + 1
+            nxt = [t for t in (next_arrival, links.next_landing()) if t is not None]
+            if nxt:
+                self.now = max(self.now, min(nxt))
+            elif self._idle > 1 and sched.has_unfinished():
+                raise RuntimeError("simulated pair stalled with work left")
+            return
+        self._idle = 0
+        dt, ndec, ids = self._step_time(out)
+        self.now += dt
+        self._step_s.append(dt)
+        res.busy_s += dt
+        res.decode_seqs += ndec
+        res.switches += out.batch_switch
+        sampled = dict.fromkeys(ids, TOKEN)
+        for rid in ids:
+            k = self._pos[rid]
+            if math.isnan(self._first[k]):  # this is its first token
+                self._first[k] = self.now
+        for r in sched.update(out, sampled):
+            self._finish[self._pos.pop(r.request_id)] = self.now
+        self._track_host(res)
+
+    def result(self) -> PairResult:
+        shard = SimWorkload("", np.asarray(self._prompt, dtype=np.int64),
+                            np.asarray(self._output, dtype=np.int64),
+                            np.asarray(self._arrival, dtype=np.float64))
+        self._res.output = shard.output.copy()
+        return self._finish_result(self._res, shard, self._first, self._finish, self._step_s)
 
     def _track_host(self, res: PairResult) -> None:
         used = self.scheduler.stats().host_blocks_used
@@ -209,6 +253,7 @@ class SimPair:
                        finish_s: list[float], step_s: list[float]) -> PairResult:
         first, finish = np.asarray(first_s), np.asarray(finish_s)
         res.ttft_s = first - shard.arrival
+        res.prompt = shard.prompt
         gen = shard.output.astype(np.float64)
         with np.errstate(invalid="ignore", divide="ignore"):
             res.tpot_s = np.where(gen > 1, (finish - first) / (gen - 1), np.nan)
@@ -241,6 +286,10 @@ def simulate(cfg: SimConfig, wl: SimWorkload, workers: int = 1,
              progress: bool = False) -> list[PairResult]:
     from tqdm import tqdm
 
+    if cfg.router == "dispatch":
+        from alignedserve.sim.router import simulate_dispatched
+
+        return simulate_dispatched(cfg, wl)
     bar = tqdm(total=cfg.pairs, desc=f"{cfg.policy} pairs", unit="pair",
                disable=not progress, mininterval=2.0)
     out = []
