@@ -20,6 +20,7 @@ keeps Ray's approximate `_sum`; divide `..._true_sum_total` by `..._count` there
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 
@@ -27,6 +28,7 @@ import httpx
 import ray
 from ray.util.metrics import Counter, Gauge, Histogram
 
+log = logging.getLogger("alignedserve.metrics")
 RAY_PREFIX = "alignedserve_"
 PUBLIC_PREFIX = "alignedserve:"
 _LATENCY_S = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
@@ -207,6 +209,11 @@ class EngineMetrics:
 
 
 _RAY_NAME_PREFIX = "ray_" + RAY_PREFIX  # how Ray's metrics agent exports our series
+# Counters the server declares. Ray exports a counter only once it was incremented, so
+# one that has not moved yet (no preemption so far, say) is exported at 0: Prometheus'
+# convention, and dashboards see every series from the first scrape.
+COUNTERS = ("prompt_tokens", "generation_tokens", "request_success", "num_preemptions",
+            "batch_switches", "prefetch_bytes", "prefetch_hits", "prefetch_misses")
 _OTEL_LABEL = re.compile(r',?otel_scope_\w+="[^"]*"')
 
 
@@ -250,13 +257,22 @@ def prometheus_text(timeout_s: float = 3.0, local_only: bool = False) -> str:
     for url in _metrics_urls(local_only):
         try:
             text = httpx.get(url, timeout=timeout_s).text
-        except httpx.HTTPError:
+        except httpx.HTTPError as e:
+            log.warning("metrics agent %s did not answer (%s); its node is left out", url, e)
             continue
         _families(text, families)
     _true_sums(families)
+    _zero_counters(families)
     lines = [line.replace(_RAY_NAME_PREFIX, PUBLIC_PREFIX)
              for head, samples in families.values() for line in head + samples]
     return "\n".join(lines) + "\n" if lines else ""
+
+
+def _zero_counters(families: dict[str, tuple[list[str], list[str]]]) -> None:
+    """Every declared counter that nobody has incremented yet, at 0 (see COUNTERS)."""
+    for name in COUNTERS:
+        fam = f"{_RAY_NAME_PREFIX}{name}_total"
+        families.setdefault(fam, ([f"# TYPE {fam} counter"], [f"{fam} 0"]))
 
 
 def _true_sums(families: dict[str, tuple[list[str], list[str]]]) -> None:

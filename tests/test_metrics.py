@@ -10,12 +10,14 @@ import time
 import pytest
 
 from alignedserve.deployments.metrics import (
+    COUNTERS,
     EngineMetrics,
     FrontendMetrics,
     GaugeKeeper,
     _families,
     _metrics_urls,
     _true_sums,
+    _zero_counters,
     prometheus_text,
 )
 
@@ -77,6 +79,17 @@ class _FakeGauge:
 
     def set(self, value: float, tags: dict[str, str]) -> None:
         self.values.append((value, tags))
+
+
+def test_counters_nobody_incremented_are_exported_at_zero():
+    fams: dict = {}
+    _families(EXPOSITION, fams)
+    _zero_counters(fams)
+    for name in COUNTERS:
+        head, samples = fams[f"ray_alignedserve_{name}_total"]
+        assert head == [f"# TYPE ray_alignedserve_{name}_total counter"]
+        assert samples == [f"ray_alignedserve_{name}_total 0"]
+    assert len(fams["ray_alignedserve_x_total"][1]) == 1  # recorded families untouched
 
 
 def test_gauge_keeper_resets_last_values_until_closed():

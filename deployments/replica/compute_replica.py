@@ -178,6 +178,7 @@ class ComputeReplica:
                 self.store.free.remote(rec.request_id)
                 continue
             log.debug("assigned: kv_len %d", rec.kv_len, extra=log_rid(rec.request_id))
+            self.metrics.record_queue_time(max(0.0, time.time() - rec.arrival_time))
             self.engine.add_prefilled(rec.request_id, list(rec.prompt_token_ids), rec.params,
                                       list(rec.output_token_ids), list(rec.slots),
                                       rec.arrival_time)
