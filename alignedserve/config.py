@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict, YamlConfigSettingsSource
 
 from alignedserve.scheduling.aligned_config import AlignedKnobs
@@ -78,6 +78,16 @@ class ServeConfig(BaseSettings):
                                      "its requests end with an error, their KV is freed.")
     drain_timeout_s: float = Field(20.0, ge=0, description="On shutdown, in-flight requests "
                                    "get this long to finish.")
+    api_key: SecretStr | None = Field(None, description="Require `Authorization: Bearer "
+                                      "<key>` on the OpenAI routes and gRPC calls (401 / "
+                                      "UNAUTHENTICATED otherwise); /health and /metrics stay "
+                                      "open. Set it through ALIGNEDSERVE_API_KEY or a secret, "
+                                      "not on a command line others can read.")
+    max_queued_requests: int | None = Field(None, ge=1, description="Requests waiting for "
+                                            "prefill or dispatch at most; beyond it new "
+                                            "requests get HTTP 429 / RESOURCE_EXHAUSTED with "
+                                            "Retry-After. None: the host KV pool's tokens / "
+                                            "256, at least 256.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="Level of the serving processes' logs (request id on every line; "
         "prompts and outputs are never logged at INFO or above).")

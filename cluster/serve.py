@@ -24,7 +24,7 @@ SERVE_FLAGS: tuple[tuple[str, type], ...] = (
     ("--model", str), ("--served-model-name", str), ("--host", str), ("--http-port", int),
     ("--grpc-port", int), ("--redis-url", str), ("--ray-address", str),
     ("--num-replicas", int), ("--num-routers", int), ("--host-kv-gib", float),
-    ("--drain-timeout-s", float),
+    ("--drain-timeout-s", float), ("--api-key", str), ("--max-queued-requests", int),
 )
 
 

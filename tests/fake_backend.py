@@ -24,7 +24,8 @@ OVERLOAD_SEED = 503
 
 
 class FakeBackend:
-    def __init__(self, tokenizer, slow_delay_s: float = 0.05, replicas: int = 1) -> None:
+    def __init__(self, tokenizer, slow_delay_s: float = 0.05, replicas: int = 1,
+                 queue_limit: int | None = None) -> None:
         self.tok = tokenizer
         self.story: list[int] = list(tokenizer.encode(STORY))
         self.slow_delay_s = slow_delay_s
@@ -32,6 +33,8 @@ class FakeBackend:
         self.submitted: dict[str, GenerateRequest] = {}
         self.outputs: dict[str, list[int]] = {}  # request id -> every id emitted
         self.aborted: list[str] = []
+        self.queue_limit = queue_limit  # admit() refuses (429) beyond this many in flight
+        self.inflight = 0
 
     def token(self, i: int) -> int:
         """The i-th output id of every request."""
@@ -49,6 +52,15 @@ class FakeBackend:
         if p.seed == OVERLOAD_SEED:
             raise APIError("the server is draining", status=503, code="overloaded")
         self.submitted[rid] = req
+        self.inflight += 1
+        try:
+            async for ev in self._events(req):
+                yield ev
+        finally:
+            self.inflight -= 1
+
+    async def _events(self, req: GenerateRequest) -> AsyncIterator[TokenEvent]:
+        rid, p = req.request_id, req.params
         ids = self.outputs[rid] = []
         step = 0
         while True:
@@ -75,6 +87,12 @@ class FakeBackend:
             yield TokenEvent(tuple(new), len(ids), finish, lps)
             if finish:
                 return
+
+    async def admit(self) -> None:
+        if self.queue_limit is not None and self.inflight >= self.queue_limit:
+            raise APIError(f"the server is at capacity ({self.inflight} requests queued)",
+                           429, code="rate_limit_exceeded", type_="rate_limit_error",
+                           retry_after_s=2.0)
 
     async def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)

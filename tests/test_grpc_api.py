@@ -24,6 +24,7 @@ from alignedserve.scheduling.sampling_params import SamplingParams
 
 APP = "alignedserve"
 META = (("application", APP),)
+GUARDED = "guarded"
 MAX_LEN = 256
 SERVICER = "alignedserve.deployments.router.grpc_servicer.add_servicer_to_server"
 
@@ -35,10 +36,12 @@ install_error_handlers(app)
 class Both(GrpcApiMixin):
     """What the Serve router is, minus Redis: HTTP routes and gRPC methods on one frontend."""
 
-    def __init__(self, model_dir: str) -> None:
+    def __init__(self, model_dir: str, api_key: str | None = None,
+                 queue_limit: int | None = None) -> None:
         tok = load_tokenizer(model_dir)
-        self.backend = FakeBackend(tok)
-        self.frontend = OpenAIFrontend(self.backend, tok, "tiny", MAX_LEN, len(tok))
+        self.backend = FakeBackend(tok, queue_limit=queue_limit)
+        self.frontend = OpenAIFrontend(self.backend, tok, "tiny", MAX_LEN, len(tok),
+                                       api_key=api_key)
 
     @app.post("/v1/completions")
     async def completions(self, request: Request) -> Response:
@@ -77,6 +80,10 @@ def served(tiny_dir):
         dep = serve.deployment(Both, name="Both",
                                ray_actor_options={"num_cpus": 0.1})
         serve.run(dep.bind(str(tiny_dir)), name=APP, route_prefix="/")
+        # The same service with an API key and room for one request at a time.
+        serve.run(dep.options(name="Guarded").bind(str(tiny_dir), api_key="k3y",
+                                                   queue_limit=1),
+                  name=GUARDED, route_prefix="/guarded")
         yield f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}"
         serve.shutdown()
     finally:
@@ -107,6 +114,19 @@ def _aborted(base: str, rid: str, timeout_s: float = 20.0) -> bool:
             return True
         time.sleep(0.1)
     return False
+
+
+def _drain(call) -> tuple[list, object]:
+    """Every message of a streaming call, and the status it ended with."""
+    import grpc
+
+    msgs = []
+    try:
+        for m in call:
+            msgs.append(m)
+    except grpc.RpcError as e:
+        return msgs, e.code()
+    return msgs, call.code()
 
 
 def _story(tok, n: int) -> list[int]:
@@ -155,12 +175,15 @@ def test_generate_from_token_ids_with_a_stop_string(stub, tok):
     dict(token_ids=dict(ids=[1, 10**8])),
     dict(text="x", sampling=dict(top_p=0.0)),
 ])
-def test_bad_input_is_one_error_with_code_400(stub, req_kw):
+def test_bad_input_is_one_error_400_and_invalid_argument(stub, req_kw):
+    import grpc
+
     from alignedserve.deployments.protos import alignedserve_pb2 as pb
 
-    msgs = list(stub.Generate(pb.GenerateRequest(**req_kw), metadata=META, timeout=60))
+    msgs, code = _drain(stub.Generate(pb.GenerateRequest(**req_kw), metadata=META, timeout=60))
     assert len(msgs) == 1 and msgs[0].HasField("error")
     assert msgs[0].error.code == 400 and msgs[0].error.message
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
 
 
 def test_backend_failure_is_an_error_500_after_the_chunks(stub):
@@ -168,9 +191,10 @@ def test_backend_failure_is_an_error_500_after_the_chunks(stub):
 
     req = pb.GenerateRequest(text="x", sampling=pb.SamplingParams(max_tokens=20,
                                                                   seed=FAIL_SEED))
-    msgs = list(stub.Generate(req, metadata=META, timeout=60))
+    msgs, code = _drain(stub.Generate(req, metadata=META, timeout=60))
     assert msgs[0].HasField("chunk") and msgs[-1].HasField("error")
     assert msgs[-1].error.code == 500 and "failed" in msgs[-1].error.message
+    assert code.name == "INTERNAL"
 
 
 def test_abort_rpc_ends_a_running_request(stub, served):
@@ -262,3 +286,29 @@ def test_http_disconnect_through_serve_aborts_streaming_and_not(served):
             break
         time.sleep(0.1)
     assert len(new) == 1
+
+
+def test_api_key_and_full_queue_have_their_grpc_statuses(stub):
+    import grpc
+
+    from alignedserve.deployments.protos import alignedserve_pb2 as pb
+
+    guarded = (("application", GUARDED),)
+    req = pb.GenerateRequest(text="hi", sampling=pb.SamplingParams(max_tokens=3))
+    for meta in (guarded, (*guarded, ("authorization", "Bearer nope"))):
+        msgs, code = _drain(stub.Generate(req, metadata=meta, timeout=60))
+        assert code == grpc.StatusCode.UNAUTHENTICATED and msgs[0].error.code == 401
+        with pytest.raises(grpc.RpcError) as e:
+            stub.ServerInfo(pb.ServerInfoRequest(), metadata=meta, timeout=30)
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert stub.Health(pb.HealthRequest(), metadata=guarded, timeout=30).healthy  # open
+    ok = (*guarded, ("authorization", "Bearer k3y"))
+    msgs, code = _drain(stub.Generate(req, metadata=ok, timeout=60))
+    assert code == grpc.StatusCode.OK and msgs[-1].complete.usage.completion_tokens == 3
+    # One slow request fills the queue (limit 1): the next is RESOURCE_EXHAUSTED.
+    slow = stub.Generate(pb.GenerateRequest(text="slow", sampling=pb.SamplingParams(
+        max_tokens=200, seed=SLOW_SEED)), metadata=ok, timeout=60)
+    assert next(slow).HasField("chunk")
+    msgs, code = _drain(stub.Generate(req, metadata=ok, timeout=60))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and msgs[0].error.code == 429
+    slow.cancel()

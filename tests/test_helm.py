@@ -29,7 +29,8 @@ SCHEMAS = REPO.parent / "shared" / "schemas"  # CI: a fresh clone with shared/ b
 CI_VALUES = sorted((CHART / "ci").glob("*.yaml"))
 BIN = Path(sys.executable).parent
 # ServeConfig fields the chart sets itself instead of taking them from `serveConfig`.
-CHART_MANAGED = {"host", "http_port", "grpc_port", "start_redis", "ray_address", "redis_url"}
+CHART_MANAGED = {"host", "http_port", "grpc_port", "start_redis", "ray_address", "redis_url",
+                 "api_key"}
 CORE_KINDS = {"Service", "StatefulSet", "Secret", "ConfigMap", "PodDisruptionBudget",
               "Ingress", "Pod", "NetworkPolicy"}
 
@@ -241,6 +242,21 @@ def test_redis_url_reaches_ray_containers_only_through_the_environment(rendered)
                                                "redis.llm.svc:6379/")
                 assert list(env).index("REDIS_PASSWORD") < list(env).index(
                     "ALIGNEDSERVE_REDIS_URL")  # Kubernetes expands $(VAR) from earlier vars
+
+
+def test_api_key_reaches_ray_containers_and_the_test_pod_only_from_its_secret(rendered):
+    ref = {"name": "llm-api-key", "key": "api-key"}
+    for name, docs in rendered.items():
+        rs = _one(docs, "RayService")
+        assert "api_key" not in rs["spec"]["serveConfigV2"]
+        pods = [c for _, c in _containers(rs)] + _one(docs, "Pod")["spec"]["containers"]
+        for c in pods:
+            env = {e["name"]: e for e in c["env"]}
+            key = env.get("ALIGNEDSERVE_API_KEY") or env.get("API_KEY")
+            if name == "external-redis":  # the ci file that sets apiKey.existingSecret
+                assert key is not None and key["valueFrom"]["secretKeyRef"] == ref, c["name"]
+            else:
+                assert key is None, (name, c["name"])
 
 
 def test_external_redis_url_goes_into_a_secret(helm):

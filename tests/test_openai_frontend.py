@@ -3,6 +3,7 @@ by the official `openai` client (and raw httpx for what the client hides)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
@@ -49,14 +50,17 @@ class Served:
         return False
 
 
-@pytest.fixture(scope="module")
-def srv(tiny_dir):
+@contextlib.contextmanager
+def _serve(tiny_dir, **frontend_kw):
+    """A real uvicorn server on loopback over the fake backend (`frontend_kw`: api_key,
+    and the backend's queue_limit)."""
     import uvicorn
 
     tok = load_tokenizer(tiny_dir)
     vocab = json.loads((tiny_dir / "config.json").read_text())["vocab_size"]
-    backend, metrics = FakeBackend(tok), RecordingMetrics()
-    frontend = OpenAIFrontend(backend, tok, MODEL, MAX_LEN, vocab, metrics)
+    backend = FakeBackend(tok, queue_limit=frontend_kw.pop("queue_limit", None))
+    metrics = RecordingMetrics()
+    frontend = OpenAIFrontend(backend, tok, MODEL, MAX_LEN, vocab, metrics, **frontend_kw)
     app = create_app(frontend, metrics_text=lambda: "alignedserve:demo 1\n")
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -68,10 +72,18 @@ def srv(tiny_dir):
         if time.monotonic() > deadline or not thread.is_alive():
             raise RuntimeError("uvicorn did not start")
         time.sleep(0.05)
-    yield Served(f"http://127.0.0.1:{sock.getsockname()[1]}", backend, tok, metrics)
-    server.should_exit = True
-    thread.join(timeout=10)
-    sock.close()
+    try:
+        yield Served(f"http://127.0.0.1:{sock.getsockname()[1]}", backend, tok, metrics)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def srv(tiny_dir):
+    with _serve(tiny_dir) as served:
+        yield served
 
 
 # "fox" completes twice in the story; " said:" spans tokens; "zzz" never appears.
@@ -327,3 +339,49 @@ def test_disconnect_while_waiting_for_a_non_streamed_response_aborts(srv):
     rid = _slow_rid(srv, prompt)
     assert srv.wait_aborted(rid)
     assert len(srv.backend.outputs[rid]) < 200
+
+
+def test_api_key_guards_the_openai_routes_but_not_health_or_metrics(tiny_dir):
+    with _serve(tiny_dir, api_key="s3cret") as srv:
+        body = {"model": MODEL, "prompt": "hello", "max_tokens": 3}
+        for method, path, kw in (("POST", "/v1/completions", {"json": body}),
+                                 ("POST", "/v1/chat/completions", {"json": {
+                                     "model": MODEL, "messages": [
+                                         {"role": "user", "content": "hi"}]}}),
+                                 ("GET", "/v1/models", {})):
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+                resp = httpx.request(method, srv.base + path, headers=headers, timeout=30, **kw)
+                assert resp.status_code == 401, (path, headers, resp.text)
+                assert resp.json()["error"]["code"] == "invalid_api_key"
+        assert not srv.backend.submitted  # nothing reached the backend
+        ok = openai.OpenAI(base_url=f"{srv.base}/v1", api_key="s3cret", max_retries=0)
+        assert ok.completions.create(**body).usage.completion_tokens == 3
+        assert [m.id for m in ok.models.list().data] == [MODEL]
+        assert httpx.get(f"{srv.base}/health", timeout=30).status_code == 200
+        assert httpx.get(f"{srv.base}/metrics", timeout=30).status_code == 200
+
+
+def test_a_full_queue_is_a_429_with_retry_after_before_any_stream_starts(tiny_dir):
+    with _serve(tiny_dir, queue_limit=2) as srv:
+        slow = {"model": MODEL, "prompt": "slow", "max_tokens": 200, "seed": SLOW_SEED,
+                "stream": True}
+        with httpx.stream("POST", f"{srv.base}/v1/completions", json=slow, timeout=60) as a, \
+                httpx.stream("POST", f"{srv.base}/v1/completions", json=slow, timeout=60) as b:
+            assert a.status_code == b.status_code == 200
+            lines = a.iter_lines(), b.iter_lines()  # (dropping one closes its stream)
+            for it in lines:
+                next(it)  # both admitted and generating
+            assert srv.backend.inflight == 2
+            for stream in (False, True):
+                resp = httpx.post(f"{srv.base}/v1/completions", timeout=30,
+                                  json={**slow, "stream": stream})
+                assert resp.status_code == 429, resp.text
+                assert resp.headers["Retry-After"] == "2"
+                err = resp.json()["error"]
+                assert err["type"] == "rate_limit_error" and err["code"] == "rate_limit_exceeded"
+        client = openai.OpenAI(base_url=f"{srv.base}/v1", api_key="x", max_retries=0)
+        # The two streams closed: their requests are aborted and the queue has room again.
+        deadline = time.monotonic() + 15
+        while srv.backend.inflight and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert client.completions.create(model=MODEL, prompt="hi", max_tokens=2).usage

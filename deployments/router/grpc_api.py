@@ -11,6 +11,9 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from typing import Any
+
+import grpc
 
 from alignedserve.deployments.protos import alignedserve_pb2 as pb
 from alignedserve.deployments.router.backend import TokenEvent
@@ -61,33 +64,65 @@ def _error(rid: str, message: str, code: int) -> pb.GenerateResponse:
     return pb.GenerateResponse(request_id=rid, error=pb.Error(message=message, code=code))
 
 
+# HTTP-equivalent status -> the call's gRPC status (vLLM's and SGLang's mapping).
+_STATUS = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
+           404: grpc.StatusCode.NOT_FOUND, 429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+           503: grpc.StatusCode.UNAVAILABLE}
+
+
+def _fail(context: Any, status: int, message: str) -> None:
+    """Give the call a non-OK status (Serve copies it onto the client's call)."""
+    if context is not None:
+        context.set_code(_STATUS.get(status, grpc.StatusCode.INTERNAL))
+        context.set_details(message)
+
+
+def _authorize(f: OpenAIFrontend, context: Any) -> None:
+    metadata = dict(context.invocation_metadata()) if context is not None else {}
+    f.authorize(metadata.get("authorization"))
+
+
 class GrpcApiMixin:
     """Mixed into the Serve router; needs `self.frontend: OpenAIFrontend`."""
 
     frontend: OpenAIFrontend
 
-    async def Generate(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateResponse]:
-        """Chunks, then one Complete; or one Error (code 400 for bad input, 500 if the
-        backend failed). Cancelling the call aborts the request."""
+    async def Generate(self, request: pb.GenerateRequest, grpc_context: Any = None
+                       ) -> AsyncIterator[pb.GenerateResponse]:
+        """Chunks, then one Complete; or one Error with its HTTP-equivalent code, and the
+        call ends with the matching status (INVALID_ARGUMENT for bad input, UNAUTHENTICATED,
+        RESOURCE_EXHAUSTED when the queue is full, INTERNAL if the backend failed).
+        Cancelling the call aborts the request."""
         f = self.frontend
         rid = request.request_id or f"grpc-{uuid.uuid4().hex}"
         try:
+            _authorize(f, grpc_context)
             if request.HasField("token_ids"):
                 ids = f.check_ids(list(request.token_ids.ids), "token_ids")
             else:
                 ids = f.check_ids(f.tokenizer.encode(request.text), "text")
-            gen = f.start(rid, ids, _params(request, f.model_name, ids, f.max_model_len))
+            gen = await f.start(rid, ids, _params(request, f.model_name, ids,
+                                                  f.max_model_len))
             async with aclosing(f.run(gen)) as events:
                 async for delta, ev in events:
                     for msg in _responses(rid, len(ids), delta, ev):
                         yield msg
         except APIError as e:
+            _fail(grpc_context, e.status, e.message)
             yield _error(rid, e.message, e.status)
         except Exception as e:  # reported like HTTP's in-stream error, never a bare failure
             log.exception("gRPC Generate failed", extra=log_rid(rid))
-            yield _error(rid, f"internal error: {type(e).__name__}: {e}", 500)
+            message = f"internal error: {type(e).__name__}: {e}"
+            _fail(grpc_context, 500, message)
+            yield _error(rid, message, 500)
 
-    async def Abort(self, request: pb.AbortRequest) -> pb.AbortResponse:
+    async def Abort(self, request: pb.AbortRequest, grpc_context: Any = None
+                    ) -> pb.AbortResponse:
+        try:
+            _authorize(self.frontend, grpc_context)
+        except APIError as e:
+            _fail(grpc_context, e.status, e.message)
+            return pb.AbortResponse(accepted=False)
         await self.frontend.backend.abort(request.request_id)
         return pb.AbortResponse(accepted=True)
 
@@ -96,8 +131,14 @@ class GrpcApiMixin:
         info = await self.frontend.backend.server_info()
         return pb.HealthResponse(healthy=bool(info.get("replicas", 1)))
 
-    async def ServerInfo(self, request: pb.ServerInfoRequest) -> pb.ServerInfoResponse:
+    async def ServerInfo(self, request: pb.ServerInfoRequest, grpc_context: Any = None
+                         ) -> pb.ServerInfoResponse:
         f = self.frontend
+        try:
+            _authorize(f, grpc_context)
+        except APIError as e:
+            _fail(grpc_context, e.status, e.message)
+            return pb.ServerInfoResponse()
         info = await f.backend.server_info()
         return pb.ServerInfoResponse(model=f.model_name, active_requests=f.active,
                                      uptime_s=time.time() - f.started,

@@ -9,6 +9,7 @@ backend, streaming or not, so its KV is freed everywhere.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import itertools
 import json
 import logging
@@ -60,13 +61,14 @@ class Generation:
 class OpenAIFrontend:
     def __init__(self, backend: GenerationBackend, tokenizer, model_name: str,
                  max_model_len: int, vocab_size: int,
-                 metrics: FrontendMetrics | None = None) -> None:
+                 metrics: FrontendMetrics | None = None, api_key: str | None = None) -> None:
         self.backend = backend
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size
         self.metrics = metrics
+        self.api_key = api_key  # None: no authentication (the default, as vLLM's)
         self.started = time.time()
         self.active = 0
         self._bg: set[asyncio.Task] = set()
@@ -80,7 +82,20 @@ class OpenAIFrontend:
             raise APIError(f"token ids must be integers in [0, {self.vocab_size})", param=param)
         return ids
 
-    def start(self, rid: str, ids: list[int], params: SamplingParams) -> Generation:
+    def authorize(self, authorization: str | None) -> None:
+        """`Authorization: Bearer <key>` (HTTP header or gRPC metadata) when a key is set;
+        raises APIError(401) otherwise. /health and /metrics do not ask."""
+        if self.api_key is None:
+            return
+        scheme, _, given = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip(), self.api_key):
+            raise APIError("a valid API key is required: Authorization: Bearer <key>",
+                           status=401, code="invalid_api_key")
+
+    async def start(self, rid: str, ids: list[int], params: SamplingParams) -> Generation:
+        """Admit a validated request (raises APIError 429/503 when the queue cannot take
+        it, before any response starts)."""
+        await self.backend.admit()
         return Generation(GenerateRequest(rid, tuple(ids), params, time.time()),
                           TextStream(self.tokenizer, params))
 
@@ -141,14 +156,16 @@ class OpenAIFrontend:
     # -- HTTP routes ----------------------------------------------------------------------------
 
     async def completions(self, request: Request) -> Response:
+        self.authorize(request.headers.get("authorization"))
         body = parse_request(CompletionRequest, await _json(request))
         self._check_model(body.model)
         ids = self._completion_prompt(body.prompt)
-        gen = self.start(new_id("cmpl"), ids, to_sampling_params(body, len(ids),
+        gen = await self.start(new_id("cmpl"), ids, to_sampling_params(body, len(ids),
                                                                  self.max_model_len))
         return await self._respond(request, body, gen, chat=False)
 
     async def chat_completions(self, request: Request) -> Response:
+        self.authorize(request.headers.get("authorization"))
         body = parse_request(ChatCompletionRequest, await _json(request))
         self._check_model(body.model)
         msgs = [{"role": m.role, "content": m.text()} for m in body.messages]
@@ -158,11 +175,12 @@ class OpenAIFrontend:
         enc = self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True,
                                                  tokenize=True, return_dict=True)
         ids = self.check_ids(list(enc["input_ids"]), "messages")
-        gen = self.start(new_id("chatcmpl"), ids, to_sampling_params(body, len(ids),
+        gen = await self.start(new_id("chatcmpl"), ids, to_sampling_params(body, len(ids),
                                                                      self.max_model_len))
         return await self._respond(request, body, gen, chat=True)
 
-    async def models(self) -> Response:
+    async def models(self, request: Request) -> Response:
+        self.authorize(request.headers.get("authorization"))
         return JSONResponse({"object": "list", "data": [{
             "id": self.model_name, "object": "model", "created": int(self.started),
             "owned_by": "alignedserve", "max_model_len": self.max_model_len}]})
@@ -287,7 +305,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(APIError)
     async def _api(_: Request, exc: APIError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:

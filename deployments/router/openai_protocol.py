@@ -17,6 +17,7 @@ streamed request has already sent its 200 then, so it gets the error in-stream.
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from collections.abc import Sequence
@@ -31,13 +32,20 @@ class APIError(Exception):
     """An error the client caused (or an overload): becomes {"error": {...}} with `status`."""
 
     def __init__(self, message: str, status: int = 400, param: str | None = None,
-                 code: str | None = None, type_: str | None = None) -> None:
+                 code: str | None = None, type_: str | None = None,
+                 retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.status = status
         self.param = param
         self.code = code
         self.type = type_ or ("invalid_request_error" if status < 500 else "server_error")
+        self.retry_after_s = retry_after_s  # 429/503: when the client may try again
+
+    def headers(self) -> dict[str, str]:
+        if self.retry_after_s is None:
+            return {}
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param,

@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Callable
 import redis.asyncio as aioredis
 
 from alignedserve.deployments.router.backend import GenerateRequest
+from alignedserve.deployments.router.openai_protocol import APIError
 from alignedserve.global_queue.events import TokenEvent
 from alignedserve.global_queue.index import unindex
 from alignedserve.global_queue.keys import RedisKeys
@@ -35,17 +36,19 @@ _BLOCK_MS = 50  # reader's XREAD block; new streams join within this long
 _ABORTED_TTL_S = 3600
 _POOL_SIZE = 32  # Redis connections per router for enqueue/abort (streams use one more)
 _WATCH_EVERY_S = 2.0  # how often the reader checks that each request's holder is alive
+_RETRY_AFTER_S = 2.0  # what a refused client is told to wait
 
 
 
 class RedisBackend:
     def __init__(self, redis_url: str, keys: RedisKeys,
                  free_kv: Callable[[str], None] | None = None,
-                 holder_timeout_s: float = 30.0) -> None:
+                 holder_timeout_s: float = 30.0, max_queued: int = 1 << 30) -> None:
         self.url = redis_url
         self.keys = keys
         self.free_kv = free_kv  # frees a request's KV-store blocks (when the router holds it)
         self.holder_timeout_s = holder_timeout_s  # a holder this silent is taken as dead
+        self.max_queued = max_queued  # requests waiting for prefill or dispatch, at most
         # Blocking pool: a burst of requests waits for a connection instead of failing.
         self.r = aioredis.Redis(connection_pool=aioredis.BlockingConnectionPool.from_url(
             redis_url, max_connections=_POOL_SIZE, timeout=None))
@@ -79,6 +82,20 @@ class RedisBackend:
         finally:
             self._queues.pop(rid, None)
             self._last_ids.pop(rid, None)
+
+    async def admit(self) -> None:
+        try:
+            pipe = self.r.pipeline(transaction=False)
+            pipe.llen(self.keys.prefill)
+            pipe.zcard(self.keys.decode)
+            waiting = sum(await pipe.execute())
+        except aioredis.RedisError as e:
+            raise APIError(f"the request queue is unavailable ({e}); retry later", 503,
+                           code="queue_unavailable", retry_after_s=_RETRY_AFTER_S) from e
+        if waiting >= self.max_queued:
+            raise APIError(f"the server is at capacity ({waiting} requests queued); retry "
+                           "later", 429, code="rate_limit_exceeded", type_="rate_limit_error",
+                           retry_after_s=_RETRY_AFTER_S)
 
     async def abort(self, request_id: str) -> None:
         keys = self.keys

@@ -43,10 +43,11 @@ class Router(GrpcApiMixin):
         pools = limits.pools
         store = get_or_create_store(pools.host_blocks, pools.block_shape, pools.dtype)
         self.backend = RedisBackend(cfg.redis_url, keys, lambda rid: store.free.remote(rid),
-                                    cfg.replica_timeout_s)
+                                    cfg.replica_timeout_s, limits.max_queued_requests)
         self.frontend = OpenAIFrontend(self.backend, load_tokenizer(model_dir), cfg.model_name,
                                        limits.max_model_len, limits.vocab_size,
-                                       FrontendMetrics(cfg.model_name))
+                                       FrontendMetrics(cfg.model_name),
+                                       cfg.api_key.get_secret_value() if cfg.api_key else None)
         e = cfg.engine
         knobs = DispatchKnobs(e.max_spread, e.slack_tokens, e.max_queue_delay_s)
         self.leader = LeaderLoop(cfg.redis_url, keys, cfg.leader_ttl_s, knobs,
@@ -61,8 +62,8 @@ class Router(GrpcApiMixin):
         return await self.frontend.chat_completions(request)
 
     @app.get("/v1/models")
-    async def models(self) -> Response:
-        return await self.frontend.models()
+    async def models(self, request: Request) -> Response:
+        return await self.frontend.models(request)
 
     @app.get("/health")
     async def health(self) -> Response:

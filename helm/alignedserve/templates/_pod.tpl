@@ -18,6 +18,13 @@ env:
         name: {{ include "alignedserve.redisUrlSecret" . }}
         key: {{ include "alignedserve.redisUrlKey" . }}
   {{- end }}
+  {{- with .Values.apiKey.existingSecret }}
+  - name: ALIGNEDSERVE_API_KEY
+    valueFrom:
+      secretKeyRef:
+        name: {{ . }}
+        key: {{ $.Values.apiKey.secretKey }}
+  {{- end }}
   - name: HF_HUB_OFFLINE
     value: "1"
   - name: TOKENIZERS_PARALLELISM
