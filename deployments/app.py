@@ -5,6 +5,7 @@ deployments (KubeRay `serveConfigV2`): `alignedserve.deployments.app:build`; `st
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from ray import serve
@@ -14,6 +15,7 @@ from alignedserve.config import ServeConfig, load_config
 from alignedserve.deployments.replica.compute_replica import ComputeReplica
 from alignedserve.deployments.router.router import Router
 
+log = logging.getLogger("alignedserve.app")
 APP_NAME = "alignedserve"
 GRPC_SERVICER = "alignedserve.deployments.router.grpc_servicer.add_servicer_to_server"
 
@@ -53,10 +55,20 @@ def init_ray(cfg: ServeConfig) -> None:
 
 
 def start(cfg: ServeConfig, model_dir: str) -> None:
-    """Start Ray (if needed) and run the app; returns once it is deployed and healthy."""
+    """Claim the queue, start Ray (if needed) and run the app; returns once it is deployed
+    and healthy. Raises ValueError if a live deployment already uses the queue."""
+    import redis
     from ray import serve
     from ray.serve.config import gRPCOptions
 
+    from alignedserve.global_queue.keys import RedisKeys
+    from alignedserve.global_queue.records import claim_queue
+
+    removed = claim_queue(redis.Redis.from_url(cfg.redis_url), RedisKeys(cfg.redis_prefix),
+                          cfg.replica_timeout_s)
+    if removed:
+        log.warning("removed %d keys under %r left by a deployment that stopped uncleanly",
+                    removed, cfg.redis_prefix)
     init_ray(cfg)
     grpc = (gRPCOptions(port=cfg.grpc_port, grpc_servicer_functions=[GRPC_SERVICER])
             if cfg.grpc_port else None)

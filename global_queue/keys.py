@@ -67,3 +67,10 @@ class RedisKeys:
     @property
     def leader(self) -> str:
         return f"{self.prefix}leader"
+
+    def owned(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(exact keys, glob patterns) of every key this layout uses: what a deployment
+        owns, without matching a longer prefix that merely starts with this one."""
+        exact = (self.prefill, self.decode, self.decode_arrival, self.seq, self.aborted,
+                 self.replicas, self.leader)
+        return exact, (self.req("*"), self.tok("*"), self.inbox("*"))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from dataclasses import dataclass
 
 import redis
@@ -124,3 +125,26 @@ def publish_state(client: redis.Redis, keys: RedisKeys, state: ReplicaState) -> 
 
 def load_states(client: redis.Redis, keys: RedisKeys) -> list[ReplicaState]:
     return [ReplicaState.from_json(v) for v in client.hgetall(keys.replicas).values()]
+
+
+def claim_queue(client: redis.Redis, keys: RedisKeys, stale_after_s: float) -> int:
+    """Make a starting deployment the owner of its queue (`keys.prefix` on this Redis).
+
+    Replica states younger than `stale_after_s` mean another deployment is alive there:
+    raises ValueError rather than sharing it. Otherwise everything under the prefix was
+    left by a deployment that stopped uncleanly (its replica registrations, request
+    records, streams, queues) and would poison this one: it is deleted. Returns how many
+    keys were removed."""
+    now = time.time()
+    live = [s.replica for s in load_states(client, keys) if now - s.ts < stale_after_s]
+    if live:
+        raise ValueError(
+            f"the queue {keys.prefix!r} on this Redis is in use by a running deployment "
+            f"(replicas {', '.join(sorted(live))}); stop it or choose another redis_prefix")
+    exact, patterns = keys.owned()
+    stale = [k for k in exact if client.exists(k)]
+    for pattern in patterns:
+        stale += client.scan_iter(match=pattern, count=1000)
+    for i in range(0, len(stale), 1000):
+        client.unlink(*stale[i:i + 1000])
+    return len(stale)

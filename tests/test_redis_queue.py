@@ -16,6 +16,7 @@ from alignedserve.global_queue.keys import RedisKeys
 from alignedserve.global_queue.records import (
     ReplicaState,
     RequestRecord,
+    claim_queue,
     load_records,
     publish_state,
     put_record,
@@ -124,3 +125,24 @@ def test_leader_loop_only_one_dispatches(redis_url, r, keys):
     finally:
         for lp in loops:
             lp.stop()
+
+
+def test_a_starting_deployment_clears_what_a_dead_one_left_and_refuses_a_live_one(r, keys):
+    other = RedisKeys(keys.prefix + "other:")
+    r.set(other.leader, "x")  # another deployment's keys on the same Redis stay
+    # An unclean stop: a replica registration 60 s old, a record, a stream, queued ids.
+    publish_state(r, keys, ReplicaState("r-dead", time.time() - 60, free=5))
+    pipe = r.pipeline()
+    put_record(pipe, keys, RequestRecord("old", (1, 2), SamplingParams(max_tokens=3), 1.0))
+    publish(pipe, keys, "old", TokenEvent((4,), 1))
+    pipe.rpush(keys.prefill, "old")
+    pipe.execute()
+    RedisQueueIndex(r, keys).put("old2", 9)
+    assert claim_queue(r, keys, stale_after_s=30.0) >= 6
+    left = {k.decode() for k in r.scan_iter(match=f"{keys.prefix}*")}
+    assert left == {other.leader}  # a longer prefix that starts with ours is not ours
+    # A replica that published 1 s ago is alive: the queue is not taken from it.
+    publish_state(r, keys, ReplicaState("r-live", time.time() - 1.0, free=5))
+    with pytest.raises(ValueError, match="r-live"):
+        claim_queue(r, keys, stale_after_s=30.0)
+    assert r.hexists(keys.replicas, "r-live")

@@ -11,7 +11,6 @@ global_queue/keys.py).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -123,8 +122,12 @@ class RedisBackend:
     async def close(self) -> None:
         if self._reader is not None:
             self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
+            try:
                 await self._reader
+            except asyncio.CancelledError:
+                pass  # what cancel() asked for
+            except Exception:
+                log.exception("token stream reader had failed")
         await self.r.aclose()
         await self._reader_conn.aclose()
 
