@@ -81,8 +81,10 @@ def stop() -> None:
     and shut Serve down."""
     from ray import serve
 
+    from alignedserve.kv_store.shm_arena import remove_orphans
     from alignedserve.kv_store.store import close_stores
 
     serve.delete(APP_NAME)
     serve.shutdown()
     close_stores()  # after the replicas: their drain may still free KV
+    remove_orphans()  # of replicas that died during the run

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from alignedserve.kv_store.shm_arena import ArenaSpec, ShmArena
+from alignedserve.kv_store.shm_arena import ArenaSpec, ShmArena, remove_orphans
 from alignedserve.scheduling.block_manager import BlockAllocator
 
 
@@ -36,6 +36,7 @@ class KVStoreCore:
 
     def __init__(self, spec_name: str, num_blocks: int, block_shape: tuple[int, ...],
                  dtype: torch.dtype) -> None:
+        remove_orphans()  # a store killed before (kill -9) left its arena behind
         self.arena = ShmArena.create(spec_name, num_blocks, block_shape, dtype)
         self.allocator = BlockAllocator(num_blocks)
         self.slots: dict[str, list[int]] = {}

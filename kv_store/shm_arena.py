@@ -7,19 +7,28 @@ same bytes, with no serialization. The header carries counters one process write
 another polls, such as the last finished KV transfer (`prefetch_workers/worker.py`).
 
 Python's resource tracker would unlink a segment when any process that merely attached to
-it exits; attaching processes unregister it, so only the creator decides.
+it exits; attaching processes unregister it, so only the creator decides. The header's last
+slot holds the creator's pid, so a segment whose creator died without unlinking it (kill
+-9) is found and removed by the next process that starts one (`remove_orphans`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 from dataclasses import dataclass
 from multiprocessing import resource_tracker, shared_memory
+from pathlib import Path
 
 import numpy as np
 import torch
 
 _HEADER_ITEM = 8  # bytes per header slot (int64)
+_SHM_DIR = Path("/dev/shm")  # where Linux keeps POSIX shared memory
+PREFIX = "as-"  # every arena this project creates is named as-...
+_OWNER_SLOT = 7  # header slot holding the creator's pid (headers have at least 8 slots)
+log = logging.getLogger("alignedserve.kv_store")
 
 
 @dataclass(frozen=True)
@@ -63,11 +72,14 @@ class ShmArena:
     @classmethod
     def create(cls, name: str, num_blocks: int, block_shape: tuple[int, ...],
                dtype: torch.dtype, header_slots: int = 8) -> ShmArena:
+        if header_slots <= _OWNER_SLOT:
+            raise ValueError(f"an arena header needs at least {_OWNER_SLOT + 1} slots")
         spec = ArenaSpec(name, num_blocks, tuple(block_shape), str(dtype).removeprefix("torch."),
                          header_slots)
         shm = shared_memory.SharedMemory(name=name, create=True, size=spec.nbytes)
         arena = cls(shm, spec, owner=True)
         arena.header.zero_()
+        arena.header[_OWNER_SLOT] = os.getpid()  # the owner, for remove_orphans
         arena.blocks.zero_()  # touch every page now
         return arena
 
@@ -96,3 +108,36 @@ class ShmArena:
             return
         seg.close()
         seg.unlink()
+
+
+def remove_orphans(prefix: str = PREFIX) -> list[str]:
+    """Unlink this project's segments whose creating process is gone; returns their names.
+    A segment being created right now (pid not written yet) is left alone."""
+    removed = []
+    for path in sorted(_SHM_DIR.glob(f"{prefix}*")):
+        try:
+            with path.open("rb") as f:
+                head = f.read(_HEADER_ITEM * (_OWNER_SLOT + 1))
+        except OSError:
+            continue  # removed meanwhile
+        if len(head) < _HEADER_ITEM * (_OWNER_SLOT + 1):
+            continue
+        pid = int(np.frombuffer(head, dtype=np.int64)[_OWNER_SLOT])
+        if pid <= 0 or _alive(pid):
+            continue
+        with contextlib.suppress(FileNotFoundError):  # another starter got there first
+            path.unlink()
+            removed.append(path.name)
+    if removed:
+        log.warning("removed shared-memory arenas of dead processes: %s", ", ".join(removed))
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process: alive
+    return True

@@ -4,6 +4,7 @@ Ray actor with a same-node client, admission that waits, and the gRPC service on
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import threading
 import time
 import uuid
@@ -32,7 +33,8 @@ def _child(spec: ArenaSpec, q) -> None:
 def test_arena_is_shared_across_processes():
     arena = ShmArena.create(_name(), 8, SHAPE, torch.float32)
     try:
-        assert float(arena.blocks.abs().sum()) == 0.0 and int(arena.header.sum()) == 0
+        assert float(arena.blocks.abs().sum()) == 0.0 and int(arena.header[:7].sum()) == 0
+        assert int(arena.header[7]) == os.getpid()  # the owner, for remove_orphans
         arena.blocks[3].fill_(1.0)
         ctx = mp.get_context("spawn")
         q = ctx.Queue()
@@ -150,3 +152,34 @@ def test_grpc_round_trip_on_loopback(ray_local, store):
         assert remote.free("g") == 3 and remote.stats().used_blocks == 0
     finally:
         remote.close()
+
+
+def test_arenas_of_dead_creators_are_removed_and_live_ones_kept():
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from alignedserve.kv_store.shm_arena import remove_orphans
+
+    dead = _name()
+    code = ("import torch, time, sys; from alignedserve.kv_store.shm_arena import ShmArena; "
+            f"ShmArena.create({dead!r}, 4, (2, 3), torch.float32); print('up', flush=True); "
+            "time.sleep(600)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "up"
+        assert dead not in remove_orphans()  # its creator is alive
+        proc.send_signal(signal.SIGKILL)  # dies without unlinking
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    mine = ShmArena.create(_name(), 4, (2, 3), torch.float32)
+    try:
+        assert Path("/dev/shm", dead).exists()
+        removed = remove_orphans()
+        assert dead in removed and mine.spec.name not in removed
+        assert not Path("/dev/shm", dead).exists() and Path("/dev/shm", mine.spec.name).exists()
+    finally:
+        mine.close()
+        mine.unlink()

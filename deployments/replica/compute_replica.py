@@ -37,7 +37,7 @@ from alignedserve.global_queue.records import (
     publish_state,
 )
 from alignedserve.kv_store.host_allocator import StoreHostAllocator
-from alignedserve.kv_store.shm_arena import ShmArena
+from alignedserve.kv_store.shm_arena import ShmArena, remove_orphans
 from alignedserve.kv_store.store import get_or_create_store
 from alignedserve.logs import configure_logging
 from alignedserve.logs import rid as log_rid
@@ -63,6 +63,7 @@ class ComputeReplica:
         self.store = get_or_create_store(lim.host_blocks, lim.block_shape, lim.dtype)
         # The device pool is created first (its size is known from the config), so the
         # worker can map it and the engine gets every part at construction.
+        remove_orphans()  # arenas of replicas that were killed before unlinking theirs
         self.arena = ShmArena.create(
             f"as-dev-{self.replica_id}", lim.device_blocks, lim.block_shape, lim.dtype)
         node = ray.get_runtime_context().get_node_id()
