@@ -46,5 +46,6 @@ class GenerationBackend(Protocol):
         ...
 
     async def server_info(self) -> dict[str, object]:
-        """Queue depths, replica count and the like, for /v1 status and gRPC ServerInfo."""
+        """Queue depths, replica count and the like, for /v1 status and gRPC ServerInfo.
+        Raises APIError(503) when the queue cannot be reached."""
         ...

@@ -127,8 +127,12 @@ class GrpcApiMixin:
         return pb.AbortResponse(accepted=True)
 
     async def Health(self, request: pb.HealthRequest) -> pb.HealthResponse:
-        """Healthy once a compute replica is up (the same readiness as HTTP /health)."""
-        info = await self.frontend.backend.server_info()
+        """Healthy once a compute replica is up and the queue answers (HTTP /health's
+        readiness)."""
+        try:
+            info = await self.frontend.backend.server_info()
+        except APIError:
+            return pb.HealthResponse(healthy=False)
         return pb.HealthResponse(healthy=bool(info.get("replicas", 1)))
 
     async def ServerInfo(self, request: pb.ServerInfoRequest, grpc_context: Any = None

@@ -186,11 +186,14 @@ class OpenAIFrontend:
             "owned_by": "alignedserve", "max_model_len": self.max_model_len}]})
 
     async def health(self) -> Response:
-        """200 once a compute replica is up (readiness), 503 before."""
-        info = await self.backend.server_info()
-        if not info.get("replicas", 1):
-            return JSONResponse(APIError("no compute replica is ready", status=503).body(),
-                                status_code=503)
+        """200 once a compute replica is up and the queue answers (readiness); 503 with the
+        reason in the OpenAI error format before."""
+        try:
+            info = await self.backend.server_info()
+            if not info.get("replicas", 1):
+                raise APIError("no compute replica is ready", status=503, retry_after_s=2.0)
+        except APIError as e:
+            return JSONResponse(e.body(), status_code=e.status, headers=e.headers())
         return PlainTextResponse("")
 
     def _check_model(self, model: str) -> None:

@@ -111,11 +111,15 @@ class RedisBackend:
             self.free_kv(request_id)
 
     async def server_info(self) -> dict[str, object]:
-        pipe = self.r.pipeline(transaction=False)
-        pipe.llen(self.keys.prefill)
-        pipe.zcard(self.keys.decode)
-        pipe.hlen(self.keys.replicas)
-        prefill, decode, replicas = await pipe.execute()
+        try:
+            pipe = self.r.pipeline(transaction=False)
+            pipe.llen(self.keys.prefill)
+            pipe.zcard(self.keys.decode)
+            pipe.hlen(self.keys.replicas)
+            prefill, decode, replicas = await pipe.execute()
+        except aioredis.RedisError as e:
+            raise APIError(f"the request queue is unavailable ({e})", 503,
+                           code="queue_unavailable", retry_after_s=_RETRY_AFTER_S) from e
         return {"prefill_queue": prefill, "decode_index": decode, "replicas": replicas,
                 "active_requests": len(self._queues), "uptime_s": time.time() - self.started}
 
