@@ -9,8 +9,6 @@ import csv
 import json
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from cli_server import start_cli_server
 
 pytestmark = pytest.mark.slow
 
@@ -27,43 +26,16 @@ DASHBOARD = REPO / "helm" / "alignedserve" / "dashboards" / "alignedserve.json"
 BIN = Path(sys.executable).parent
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tiny_dir, tmp_path_factory):
     """(HTTP base URL, gRPC target) of a served tiny model; drained and stopped after."""
-    http, grpc_port, redis_port = _port(), _port(), _port()
-    cfg = tmp_path_factory.mktemp("locust-serve") / "serve.yaml"
-    cfg.write_text("served_model_name: tiny\nhost_kv_gib: 0.05\nengine:\n  kv_cache_gib: 0.02\n"
-                   "redis_prefix: \"locust-test:\"\n")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "alignedserve.cluster.cli", "serve", "--config", str(cfg),
-         "--model", str(tiny_dir), "--http-port", str(http), "--grpc-port", str(grpc_port),
-         "--redis-url", f"redis://127.0.0.1:{redis_port}/0", "--drain-timeout-s", "5"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    base = f"http://127.0.0.1:{http}"
+    srv = start_cli_server(tiny_dir, tmp_path_factory.mktemp("locust-serve"), "locust-test:",
+                           "--drain-timeout-s", "5")
     try:
-        deadline = time.monotonic() + 240
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "server did not come up"
-            time.sleep(1)
-        yield base, f"127.0.0.1:{grpc_port}"
-        proc.send_signal(signal.SIGTERM)  # drains, stops Serve, Ray and its Redis
-        assert proc.wait(timeout=120) == 0
+        yield srv.base, srv.grpc
+        assert srv.stop() == 0  # drains, stops Serve, Ray and its Redis
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        srv.kill()
 
 
 def _stats(csv_prefix: Path) -> dict[tuple[str, str], dict[str, str]]:

@@ -4,48 +4,20 @@ answers on loopback, and on SIGTERM drains an in-flight stream before exiting.""
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
-import time
 
 import httpx
 import pytest
+from cli_server import start_cli_server
 
 pytestmark = pytest.mark.slow
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_serve_cli_answers_and_drains_on_sigterm(tiny_dir, tmp_path):
-    http, grpc_port, redis_port = _port(), _port(), _port()
-    cfg = tmp_path / "serve.yaml"
-    cfg.write_text("served_model_name: tiny\nhost_kv_gib: 0.05\nengine:\n  kv_cache_gib: 0.02\n"
-                   "redis_prefix: \"cli-test:\"\n")
-    env = {**os.environ, "ALIGNEDSERVE_DRAIN_TIMEOUT_S": "30"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "alignedserve.cluster.cli", "serve", "--config", str(cfg),
-         "--model", str(tiny_dir), "--http-port", str(http), "--grpc-port", str(grpc_port),
-         "--redis-url", f"redis://127.0.0.1:{redis_port}/0"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
-    base = f"http://127.0.0.1:{http}"
+    server = start_cli_server(tiny_dir, tmp_path, "cli-test:",
+                              env={"ALIGNEDSERVE_DRAIN_TIMEOUT_S": "30"})
+    proc, base = server.proc, server.base
     try:
-        deadline = time.monotonic() + 240
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "server did not come up"
-            time.sleep(1)
         body = {"model": "tiny", "prompt": "drain me", "max_tokens": 120, "temperature": 0,
                 "ignore_eos": True, "stream": True}
         chunks, reason = 0, None
@@ -64,6 +36,51 @@ def test_serve_cli_answers_and_drains_on_sigterm(tiny_dir, tmp_path):
         out = proc.stdout.read()
         assert "OpenAI HTTP" in out and "draining" in out
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        server.kill()
+
+
+def test_a_server_over_the_redis_of_an_uncleanly_stopped_one_serves_everything(
+        tiny_dir, tmp_path, redis_url):
+    """What an unclean stop leaves (a replica registration, records, queued ids, a leader
+    lock) must not poison the next server on the same Redis: it clears them and serves."""
+    import time
+
+    import redis
+
+    from alignedserve.global_queue.events import TokenEvent, publish
+    from alignedserve.global_queue.index import RedisQueueIndex
+    from alignedserve.global_queue.keys import RedisKeys
+    from alignedserve.global_queue.records import (
+        ReplicaState,
+        RequestRecord,
+        publish_state,
+        put_record,
+    )
+    from alignedserve.scheduling.sampling_params import SamplingParams
+
+    keys = RedisKeys("unclean:")
+    r = redis.Redis.from_url(redis_url)
+    publish_state(r, keys, ReplicaState("r-gone", time.time() - 120, free=256))
+    pipe = r.pipeline()
+    for i in range(5):
+        rec = RequestRecord(f"old{i}", (5, 6, 7), SamplingParams(max_tokens=4), 1.0,
+                            holder="r-gone")
+        put_record(pipe, keys, rec)
+        publish(pipe, keys, rec.request_id, TokenEvent((9,), 1))
+        pipe.rpush(keys.prefill if i % 2 else keys.inbox("r-gone"), rec.request_id)
+    pipe.set(keys.leader, "dead-router-token")
+    pipe.execute()
+    RedisQueueIndex(r, keys).put("old9", 12)
+    server = start_cli_server(tiny_dir, tmp_path, keys.prefix, redis_url=redis_url)
+    try:
+        body = {"model": "tiny", "prompt": "after an unclean stop", "max_tokens": 6,
+                "temperature": 0, "ignore_eos": True}
+        for _ in range(16):
+            resp = httpx.post(f"{server.base}/v1/completions", json=body, timeout=120)
+            assert resp.status_code == 200, resp.text
+            assert resp.json()["usage"]["completion_tokens"] == 6
+        assert not r.hexists(keys.replicas, "r-gone")
+        assert not any(r.exists(keys.req(f"old{i}")) for i in range(5))
+        assert server.stop() == 0
+    finally:
+        server.kill()

@@ -212,9 +212,13 @@ def test_grpc_generate_abort_health_and_info(cluster, tiny_dir):
         info = stub.ServerInfo(pb.ServerInfoRequest(), metadata=meta, timeout=30)
         assert info.model == "tiny"
         stub.Abort(pb.AbortRequest(request_id="unknown"), metadata=meta, timeout=30)
-        bad = list(stub.Generate(pb.GenerateRequest(text="x", sampling=pb.SamplingParams(
-            max_tokens=10**6)), metadata=meta, timeout=30))
+        bad_call = stub.Generate(pb.GenerateRequest(text="x", sampling=pb.SamplingParams(
+            max_tokens=10**6)), metadata=meta, timeout=30)
+        bad = []
+        with pytest.raises(grpc.RpcError) as err:
+            bad.extend(bad_call)  # one Error message, then the call's status
         assert len(bad) == 1 and bad[0].error.code == 400
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         # A cancelled call (the client went away) aborts the request and frees its KV.
         call = stub.Generate(pb.GenerateRequest(request_id="g2", text="cancel me",
                                                 sampling=pb.SamplingParams(

@@ -1,0 +1,73 @@
+"""`alignedserve serve` as a real subprocess on loopback, for the tests that need the whole
+server as users run it (its own Redis and Ray): start it, wait for /health, stop it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class CliServer:
+    proc: subprocess.Popen
+    base: str  # http://127.0.0.1:<port>
+    grpc: str  # 127.0.0.1:<port>
+
+    def stop(self, timeout_s: float = 120) -> int:
+        """SIGTERM (drain, then Serve, Ray and its Redis stop); its exit code."""
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=timeout_s)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def start_cli_server(model_dir: Path, workdir: Path, prefix: str, *extra: str,
+                     env: dict[str, str] | None = None, redis_url: str | None = None,
+                     timeout_s: float = 240) -> CliServer:
+    """A tiny-pool server on free ports (and its own Redis unless `redis_url` answers);
+    returns once /health is 200 (raises if it exits or does not come up in time)."""
+    http, grpc_port = free_port(), free_port()
+    redis_url = redis_url or f"redis://127.0.0.1:{free_port()}/0"
+    cfg = workdir / "serve.yaml"
+    cfg.write_text("served_model_name: tiny\nhost_kv_gib: 0.05\nengine:\n  kv_cache_gib: 0.02\n"
+                   f"redis_prefix: \"{prefix}\"\n")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "alignedserve.cluster.cli", "serve", "--config", str(cfg),
+         "--model", str(model_dir), "--http-port", str(http), "--grpc-port", str(grpc_port),
+         "--redis-url", redis_url, *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, **(env or {})})
+    server = CliServer(proc, f"http://127.0.0.1:{http}", f"127.0.0.1:{grpc_port}")
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the server exited:\n{proc.stdout.read()}")
+            try:
+                if httpx.get(f"{server.base}/health", timeout=2).status_code == 200:
+                    return server
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError("the server did not come up")
+            time.sleep(1)
+    except BaseException:
+        server.kill()
+        raise
