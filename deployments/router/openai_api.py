@@ -32,6 +32,7 @@ from alignedserve.deployments.router.openai_protocol import (
     ChunkFormat,
     CompletionRequest,
     new_id,
+    openapi_body,
     parse_request,
     to_sampling_params,
     validation_error,
@@ -42,6 +43,8 @@ from alignedserve.scheduling.sampling_params import SamplingParams
 
 log = logging.getLogger("alignedserve.router")
 _DISCONNECT_POLL_S = 0.5
+COMPLETIONS_BODY = openapi_body(CompletionRequest)
+CHAT_BODY = openapi_body(ChatCompletionRequest)
 
 
 @dataclass
@@ -333,8 +336,10 @@ def create_app(frontend: OpenAIFrontend, metrics_text: Callable[[], str] | None 
     `metrics_text` (e.g. `metrics.prometheus_text`) may block: it runs in a thread."""
     app = FastAPI(title="AlignedServe")
     install_error_handlers(app)
-    app.add_api_route("/v1/completions", frontend.completions, methods=["POST"])
-    app.add_api_route("/v1/chat/completions", frontend.chat_completions, methods=["POST"])
+    app.add_api_route("/v1/completions", frontend.completions, methods=["POST"],
+                      openapi_extra=COMPLETIONS_BODY)
+    app.add_api_route("/v1/chat/completions", frontend.chat_completions, methods=["POST"],
+                      openapi_extra=CHAT_BODY)
     app.add_api_route("/v1/models", frontend.models, methods=["GET"])
     app.add_api_route("/health", frontend.health, methods=["GET"])
 

@@ -266,3 +266,24 @@ class ChunkFormat:
         body = self._body("chat.completion" if self.chat else "text_completion", [choice])
         body["usage"] = usage(self.prompt_tokens, completion_tokens)
         return body
+
+
+def openapi_body(model: type[BaseModel]) -> dict[str, Any]:
+    """`openapi_extra` that documents a route's JSON body. The handlers read the raw request
+    (to answer every error in the OpenAI format), so FastAPI cannot see the model; the
+    schema is inlined so that it stands alone in /openapi.json."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return inline(defs[ref.removeprefix("#/$defs/")])
+            return {k: inline(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [inline(v) for v in node]
+        return node
+
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": inline(schema)}}}}

@@ -18,7 +18,12 @@ from alignedserve.deployments.limits import serving_limits
 from alignedserve.deployments.metrics import FrontendMetrics, prometheus_text
 from alignedserve.deployments.router.grpc_api import GrpcApiMixin
 from alignedserve.deployments.router.leader import LeaderLoop
-from alignedserve.deployments.router.openai_api import OpenAIFrontend, install_error_handlers
+from alignedserve.deployments.router.openai_api import (
+    CHAT_BODY,
+    COMPLETIONS_BODY,
+    OpenAIFrontend,
+    install_error_handlers,
+)
 from alignedserve.deployments.router.redis_backend import RedisBackend
 from alignedserve.global_queue.keys import RedisKeys
 from alignedserve.logs import configure_logging
@@ -53,11 +58,11 @@ class Router(GrpcApiMixin):
         self.leader = LeaderLoop(cfg.redis_url, keys, cfg.leader_ttl_s, knobs,
                                  lambda rid: store.free.remote(rid)).start()
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=COMPLETIONS_BODY)
     async def completions(self, request: Request) -> Response:
         return await self.frontend.completions(request)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=CHAT_BODY)
     async def chat_completions(self, request: Request) -> Response:
         return await self.frontend.chat_completions(request)
 
