@@ -4,9 +4,8 @@ Each pair runs the very classes the engine runs (`FCFSScheduler`, `AlignedSchedu
 `scheduling/`) through the same `schedule()` / `update()` / `transfers_done()` contract; only
 the executor is simulated: a step takes `CostModel.step` seconds instead of running a model,
 and every sampled token is a constant (requests run to their `max_tokens`, as with
-`ignore_eos`). The router assigns requests to pairs round-robin in arrival order, so pairs
-never interact afterwards: they are simulated one after another (or in worker processes),
-and a pair's result depends only on its own shard.
+`ignore_eos`). How requests reach pairs (round-robin shards, or the deployed global
+dispatch) and the cluster-level `simulate` live in `sim/router.py`.
 
 Per pair:
 - `fcfs`: one device does prefill and decode in the same steps (vLLM-style).
@@ -23,10 +22,7 @@ Events, counted for the throughput figure: arrivals, steps, KV copies and comple
 from __future__ import annotations
 
 import math
-import multiprocessing
-from collections.abc import Iterator
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Literal
 
 import numpy as np
@@ -37,7 +33,7 @@ from alignedserve.scheduling.aligned_config import AlignedConfig, AlignedKnobs
 from alignedserve.scheduling.block_manager import BlockAllocator, KVBlockManager
 from alignedserve.scheduling.fcfs import FCFSScheduler, SchedulerLimits
 from alignedserve.scheduling.interface import Scheduler, SchedulerOutput
-from alignedserve.sim.cost_model import CostModel, hardware, model
+from alignedserve.sim.cost_model import CostModel
 from alignedserve.sim.links import CopyLinks
 from alignedserve.sim.workload import TOKEN, SimWorkload, make_request
 
@@ -263,38 +259,3 @@ class SimPair:
         res.events = len(shard) * 2 + res.steps + self.links.copies
         res.stats |= self.scheduler.stats().counters
         return res
-
-
-def run_pair(cfg: SimConfig, shard: SimWorkload) -> PairResult:
-    cost = CostModel(hardware(cfg.hardware), model(cfg.model), split_kv=cfg.split_kv)
-    return SimPair(cfg, cost).run(shard)
-
-
-def iter_pairs(cfg: SimConfig, wl: SimWorkload, workers: int = 1) -> Iterator[PairResult]:
-    """Each pair's result, in pair order; `workers` > 1 simulates pairs in forked
-    processes (pairs are independent, so the results are the same)."""
-    shards = (wl.shard(p, cfg.pairs) for p in range(cfg.pairs))
-    if workers <= 1 or cfg.pairs == 1:
-        for shard in shards:
-            yield run_pair(cfg, shard)
-        return
-    with multiprocessing.get_context("fork").Pool(workers) as pool:
-        yield from pool.imap(partial(run_pair, cfg), shards, chunksize=4)
-
-
-def simulate(cfg: SimConfig, wl: SimWorkload, workers: int = 1,
-             progress: bool = False) -> list[PairResult]:
-    from tqdm import tqdm
-
-    if cfg.router == "dispatch":
-        from alignedserve.sim.router import simulate_dispatched
-
-        return simulate_dispatched(cfg, wl)
-    bar = tqdm(total=cfg.pairs, desc=f"{cfg.policy} pairs", unit="pair",
-               disable=not progress, mininterval=2.0)
-    out = []
-    for r in iter_pairs(cfg, wl, workers):
-        out.append(r)
-        bar.update()
-    bar.close()
-    return out

@@ -1,5 +1,8 @@
-"""The simulated cluster routed by the deployed global dispatch (`scheduling/dispatch.py`),
-the policy the scheduler leader runs, instead of round-robin shards.
+"""How requests reach the simulated pairs, and the cluster-level `simulate`.
+
+`round-robin`: shards in arrival order; pairs never interact, so they are simulated one
+after another or in worker processes (`iter_pairs`). `dispatch`: the deployed global
+dispatch (`scheduling/dispatch.py`), the policy the scheduler leader runs.
 
 All pairs advance in one event loop: the pair furthest behind in simulated time steps
 next; before each step, requests that have arrived by then join the global queue and
@@ -11,6 +14,10 @@ it goes to prefills it. Pairs interact through the queue, so this runs in one pr
 """
 
 from __future__ import annotations
+
+import multiprocessing
+from collections.abc import Iterator
+from functools import partial
 
 from alignedserve.scheduling.dispatch import DispatchKnobs, Queued, Room, plan_dispatch
 from alignedserve.sim.cluster import PairResult, SimConfig, SimPair
@@ -63,3 +70,37 @@ def _dispatch(queue: list[Queued], pairs: list[SimPair], inflight: int,
             pair.admit(prompt[k], output[k], arrival[k])
             taken.add(rid)
     return [q for q in queue if q.request_id not in taken]
+
+
+def run_pair(cfg: SimConfig, shard: SimWorkload) -> PairResult:
+    cost = CostModel(hardware(cfg.hardware), model(cfg.model), split_kv=cfg.split_kv)
+    return SimPair(cfg, cost).run(shard)
+
+
+def iter_pairs(cfg: SimConfig, wl: SimWorkload, workers: int = 1) -> Iterator[PairResult]:
+    """Each pair's result, in pair order; `workers` > 1 simulates pairs in forked
+    processes (pairs are independent, so the results are the same)."""
+    shards = (wl.shard(p, cfg.pairs) for p in range(cfg.pairs))
+    if workers <= 1 or cfg.pairs == 1:
+        for shard in shards:
+            yield run_pair(cfg, shard)
+        return
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        yield from pool.imap(partial(run_pair, cfg), shards, chunksize=4)
+
+
+def simulate(cfg: SimConfig, wl: SimWorkload, workers: int = 1,
+             progress: bool = False) -> list[PairResult]:
+    """Every pair's result, routed as `cfg.router` says."""
+    from tqdm import tqdm
+
+    if cfg.router == "dispatch":
+        return simulate_dispatched(cfg, wl)
+    bar = tqdm(total=cfg.pairs, desc=f"{cfg.policy} pairs", unit="pair",
+               disable=not progress, mininterval=2.0)
+    out = []
+    for r in iter_pairs(cfg, wl, workers):
+        out.append(r)
+        bar.update()
+    bar.close()
+    return out

@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from alignedserve.sim.cluster import PairResult, SimConfig, simulate
+from alignedserve.sim.cluster import PairResult, SimConfig
+from alignedserve.sim.router import simulate
 from alignedserve.sim.workload import SimWorkload, sim_workload
 
 SYSTEMS = ("aligned", "fcfs", "aligned-noprefetch")

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from alignedserve.sim import cluster
-from alignedserve.sim.cluster import SimConfig, SimPair, simulate
+from alignedserve.sim.cluster import SimConfig, SimPair
 from alignedserve.sim.cost_model import CostModel, Hardware, Model, hardware, model
+from alignedserve.sim.router import simulate
 from alignedserve.sim.run import run_sim, system_config
 from alignedserve.sim.workload import sim_workload
 
