@@ -245,18 +245,14 @@ def test_redis_url_reaches_ray_containers_only_through_the_environment(rendered)
 
 
 def test_api_key_reaches_ray_containers_and_the_test_pod_only_from_its_secret(rendered):
-    ref = {"name": "llm-api-key", "key": "api-key"}
-    for name, docs in rendered.items():
+    for name, docs in rendered.items():  # ci/external-redis.yaml sets apiKey.existingSecret
         rs = _one(docs, "RayService")
         assert "api_key" not in rs["spec"]["serveConfigV2"]
-        pods = [c for _, c in _containers(rs)] + _one(docs, "Pod")["spec"]["containers"]
-        for c in pods:
+        for c in [c for _, c in _containers(rs)] + _one(docs, "Pod")["spec"]["containers"]:
             env = {e["name"]: e for e in c["env"]}
             key = env.get("ALIGNEDSERVE_API_KEY") or env.get("API_KEY")
-            if name == "external-redis":  # the ci file that sets apiKey.existingSecret
-                assert key is not None and key["valueFrom"]["secretKeyRef"] == ref, c["name"]
-            else:
-                assert key is None, (name, c["name"])
+            want = {"name": "llm-api-key", "key": "api-key"} if name == "external-redis" else None
+            assert (key and key["valueFrom"]["secretKeyRef"]) == want, (name, c["name"])
 
 
 def test_external_redis_url_goes_into_a_secret(helm):
