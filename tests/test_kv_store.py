@@ -163,9 +163,13 @@ def test_arenas_of_dead_creators_are_removed_and_live_ones_kept():
     from alignedserve.kv_store.shm_arena import remove_orphans
 
     dead = _name()
-    code = ("import torch, time, sys; from alignedserve.kv_store.shm_arena import ShmArena; "
-            f"ShmArena.create({dead!r}, 4, (2, 3), torch.float32); print('up', flush=True); "
-            "time.sleep(600)")
+    # The creator forgets the segment in its resource tracker: when the tracker dies with it
+    # (a killed process group, a killed Ray worker), nothing else unlinks the segment.
+    code = ("import torch, time; from multiprocessing import resource_tracker; "
+            "from alignedserve.kv_store.shm_arena import ShmArena; "
+            f"ShmArena.create({dead!r}, 4, (2, 3), torch.float32); "
+            f"resource_tracker.unregister('/' + {dead!r}, 'shared_memory'); "
+            "print('up', flush=True); time.sleep(600)")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "up"
