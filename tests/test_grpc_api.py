@@ -71,15 +71,24 @@ def served(tiny_dir):
     # The replica cannot import test modules: ship them by value.
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
     cloudpickle.register_pickle_by_value(fake_backend)
-    http_port, grpc_port = _free_port(), _free_port()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": http_port},
-                    grpc_options=gRPCOptions(port=grpc_port,
-                                             grpc_servicer_functions=[SERVICER]))
         dep = serve.deployment(Both, name="Both",
                                ray_actor_options={"num_cpus": 0.1})
-        serve.run(dep.bind(str(tiny_dir)), name=APP, route_prefix="/")
+        for attempt in range(3):
+            # A probed free port can be taken by another process (Ray starts many) before
+            # Serve's proxy binds it: then probe again.
+            http_port, grpc_port = _free_port(), _free_port()
+            try:
+                serve.start(http_options={"host": "127.0.0.1", "port": http_port},
+                            grpc_options=gRPCOptions(port=grpc_port,
+                                                     grpc_servicer_functions=[SERVICER]))
+                serve.run(dep.bind(str(tiny_dir)), name=APP, route_prefix="/")
+                break
+            except Exception as e:
+                serve.shutdown()
+                if "Failed to bind" not in str(e) or attempt == 2:
+                    raise
         # The same service with an API key and room for one request at a time.
         serve.run(dep.options(name="Guarded").bind(str(tiny_dir), api_key="k3y",
                                                    queue_limit=1),
