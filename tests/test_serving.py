@@ -26,20 +26,31 @@ PROMPTS = ["the quick brown fox", "a b c d e f g h i j k l m n o p", "hello",
 @pytest.fixture(scope="module")
 def cluster(tiny_dir, redis_url):
     import ray
+    from ray import serve
 
     from alignedserve.config import ServeConfig
     from alignedserve.deployments import app as cli_serve
 
-    cfg = ServeConfig(
-        model=str(tiny_dir), served_model_name="tiny", http_port=free_port(),
-        grpc_port=free_port(), redis_url=redis_url, redis_prefix=f"t{uuid.uuid4().hex[:6]}:",
-        start_redis=False, num_replicas=2, replica_cpus=0.25, worker_cpus=0.25,
-        host_kv_gib=0.05, drain_timeout_s=5, replica_timeout_s=6,
-        engine={"kv_cache_gib": 0.02, "min_batch": 4, "max_num_seqs": 32},
-    )
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        cli_serve.start(cfg, str(tiny_dir))
+        for attempt in range(3):
+            # A probed free port can be taken by another process before Serve's proxy binds
+            # it: then probe again (with a fresh queue prefix for the fresh deployment).
+            cfg = ServeConfig(
+                model=str(tiny_dir), served_model_name="tiny", http_port=free_port(),
+                grpc_port=free_port(), redis_url=redis_url,
+                redis_prefix=f"t{uuid.uuid4().hex[:6]}:", start_redis=False,
+                num_replicas=2, replica_cpus=0.25, worker_cpus=0.25, host_kv_gib=0.05,
+                drain_timeout_s=5, replica_timeout_s=6,
+                engine={"kv_cache_gib": 0.02, "min_batch": 4, "max_num_seqs": 32},
+            )
+            try:
+                cli_serve.start(cfg, str(tiny_dir))
+                break
+            except Exception as e:
+                serve.shutdown()
+                if "Failed to bind" not in str(e) or attempt == 2:
+                    raise
         yield cfg
         cli_serve.stop()
     finally:
