@@ -74,8 +74,14 @@ class ServeConfig(BaseSettings):
     leader_ttl_s: float = Field(3.0, gt=0, description="Scheduler leader lock TTL; a new "
                                 "leader takes over this long after the old one dies.")
     replica_timeout_s: float = Field(30.0, gt=0, description="A compute replica (or its "
-                                     "prefetch worker) silent this long is taken as dead: "
-                                     "its requests end with an error, their KV is freed.")
+                                     "prefetch worker) silent this long is taken as dead "
+                                     "even if Ray still reports it alive (a hung process). "
+                                     "A replica Ray reports dead is acted on within ~2 s: "
+                                     "its requests resume on a live replica.")
+    redis_outage_s: float = Field(60.0, ge=0, description="How long replicas, workers and "
+                                  "routers wait for Redis to come back (it is restarted if "
+                                  "it dies) before failing what they hold; new requests get "
+                                  "503 with Retry-After meanwhile.")
     drain_timeout_s: float = Field(20.0, ge=0, description="On shutdown, in-flight requests "
                                    "get this long to finish.")
     api_key: SecretStr | None = Field(None, description="Require `Authorization: Bearer "

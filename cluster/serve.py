@@ -118,8 +118,10 @@ def status_snapshot(redis_url: str, prefix: str) -> dict[str, object]:
     for rep in replicas:
         rep["age_s"] = round(now - rep.pop("ts"), 2)
     holder = r.get(keys.leader)
+    counters = {k.decode(): int(v) for k, v in r.hgetall(keys.counters).items()}
     return {"prefill_queue": r.llen(keys.prefill), "decode_index": r.zcard(keys.decode),
-            "leader_held": holder is not None, "replicas": replicas}
+            "leader_held": holder is not None, "resumed_requests": counters.get("resumed", 0),
+            "replicas": replicas}
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -133,7 +135,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
     console = Console()
     console.print(f"prefill queue {snap['prefill_queue']}, decode index "
-                  f"{snap['decode_index']}, leader {'held' if snap['leader_held'] else 'none'}")
+                  f"{snap['decode_index']}, leader {'held' if snap['leader_held'] else 'none'}, "
+                  f"requests resumed after a replica died {snap['resumed_requests']}")
     table = Table("replica", "requests", "running", "pooled", "KV usage", "prefetch hits",
                   "batch switches", "state age s")
     for rep in snap["replicas"]:

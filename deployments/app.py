@@ -24,7 +24,7 @@ def build_app(cfg: ServeConfig, model_dir: str) -> Application:
     compute = serve.deployment(
         ComputeReplica, name="ComputeReplica", num_replicas=cfg.num_replicas,
         ray_actor_options={"num_cpus": cfg.replica_cpus, "num_gpus": cfg.replica_gpus},
-        max_ongoing_requests=16, health_check_period_s=10,
+        max_ongoing_requests=16, health_check_period_s=2,
         graceful_shutdown_timeout_s=cfg.drain_timeout_s + 15,
     ).bind(cfg, model_dir)
     router = serve.deployment(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -139,11 +139,16 @@ class LLMEngine:
         return self.tokenizer.encode(prompt)
 
     def add_request(self, prompt: str | list[int], params: SamplingParams,
-                    request_id: str | None = None, arrived_at: float | None = None) -> str:
+                    request_id: str | None = None, arrived_at: float | None = None,
+                    output_ids: Sequence[int] = ()) -> str:
         """Queue a new request; returns its id. `arrived_at` (time.time() seconds) is when
         it arrived upstream (the router), so TTFT and the policy's clocks count from there.
-        Raises ValueError for a prompt this engine cannot serve."""
+        `output_ids`: tokens it already generated elsewhere (a request resumed after its
+        holder died); their KV is recomputed with the prompt's and generation continues
+        after them, counting them against max_tokens. Raises ValueError for a prompt this
+        engine cannot serve."""
         req = self._new_request(prompt, params, request_id, arrived_at)
+        req.token_ids.extend(output_ids)
         self._track(req)
         self.scheduler.add_request(req)
         return req.request_id
@@ -151,12 +156,14 @@ class LLMEngine:
     def add_prefilled(self, request_id: str, prompt: list[int], params: SamplingParams,
                       output_ids: list[int], host_blocks: list[int],
                       arrived_at: float | None = None) -> None:
-        """Take over a request prefilled elsewhere: the prompt's KV is in the host pool
-        (`host_blocks`, position order) and `output_ids` were already generated (their KV
-        is computed here). Needs the aligned policy (it swaps KV in from the host)."""
+        """Take over a request prefilled elsewhere: `output_ids` were already generated and
+        the KV of every token but the last is in the host pool (`host_blocks`, position
+        order). Needs the aligned policy (it swaps KV in from the host)."""
+        if not output_ids:
+            raise ValueError("a prefilled request has at least one output token")
         req = self._new_request(prompt, params, request_id, arrived_at)
         req.token_ids.extend(output_ids)
-        req.num_computed_tokens = req.num_host_tokens = len(prompt)
+        req.num_computed_tokens = req.num_host_tokens = req.num_tokens - 1
         req.host_block_ids = list(host_blocks)
         self._track(req)
         self.scheduler.add_request(req)

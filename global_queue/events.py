@@ -55,3 +55,17 @@ def publish(pipe: redis.client.Pipeline, keys: RedisKeys, rid: str, ev: TokenEve
     if ev.final:
         pipe.expire(keys.tok(rid), STREAM_TTL_S)
         pipe.delete(keys.req(rid))
+
+
+def replay(entries: list[tuple[bytes, dict[bytes, bytes]]]) -> tuple[list[int], bool]:
+    """A stream's entries (XRANGE) as (the output ids so far, whether it has ended). Each
+    token counts once, by its cumulative count, however often it was published."""
+    out: list[int] = []
+    final = False
+    for _, fields in entries:
+        ev = TokenEvent.from_fields(fields)
+        new = ev.num_output_tokens - len(out)
+        if ev.token_ids and new > 0:
+            out.extend(ev.token_ids[-new:])
+        final = final or ev.final
+    return out, final

@@ -23,12 +23,22 @@ class RedisQueueIndex:
     def put(self, request_id: str, kv_len: int, arrival_time: float | None = None) -> None:
         """Insert or move; `arrival_time` (time.time() seconds at the router; default now)
         feeds the global starvation clock."""
-        arrival_time = time.time() if arrival_time is None else arrival_time
-        seq = self.r.incr(self.keys.seq) & ((1 << _TIE_BITS) - 1)
         pipe = self.r.pipeline(transaction=True)  # both sets or neither
-        pipe.zadd(self.keys.decode, {request_id: (kv_len << _TIE_BITS) | seq})
-        pipe.zadd(self.keys.decode_arrival, {request_id: arrival_time})
+        self.put_on(pipe, request_id, kv_len, arrival_time, self.next_seqs(1))
         pipe.execute()
+
+    def next_seqs(self, n: int) -> int:
+        """Reserve `n` insertion numbers for `put_on`; returns the first."""
+        return int(self.r.incrby(self.keys.seq, n)) - n + 1
+
+    def put_on(self, pipe: redis.client.Pipeline, request_id: str, kv_len: int,
+               arrival_time: float | None, seq: int) -> None:
+        """Queue the insert on `pipe` (a transaction, to go with the hand-off that makes
+        it), with an insertion number from `next_seqs`."""
+        arrival_time = time.time() if arrival_time is None else arrival_time
+        tie = seq & ((1 << _TIE_BITS) - 1)
+        pipe.zadd(self.keys.decode, {request_id: (kv_len << _TIE_BITS) | tie})
+        pipe.zadd(self.keys.decode_arrival, {request_id: arrival_time})
 
     def remove(self, request_id: str) -> bool:
         """Whoever removes a request from the index holds it (ZREM returns 1 once)."""

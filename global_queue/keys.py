@@ -11,6 +11,7 @@
     p abort           pubsub ids to abort now (compute replicas listen)
     p replicas        hash   replica id -> `ReplicaState` JSON, refreshed every loop
     p leader          string the scheduler leader's lock (token, with a TTL)
+    p counters        hash   deployment-wide event counts (e.g. `resumed`), for status
 
 Ownership: a request is held by exactly one stage at a time (prefill queue, a prefetch
 worker, the decode index, the leader in transit, a compute replica); the record's `holder`
@@ -68,9 +69,13 @@ class RedisKeys:
     def leader(self) -> str:
         return f"{self.prefix}leader"
 
+    @property
+    def counters(self) -> str:
+        return f"{self.prefix}counters"
+
     def owned(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """(exact keys, glob patterns) of every key this layout uses: what a deployment
         owns, without matching a longer prefix that merely starts with this one."""
         exact = (self.prefill, self.decode, self.decode_arrival, self.seq, self.aborted,
-                 self.replicas, self.leader)
+                 self.replicas, self.leader, self.counters)
         return exact, (self.req("*"), self.tok("*"), self.inbox("*"))

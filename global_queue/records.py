@@ -2,10 +2,14 @@
 
 A request record's fields and who writes each (`RequestRecord`):
     prompt, params, arrival   the router, once (`put_record`)
-    holder                    the stage that takes the request (`set_holder`)
-    out, slots                the prefetch worker after prefill (`set_prefilled`)
+    holder                    the stage that takes the request: a prefetch worker
+                              (`claim_prefill`), a compute replica (`assign`); cleared when
+                              the decode index or the prefill queue holds it again
+    out, slots                the prefetch worker after prefill (`set_prefilled`); the
+                              router when a dead holder's request resumes (`resume`)
 The compute replica publishes tokens to the stream only; the record keeps the state a new
-holder needs to continue the request (prompt, output so far, where its KV is).
+holder needs to continue the request (prompt, output so far, where its KV is). Moves between
+stages are single Redis scripts, so a process dying mid-move never drops a request.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import time
 from dataclasses import dataclass
 
 import redis
+import redis.asyncio as aioredis
 
 from alignedserve.global_queue.keys import RedisKeys
 from alignedserve.scheduling.sampling_params import SamplingParams
@@ -67,10 +72,6 @@ def put_record(pipe: redis.client.Pipeline, keys: RedisKeys, rec: RequestRecord)
     pipe.hset(keys.req(rec.request_id), mapping=rec.to_redis())
 
 
-def set_holder(pipe: redis.client.Pipeline, keys: RedisKeys, rid: str, holder: str) -> None:
-    pipe.hset(keys.req(rid), "holder", holder)
-
-
 def read_holder(pipe: redis.client.Pipeline, keys: RedisKeys, rid: str) -> None:
     """Queue a read of `rid`'s holder on `pipe` (its result: the id as bytes, or None)."""
     pipe.hget(keys.req(rid), "holder")
@@ -78,7 +79,81 @@ def read_holder(pipe: redis.client.Pipeline, keys: RedisKeys, rid: str) -> None:
 
 def set_prefilled(pipe: redis.client.Pipeline, keys: RedisKeys, rid: str,
                   output_ids: tuple[int, ...], slots: tuple[int, ...]) -> None:
+    """Output so far and the store blocks with its KV; the worker lets go of it (the decode
+    index holds it next, in the same transaction)."""
     pipe.hset(keys.req(rid), mapping=_prefilled(output_ids, slots))
+    pipe.hdel(keys.req(rid), "holder")
+
+
+# Moves between stages. Each is one script: atomic in Redis, so the request is always in
+# exactly one place (a queue, or a live holder's hands) whoever dies when.
+_CLAIM_PREFILL = """
+local got = {}
+for _, rid in ipairs(redis.call('lpop', KEYS[1], ARGV[3]) or {}) do
+  local rec = ARGV[1] .. 'req:' .. rid
+  if redis.call('sismember', KEYS[2], rid) == 1 then
+    redis.call('del', rec)
+  elseif redis.call('exists', rec) == 1 and redis.call('hsetnx', rec, 'holder', ARGV[2]) == 1 then
+    table.insert(got, rid)
+  end
+end
+return got
+"""
+_ASSIGN = """
+local out = {0}
+for i = 3, #ARGV do
+  local rid = ARGV[i]
+  if redis.call('zrem', KEYS[1], rid) == 1 then
+    redis.call('zrem', KEYS[2], rid)
+    if redis.call('sismember', KEYS[3], rid) == 1 then
+      redis.call('del', ARGV[1] .. 'req:' .. rid)
+      table.insert(out, rid)
+    else
+      redis.call('rpush', KEYS[4], rid)
+      redis.call('hset', ARGV[1] .. 'req:' .. rid, 'holder', ARGV[2])
+      out[1] = out[1] + 1
+    end
+  end
+end
+return out
+"""
+_RESUME = """
+if redis.call('hget', KEYS[1], 'holder') ~= ARGV[1] then return 0 end
+redis.call('hset', KEYS[1], 'out', ARGV[2], 'slots', '')
+redis.call('hdel', KEYS[1], 'holder')
+redis.call('lpush', KEYS[2], ARGV[3])
+return 1
+"""
+
+
+def claim_prefill(client: redis.Redis, keys: RedisKeys, worker: str, n: int) -> list[str]:
+    """Pop up to `n` request ids off the prefill queue and make `worker` their holder.
+    Skips ids that are aborted, gone, or already held (a retried push may repeat one)."""
+    got = client.register_script(_CLAIM_PREFILL)(
+        keys=[keys.prefill, keys.aborted], args=[keys.prefix, worker, n])
+    return [x.decode() for x in got]
+
+
+def assign(client: redis.Redis, keys: RedisKeys, replica: str,
+           rids: list[str]) -> tuple[int, list[str]]:
+    """Move `rids` from the decode index to `replica`'s inbox and make it their holder; ids
+    no longer in the index are skipped (someone else took them). Returns how many moved,
+    and the ids that were aborted meanwhile: the caller frees their KV (their records are
+    deleted)."""
+    n, *aborted = client.register_script(_ASSIGN)(
+        keys=[keys.decode, keys.decode_arrival, keys.aborted, keys.inbox(replica)],
+        args=[keys.prefix, replica, *rids])
+    return int(n), [x.decode() for x in aborted]
+
+
+async def resume(client: aioredis.Redis, keys: RedisKeys, rid: str, dead_holder: str,
+                 output_ids: tuple[int, ...]) -> bool:
+    """Put a request whose holder died back at the head of the prefill queue, with the
+    output its client already has: a worker recomputes prompt + output and it continues.
+    False if `dead_holder` no longer holds it (it finished, or someone resumed it)."""
+    return bool(await client.register_script(_RESUME)(
+        keys=[keys.req(rid), keys.prefill],
+        args=[dead_holder, json.dumps(list(output_ids)), rid]))
 
 
 def load_records(client: redis.Redis, keys: RedisKeys, rids: list[str]) -> list[RequestRecord]:
@@ -110,13 +185,20 @@ class ReplicaState:
     kv_usage: float = 0.0  # device KV pool in use, 0..1
     prefetch_hit_rate: float | None = None  # steps whose KV had already landed
     switches: int = 0  # batch switches so far
+    # Ray actors whose death ends this replica (itself, its prefetch worker): the router
+    # asks Ray about them when the state stops refreshing (`deployments/liveness.py`).
+    actors: tuple[str, ...] = ()
+    namespace: str = ""  # their Ray namespace
+    pids: tuple[int, ...] = ()  # their processes, in the same order (for operators)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> ReplicaState:
-        return cls(**json.loads(raw))
+        d = json.loads(raw)
+        d["actors"], d["pids"] = tuple(d.get("actors", ())), tuple(d.get("pids", ()))
+        return cls(**d)
 
 
 def publish_state(client: redis.Redis, keys: RedisKeys, state: ReplicaState) -> None:

@@ -5,8 +5,10 @@ replica's batch schedule (GPU-Prefetch-For-GPU; on the CPU both pools are shared
 Two loops, each on its own thread:
 - prefill: FCFS over the Redis prefill queue under a token budget (the engine's FCFS policy
   with `max_num_batched_tokens`). After a request's first token it copies the prompt's KV
-  into store blocks owned by the request id, publishes the token, and puts the request in
-  the decode index. When the store is full the request waits here (admission control).
+  into store blocks owned by the request id, then publishes the token and puts the request
+  in the decode index in one Redis transaction. When the store is full the request waits
+  here (admission control). A request resumed after its holder died comes back with the
+  output its client already has: prompt + output are recomputed and it continues.
 - transfers: the replica's KVTransfers, strictly in `seq` order. After each one it writes
   the seq into slot 0 of the device arena's header, which the replica polls (no RPC).
 
@@ -17,23 +19,24 @@ handles / peer access) on a side stream; that path is not exercised in CI (no GP
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
 
-import redis
 import torch
 from ray.actor import ActorHandle
 
 from alignedserve.engine.config import EngineConfig
 from alignedserve.engine.llm_engine import LLMEngine, StepOutput
+from alignedserve.global_queue.connection import connect
 from alignedserve.global_queue.events import TokenEvent, publish
 from alignedserve.global_queue.index import RedisQueueIndex
 from alignedserve.global_queue.keys import RedisKeys
 from alignedserve.global_queue.records import (
+    claim_prefill,
     is_aborted,
     load_records,
-    set_holder,
     set_prefilled,
 )
 from alignedserve.kv_store.shm_arena import ArenaSpec, ShmArena
@@ -44,6 +47,7 @@ from alignedserve.scheduling.interface import KVTransfer
 
 log = logging.getLogger("alignedserve.prefetch")
 HEADER_DONE_SEQ = 0  # device-arena header slot: every transfer with seq <= it has finished
+_IDLE_POLL_S = 0.01  # prefill queue poll while idle
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,7 @@ class PrefetchConfig:
     keys: RedisKeys
     worker_id: str  # pairs with the compute replica of the same id
     admission_timeout_s: float = 600.0  # a prefilled request waits this long for store room
+    redis_outage_s: float = 60.0  # ServeConfig.redis_outage_s
     log_level: str = "INFO"  # ServeConfig.log_level
 
 
@@ -79,7 +84,7 @@ class PrefetchWorker:
         self.store = store
         self.host = KVStoreClient(store)
         self.device = ShmArena.attach(device)
-        self.r = redis.Redis.from_url(cfg.redis_url)
+        self.r = connect(cfg.redis_url, cfg.redis_outage_s)
         self.index = RedisQueueIndex(self.r, cfg.keys)
         self.stats = PrefetchStats()
         self._arrivals: dict[str, float] = {}  # request id -> its router arrival (time.time())
@@ -101,6 +106,12 @@ class PrefetchWorker:
             for t in transfers:
                 self._pending[t.seq] = t
             self._cv.notify()
+
+    def ping(self) -> int:
+        """The paired replica's liveness probe: this process's pid (raises once a loop has
+        failed)."""
+        self.get_stats()
+        return os.getpid()
 
     def get_stats(self) -> PrefetchStats:
         if self._error is not None:
@@ -155,53 +166,56 @@ class PrefetchWorker:
         # Per-thread OpenMP setting (see ComputeReplica._run).
         torch.set_num_threads(self.cfg.engine.num_threads or 1)
         budget = self.cfg.engine.max_num_batched_tokens
+        keys, me = self.cfg.keys, self.cfg.worker_id
         while not self._stop.is_set():
-            if not self.engine.has_unfinished():
-                got = self.r.blpop([self.cfg.keys.prefill], timeout=0.2)
-                if got is None:
-                    continue
-                self._admit([got[1].decode()])
             room = self.cfg.engine.max_num_seqs - self.engine.num_requests
             if room > 0:  # top up to the budget's worth of sequences, FCFS
-                more = self.r.lpop(self.cfg.keys.prefill, min(room, max(1, budget // 64)))
-                self._admit([m.decode() for m in more or ()])
+                self._admit(claim_prefill(self.r, keys, me, min(room, max(1, budget // 64))))
+            if not self.engine.has_unfinished():
+                self._stop.wait(_IDLE_POLL_S)
+                continue
             t0 = time.perf_counter()
             out = self.engine.step()
             self.stats.prefill_s += time.perf_counter() - t0
             self._hand_off(out)
 
     def _admit(self, rids: list[str]) -> None:
-        records = load_records(self.r, self.cfg.keys, rids)
+        """Requests this worker now holds (`claim_prefill` made it their holder)."""
+        if not rids:
+            return
         pipe = self.r.pipeline(transaction=False)
-        for rec, aborted in zip(records, is_aborted(self.r, self.cfg.keys, [
-                r.request_id for r in records]), strict=True):
-            if aborted:
-                continue  # the router already answered the client
+        for rec in load_records(self.r, self.cfg.keys, rids):
+            if rec.output_token_ids:
+                log.info("resumed after %d tokens: recomputing", len(rec.output_token_ids),
+                         extra=log_rid(rec.request_id))
             try:
                 self.engine.add_request(list(rec.prompt_token_ids), rec.params,
-                                        rec.request_id, arrived_at=rec.arrival_time)
+                                        rec.request_id, arrived_at=rec.arrival_time,
+                                        output_ids=rec.output_token_ids)
                 self._arrivals[rec.request_id] = rec.arrival_time
             except ValueError as e:
                 log.warning("rejected at prefill: %s", e, extra=log_rid(rec.request_id))
                 publish(pipe, self.cfg.keys, rec.request_id, TokenEvent((), 0, error=str(e)))
-                continue
-            set_holder(pipe, self.cfg.keys, rec.request_id, self.cfg.worker_id)
         pipe.execute()
 
     def _hand_off(self, out: StepOutput) -> None:
         """Requests that just sampled their first token leave for the decode index."""
         keys = self.cfg.keys
-        pipe = self.r.pipeline(transaction=False)
-        handed: list[tuple[str, int, float]] = []
+        # One transaction per step: each request's token, its new record fields and its
+        # place in the decode index land together or not at all.
+        pipe = self.r.pipeline(transaction=True)
         finished = {o.request_id: o for o in out.finished}
         rids = list(out.sampled)
-        for rid, aborted in zip(rids, is_aborted(self.r, keys, rids), strict=True):
+        seq = self.index.next_seqs(len(rids)) if rids else 0
+        for i, (rid, aborted) in enumerate(zip(rids, is_aborted(self.r, keys, rids),
+                                               strict=True)):
             tok = out.sampled[rid]
             lp = out.logprobs.get(rid)
             lps = (lp,) if lp is not None else None
             if rid in finished:
                 o = finished[rid]
-                publish(pipe, keys, rid, TokenEvent((tok,), 1, o.finish_reason, lps))
+                publish(pipe, keys, rid, TokenEvent((tok,), len(o.token_ids), o.finish_reason,
+                                                    lps))
             elif aborted:
                 log.info("aborted during prefill", extra=log_rid(rid))
                 self.engine.detach(rid)
@@ -212,13 +226,12 @@ class PrefetchWorker:
                 self.stats.prefills += 1
                 self.stats.prefill_tokens += req.num_prompt_tokens
                 slots = self._to_store(rid, req.block_ids, req.num_computed_tokens)
-                set_prefilled(pipe, keys, rid, (tok,), tuple(slots))
-                publish(pipe, keys, rid, TokenEvent((tok,), 1, None, lps))
-                handed.append((rid, req.num_prompt_tokens + 1, self._arrivals[rid]))
+                output = tuple(req.output_token_ids)
+                set_prefilled(pipe, keys, rid, output, tuple(slots))
+                publish(pipe, keys, rid, TokenEvent((tok,), len(output), None, lps))
+                self.index.put_on(pipe, rid, req.num_tokens, self._arrivals[rid], seq + i)
                 self.engine.detach(rid)
         pipe.execute()
-        for rid, kv_len, arrival in handed:  # hand-off last: from here the leader may take it
-            self.index.put(rid, kv_len, arrival)
         for rid in out.sampled:
             self._arrivals.pop(rid, None)
 

@@ -81,6 +81,21 @@ def test_preemption_keeps_outputs_exact(model_dirs, name):
     assert kv.num_free_blocks == kv.num_blocks, "every block is free once all requests finish"
 
 
+def test_a_resumed_request_continues_exactly(tiny_dir):
+    """What a worker does for a request whose holder died: recompute prompt + the output
+    already streamed, then continue; the whole output equals transformers'."""
+    llm = LLM(str(tiny_dir), max_num_batched_tokens=256)
+    prompts = random_prompts(llm.engine.model_cfg.vocab_size, seed=2)[:8]
+    refs = hf_greedy(str(tiny_dir), tuple(map(tuple, prompts)))
+    eng = llm.engine
+    for i, (p, ref) in enumerate(zip(prompts, refs, strict=True)):
+        eng.add_request(p, GREEDY, f"r{i}", output_ids=ref[:3 * i + 1])  # 1..22 tokens in
+    outs = {}
+    while eng.has_unfinished():
+        outs.update((o.request_id, o) for o in eng.step().finished)
+    assert_same([outs[f"r{i}"] for i in range(len(prompts))], refs)
+
+
 @pytest.mark.slow
 def test_smollm2_greedy_matches_transformers(model_dirs):
     d = model_dirs("smollm2-135m")

@@ -10,17 +10,20 @@ import pytest
 import redis
 
 from alignedserve.deployments.router.leader import Dispatcher, LeaderLock, LeaderLoop
-from alignedserve.global_queue.events import TokenEvent, publish
+from alignedserve.global_queue.events import TokenEvent, publish, replay
 from alignedserve.global_queue.index import RedisQueueIndex
 from alignedserve.global_queue.keys import RedisKeys
 from alignedserve.global_queue.records import (
     ReplicaState,
     RequestRecord,
+    assign,
+    claim_prefill,
     claim_queue,
     load_records,
     publish_state,
     put_record,
-    set_holder,
+    read_holder,
+    resume,
     set_prefilled,
 )
 from alignedserve.scheduling.dispatch import DispatchKnobs
@@ -63,12 +66,18 @@ def test_record_and_stream_event_round_trip(r, keys):
     # The stages' partial writes land in the same typed fields.
     pipe = r.pipeline()
     put_record(pipe, keys, RequestRecord("q2", (1, 2), params, 5.0))
-    set_holder(pipe, keys, "q2", "w-9")
-    set_prefilled(pipe, keys, "q2", (8,), (3, 4))
+    pipe.rpush(keys.prefill, "q2")
     pipe.execute()
+    assert claim_prefill(r, keys, "w-9", 5) == ["q2"]
     (q2,) = load_records(r, keys, ["q2", "gone"])
-    assert q2 == RequestRecord("q2", (1, 2), params, 5.0, (8,), (3, 4), "w-9")
-    state = ReplicaState("r-1", 99.0, requests=3, free=5, prefetch_hit_rate=0.5)
+    assert q2 == RequestRecord("q2", (1, 2), params, 5.0, (), (), "w-9")
+    pipe = r.pipeline()
+    set_prefilled(pipe, keys, "q2", (8,), (3, 4))  # the worker lets go of it
+    pipe.execute()
+    (q2,) = load_records(r, keys, ["q2"])
+    assert q2 == RequestRecord("q2", (1, 2), params, 5.0, (8,), (3, 4), None)
+    state = ReplicaState("r-1", 99.0, requests=3, free=5, prefetch_hit_rate=0.5,
+                         actors=("a", "b"), namespace="serve")
     publish_state(r, keys, state)
     assert ReplicaState.from_json(r.hget(keys.replicas, "r-1")) == state
     pipe = r.pipeline()
@@ -80,6 +89,82 @@ def test_record_and_stream_event_round_trip(r, keys):
                       TokenEvent((9,), 3, "length")]
     assert not r.exists(keys.req("q1"))  # a finished request's record is dropped
     assert 0 < r.ttl(keys.tok("q1")) <= 600
+
+
+def test_a_request_moves_whole_between_stages_and_resumes_after_its_holder_died(r, keys,
+                                                                              redis_url):
+    import asyncio
+
+    from alignedserve.global_queue.connection import connect_async
+
+    params = SamplingParams(max_tokens=5, temperature=0.0)
+    pipe = r.pipeline()
+    for rid in ("a", "b", "c"):
+        put_record(pipe, keys, RequestRecord(rid, (1, 2, 3), params, 1.0))
+    pipe.rpush(keys.prefill, "a", "b", "a", "c")  # "a" twice: a retried push
+    pipe.sadd(keys.aborted, "c")
+    pipe.execute()
+    # Claiming makes the worker the holder once; an aborted request's record is dropped.
+    assert claim_prefill(r, keys, "w-1", 10) == ["a", "b"]
+    assert not r.exists(keys.req("c")) and r.llen(keys.prefill) == 0
+    # Prefilled: "a" to the index; assigning it moves it to a replica's inbox atomically.
+    index = RedisQueueIndex(r, keys)
+    pipe = r.pipeline()
+    set_prefilled(pipe, keys, "a", (9,), (0,))
+    pipe.execute()
+    index.put("a", 4)
+    index.put("b", 4)
+    r.sadd(keys.aborted, "b")
+    assert assign(r, keys, "r-1", ["a", "b", "gone"]) == (1, ["b"])
+    assert r.lrange(keys.inbox("r-1"), 0, -1) == [b"a"] and len(index) == 0
+    # The replica streams two more tokens (one twice, as a retried write would), then dies.
+    pipe = r.pipeline()
+    publish(pipe, keys, "a", TokenEvent((9,), 1))
+    publish(pipe, keys, "a", TokenEvent((7,), 2))
+    publish(pipe, keys, "a", TokenEvent((7,), 2))
+    publish(pipe, keys, "a", TokenEvent((6,), 3))
+    pipe.execute()
+    out, final = replay(r.xrange(keys.tok("a")))
+    assert (out, final) == ([9, 7, 6], False)
+
+    async def resume_twice() -> tuple[bool, bool]:
+        client = connect_async(redis_url)
+        try:
+            first = await resume(client, keys, "a", "r-1", tuple(out))
+            return first, await resume(client, keys, "a", "r-1", tuple(out))
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(resume_twice()) == (True, False)  # the holder changed after the first
+    (a,) = load_records(r, keys, ["a"])
+    assert a.output_token_ids == (9, 7, 6) and a.slots == () and a.holder is None
+    assert r.lrange(keys.prefill, 0, -1) == [b"a"]  # at the head, for a worker to recompute
+    assert claim_prefill(r, keys, "w-2", 1) == ["a"]
+    pipe = r.pipeline()
+    read_holder(pipe, keys, "a")
+    assert pipe.execute() == [b"w-2"]
+
+
+def test_the_router_passes_each_token_on_once(redis_url, keys):
+    import asyncio
+
+    from alignedserve.deployments.router.redis_backend import RedisBackend
+
+    async def run() -> list[TokenEvent]:
+        backend = RedisBackend(redis_url, keys)
+        backend._queues["x"] = q = asyncio.Queue()
+        backend._last_ids["x"], backend._delivered["x"] = b"0-0", 0
+        entries = [(b"1-0", TokenEvent((1,), 1).to_fields()),
+                   (b"2-0", TokenEvent((2, 3), 3, None, (-1.0, -2.0)).to_fields()),
+                   (b"3-0", TokenEvent((2, 3), 3).to_fields()),  # a duplicate
+                   (b"4-0", TokenEvent((3, 4), 4, "length").to_fields())]  # overlaps by one
+        backend._deliver("x", [(i, {k.encode(): v.encode() for k, v in f.items()})
+                               for i, f in entries])
+        await backend.close()
+        return [q.get_nowait() for _ in range(q.qsize())]
+
+    assert asyncio.run(run()) == [TokenEvent((1,), 1), TokenEvent((2, 3), 3, None, (-1.0, -2.0)),
+                                  TokenEvent((4,), 4, "length")]
 
 
 def test_leader_lock_fails_over_after_ttl(r, keys):

@@ -9,18 +9,24 @@ Redis. Then one thread loops:
 3. run one step of the engine's batch-level scheduler (aligned batches, candidate buffers,
    swaps) whose KV copies the prefetch worker performs ahead of time;
 4. publish every new token to its request's Redis stream, in one pipeline per step;
-5. publish this replica's state (pool sizes, usage) for the leader and `alignedserve status`.
+5. keep this replica's state (pool sizes, usage) for the leader and `alignedserve status`.
+
+A heartbeat thread publishes that state every 0.1 s, and pings the prefetch worker: if the
+worker died, the replica withdraws its state (the routers resume its requests elsewhere at
+once) and fails its health check, so Serve replaces the pair. The routers ask Ray about the
+actors named in the state when it stops refreshing (`deployments/liveness.py`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 import threading
 import time
 import uuid
 
 import ray
-import redis
 import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -28,6 +34,7 @@ from alignedserve.config import ServeConfig
 from alignedserve.deployments.limits import engine_config, serving_limits
 from alignedserve.deployments.metrics import EngineMetrics
 from alignedserve.engine.llm_engine import EngineParts, LLMEngine
+from alignedserve.global_queue.connection import connect
 from alignedserve.global_queue.events import TokenEvent, publish
 from alignedserve.global_queue.keys import RedisKeys
 from alignedserve.global_queue.records import (
@@ -46,6 +53,7 @@ from alignedserve.prefetch_workers.worker import PrefetchConfig, PrefetchWorker
 
 log = logging.getLogger("alignedserve.replica")
 _STATE_EVERY_S = 0.1
+_PING_WORKER_EVERY_S = 0.5
 _IDLE_WAIT_S = 0.02
 
 
@@ -57,7 +65,7 @@ class ComputeReplica:
         self.cfg = cfg
         self.keys = RedisKeys(cfg.redis_prefix)
         self.replica_id = f"r-{uuid.uuid4().hex[:8]}"
-        self.r = redis.Redis.from_url(cfg.redis_url)
+        self.r = connect(cfg.redis_url, cfg.redis_outage_s)
         ecfg = engine_config(cfg, model_dir, cfg.replica_threads)
         lim = serving_limits(cfg, model_dir).pools
         self.store = get_or_create_store(lim.host_blocks, lim.block_shape, lim.dtype)
@@ -72,13 +80,18 @@ class ComputeReplica:
                                  kv_cache_gib=0.25,
                                  max_num_batched_tokens=cfg.prefill_token_budget),
             redis_url=cfg.redis_url, keys=self.keys, worker_id=self.replica_id,
-            log_level=cfg.log_level)
+            log_level=cfg.log_level, redis_outage_s=cfg.redis_outage_s)
+        ctx = ray.get_runtime_context()
+        worker_name = f"alignedserve-prefetch-{self.replica_id}"
+        self._actors = (ctx.get_actor_name() or "", worker_name)
+        self._namespace = ctx.namespace
         self.worker = ray.remote(PrefetchWorker).options(
-            name=f"alignedserve-prefetch-{self.replica_id}", num_cpus=cfg.worker_cpus,
+            name=worker_name, num_cpus=cfg.worker_cpus,
             num_gpus=cfg.worker_gpus,
             scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
         ).remote(pcfg, self.store, self.arena.spec)
-        ray.get(self.worker.get_stats.remote())  # the worker has mapped the arena
+        # The worker has mapped the arena once it answers.
+        self._pids = (os.getpid(), ray.get(self.worker.ping.remote()))
         # Both processes hold mappings now: drop the name, so the memory goes with them
         # however they end (no /dev/shm leak if the replica is killed).
         self.arena.unlink()
@@ -94,8 +107,11 @@ class ComputeReplica:
         self._pubsub = self.r.pubsub(ignore_subscribe_messages=True)
         self._pubsub.subscribe(self.keys.abort_channel)
         self._state_at = 0.0
+        self._last_state = self._state()
         self._thread = threading.Thread(target=self._run, name="decode-loop", daemon=True)
         self._thread.start()
+        self._heart = threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True)
+        self._heart.start()
 
     def _device_pool(self, num_blocks: int) -> torch.Tensor:
         if num_blocks != self.arena.spec.num_blocks:
@@ -109,7 +125,7 @@ class ComputeReplica:
         """Serve's health check: a dead loop or prefetch worker fails the replica."""
         if self._error is not None or not self._thread.is_alive():
             raise RuntimeError(f"decode loop stopped: {self._error!r}")
-        ray.get(self.worker.get_stats.remote(), timeout=30)
+        ray.get(self.worker.ping.remote(), timeout=30)
 
     def state(self) -> ReplicaState:
         return self._state()
@@ -129,6 +145,7 @@ class ComputeReplica:
         self._stop.set()
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout=10)
+        self._heart.join(timeout=5)
         pipe = self.r.pipeline(transaction=False)
         for rid, n in self.counts.items():
             log.warning("failed: still running when the drain timed out", extra=log_rid(rid))
@@ -143,6 +160,40 @@ class ComputeReplica:
             log.warning("replica %s: prefetch worker did not stop cleanly: %r",
                         self.replica_id, e)
         self.arena.close()  # idempotent
+
+    # -- liveness -----------------------------------------------------------------------------
+
+    def _heartbeat(self) -> None:
+        """Publish the decode loop's latest state with a fresh timestamp every 0.1 s (the
+        routers take a replica that stops as dead), and watch the prefetch worker."""
+        ping: ray.ObjectRef | None = None
+        pinged = 0.0
+        while not self._stop.wait(_STATE_EVERY_S):
+            try:
+                if ping is None and time.monotonic() - pinged > _PING_WORKER_EVERY_S:
+                    ping, pinged = self.worker.ping.remote(), time.monotonic()
+                if ping is not None and ray.wait([ping], timeout=0)[0]:
+                    ray.get(ping)  # raises once the worker is dead (or has failed)
+                    ping = None
+                publish_state(self.r, self.keys,
+                              dataclasses.replace(self._last_state, ts=time.time()))
+            except ray.exceptions.RayError as e:
+                self._fail(e)
+                return
+            except Exception:  # Redis gone past its outage allowance: keep trying
+                log.exception("replica %s: heartbeat failed", self.replica_id)
+
+    def _fail(self, e: BaseException) -> None:
+        """The prefetch worker or the decode loop died: this pair can serve nothing more.
+        Withdraw the state so routers resume the requests it held elsewhere now, and fail
+        the health check so Serve replaces the pair."""
+        log.error("replica %s failed (%r); its requests resume elsewhere", self.replica_id, e)
+        self._error = e
+        self._stop.set()
+        try:
+            self.r.hdel(self.keys.replicas, self.replica_id)
+        except Exception:  # Redis down too: the routers see the state go stale instead
+            log.exception("replica %s: could not withdraw its state", self.replica_id)
 
     # -- the loop -----------------------------------------------------------------------------
 
@@ -164,11 +215,12 @@ class ComputeReplica:
                     time.sleep(_IDLE_WAIT_S)
         except BaseException as e:
             log.exception("replica %s: decode loop failed", self.replica_id)
-            self._error = e
+            self._fail(e)
             raise
 
     def _pull_inbox(self) -> None:
-        rids = [x.decode() for x in self.r.lpop(self.keys.inbox(self.replica_id), 256) or ()]
+        rids = [x.decode() for x in self.r.lpop(self.keys.inbox(self.replica_id), 256) or ()
+                if x.decode() not in self.counts]  # (a retried push may repeat an id)
         if not rids:
             return
         records = load_records(self.r, self.keys, rids)
@@ -187,8 +239,10 @@ class ComputeReplica:
 
     def _apply_aborts(self) -> None:
         while (msg := self._pubsub.get_message(timeout=0)) is not None:
-            rid = msg["data"].decode()
-            if rid in self.counts:
+            # "rid", or "rid@holder": only that holder aborts (a request resumed elsewhere
+            # after this replica was taken for dead)
+            rid, _, holder = msg["data"].decode().partition("@")
+            if rid in self.counts and holder in ("", self.replica_id):
                 log.info("aborted after %d tokens", self.counts[rid], extra=log_rid(rid))
                 self.engine.abort(rid)
                 self.counts.pop(rid, None)
@@ -228,12 +282,15 @@ class ComputeReplica:
             free=0 if self._draining.is_set() else max(
                 0, self.cfg.replica_inflight - self.engine.num_requests),
             kv_usage=st.device_usage, prefetch_hit_rate=self.transfers.hit_rate,
-            switches=st.counters["switches"],
+            switches=st.counters["switches"], actors=self._actors, namespace=self._namespace,
+            pids=self._pids,
         )
 
     def _publish_state(self) -> None:
+        """Refresh the state the heartbeat publishes (computed here, on the loop's thread,
+        which owns the scheduler)."""
         now = time.monotonic()
         if now - self._state_at < _STATE_EVERY_S:
             return
         self._state_at = now
-        publish_state(self.r, self.keys, self._state())
+        self._last_state = self._state()

@@ -6,9 +6,10 @@ and its prefetch worker copies the KV in ahead of time).
 Election: `SET leader <token> NX PX ttl`; the holder renews every tick with a compare-and-
 expire script; if it dies, the key expires and another router's next tick takes it.
 Dispatch: the live replicas with free room (their published states) and the decode index
-go through `plan_dispatch` (scheduling/dispatch.py); a request is claimed by whoever
-removes it from the index (ZREM returns 1), so a racing abort and a dispatch never both
-hold it.
+go through `plan_dispatch` (scheduling/dispatch.py); `assign` moves each request from the
+index to a replica's inbox in one Redis script (whoever removes it from the index holds it,
+so a racing abort and a dispatch never both hold it, and a leader dying mid-way drops
+nothing).
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ from collections.abc import Callable
 
 import redis
 
+from alignedserve.global_queue.connection import connect
 from alignedserve.global_queue.index import RedisQueueIndex
 from alignedserve.global_queue.keys import RedisKeys
-from alignedserve.global_queue.records import ReplicaState, is_aborted, load_states, set_holder
+from alignedserve.global_queue.records import ReplicaState, assign, load_states
 from alignedserve.scheduling.dispatch import DispatchKnobs, Room, plan_dispatch
 
 log = logging.getLogger("alignedserve.leader")
@@ -84,20 +86,11 @@ class Dispatcher:
         return moved
 
     def _assign(self, replica: str, rids: list[str]) -> int:
-        claimed = self.index.claim(rids)
-        live = []
-        for rid, dead in zip(claimed, is_aborted(self.r, self.keys, claimed), strict=True):
-            if dead and self.free_kv is not None:
+        moved, aborted = assign(self.r, self.keys, replica, rids)
+        for rid in aborted:  # aborted while queued: its KV is the leader's to free
+            if self.free_kv is not None:
                 self.free_kv(rid)
-            elif not dead:
-                live.append(rid)
-        if live:
-            pipe = self.r.pipeline(transaction=False)
-            pipe.rpush(self.keys.inbox(replica), *live)
-            for rid in live:  # who holds it now: the router's watchdog checks this replica
-                set_holder(pipe, self.keys, rid, replica)
-            pipe.execute()
-        return len(live)
+        return moved
 
 
 class LeaderLoop:
@@ -105,8 +98,8 @@ class LeaderLoop:
 
     def __init__(self, redis_url: str, keys: RedisKeys, ttl_s: float, knobs: DispatchKnobs,
                  free_kv: Callable[[str], object] | None = None,
-                 tick_s: float = 0.005) -> None:
-        self.r = redis.Redis.from_url(redis_url)
+                 tick_s: float = 0.005, outage_s: float = 60.0) -> None:
+        self.r = connect(redis_url, outage_s)
         self.lock = LeaderLock(self.r, keys.leader, ttl_s)
         self.dispatcher = Dispatcher(self.r, keys, knobs, free_kv)
         self.tick_s = tick_s

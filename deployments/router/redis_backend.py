@@ -6,11 +6,21 @@ hundreds of concurrent requests cost one Redis connection, not hundreds.
 abort(): mark the request aborted, tell compute replicas (pub/sub), and take it out of
 whichever Redis structure holds it; the stage that holds it frees its KV (see
 global_queue/keys.py).
+
+Failures: every second the reader checks the holders of its open requests. A holder whose
+state stopped refreshing and that Ray reports dead (or that stayed silent past
+`holder_timeout_s`) has its requests resumed: their KV is freed and they go back to the head
+of the prefill queue with the output already streamed, so a live worker recomputes it and
+the stream continues. Events carry their cumulative token count, so a token published twice
+(a zombie holder, a retried write) is dropped here and the client sees each token once.
+While Redis is down the reader waits for it (up to `outage_s`), then fails what it holds.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -19,7 +29,8 @@ import redis.asyncio as aioredis
 
 from alignedserve.deployments.router.backend import GenerateRequest
 from alignedserve.deployments.router.openai_protocol import APIError
-from alignedserve.global_queue.events import TokenEvent
+from alignedserve.global_queue.connection import connect_async
+from alignedserve.global_queue.events import TokenEvent, replay
 from alignedserve.global_queue.index import unindex
 from alignedserve.global_queue.keys import RedisKeys
 from alignedserve.global_queue.records import (
@@ -27,6 +38,7 @@ from alignedserve.global_queue.records import (
     RequestRecord,
     put_record,
     read_holder,
+    resume,
 )
 from alignedserve.logs import rid as log_rid
 
@@ -34,26 +46,33 @@ log = logging.getLogger("alignedserve.router")
 _BLOCK_MS = 50  # reader's XREAD block; new streams join within this long
 _ABORTED_TTL_S = 3600
 _POOL_SIZE = 32  # Redis connections per router for enqueue/abort (streams use one more)
-_WATCH_EVERY_S = 2.0  # how often the reader checks that each request's holder is alive
+_WATCH_EVERY_S = 1.0  # how often the reader checks that each request's holder is alive
+_ASK_RAY_AFTER_S = 1.0  # a holder state this old makes the router ask Ray if it is alive
 _RETRY_AFTER_S = 2.0  # what a refused client is told to wait
-
+_OUTAGE_BACKOFF_S = (0.1, 1.0)  # the reader's wait between tries while Redis is down
 
 
 class RedisBackend:
     def __init__(self, redis_url: str, keys: RedisKeys,
-                 free_kv: Callable[[str], None] | None = None,
-                 holder_timeout_s: float = 30.0, max_queued: int = 1 << 30) -> None:
+                 free_kv: Callable[[str], object] | None = None,
+                 holder_timeout_s: float = 30.0, max_queued: int = 1 << 30,
+                 holder_alive: Callable[[ReplicaState], bool] | None = None,
+                 outage_s: float = 60.0) -> None:
         self.url = redis_url
         self.keys = keys
-        self.free_kv = free_kv  # frees a request's KV-store blocks (when the router holds it)
+        self.free_kv = free_kv  # frees a request's KV-store blocks (may return an awaitable)
         self.holder_timeout_s = holder_timeout_s  # a holder this silent is taken as dead
+        self.holder_alive = holder_alive  # asks Ray (blocking; run in a thread)
         self.max_queued = max_queued  # requests waiting for prefill or dispatch, at most
+        self.outage_s = outage_s  # open streams wait this long for Redis to come back
         # Blocking pool: a burst of requests waits for a connection instead of failing.
-        self.r = aioredis.Redis(connection_pool=aioredis.BlockingConnectionPool.from_url(
-            redis_url, max_connections=_POOL_SIZE, timeout=None))
-        self._reader_conn = aioredis.Redis.from_url(redis_url)
+        # Not patient: while Redis is down a new request is refused at once (503).
+        self.r = connect_async(redis_url, max_connections=_POOL_SIZE)
+        self._reader_conn = connect_async(redis_url)
         self._queues: dict[str, asyncio.Queue[TokenEvent]] = {}
         self._last_ids: dict[str, bytes] = {}
+        self._delivered: dict[str, int] = {}  # request id -> output tokens passed on
+        self.resumed = 0  # requests resumed after their holder died
         self._reader: asyncio.Task | None = None
         self.started = time.time()
 
@@ -65,12 +84,16 @@ class RedisBackend:
         q: asyncio.Queue[TokenEvent] = asyncio.Queue()
         self._queues[rid] = q
         self._last_ids[rid] = b"0-0"
-        self._ensure_reader()
+        self._delivered[rid] = 0
         try:
             pipe = self.r.pipeline(transaction=False)
             put_record(pipe, self.keys, rec)
             pipe.rpush(self.keys.prefill, rid)
-            await pipe.execute()
+            try:
+                await pipe.execute()
+            except aioredis.RedisError as e:
+                raise _unavailable(e) from e
+            self._ensure_reader()
             log.info("accepted: %d prompt tokens, max_tokens %d", len(req.prompt_token_ids),
                      req.params.max_tokens, extra=log_rid(rid))
             while True:
@@ -81,6 +104,7 @@ class RedisBackend:
         finally:
             self._queues.pop(rid, None)
             self._last_ids.pop(rid, None)
+            self._delivered.pop(rid, None)
 
     async def admit(self) -> None:
         try:
@@ -89,8 +113,7 @@ class RedisBackend:
             pipe.zcard(self.keys.decode)
             waiting = sum(await pipe.execute())
         except aioredis.RedisError as e:
-            raise APIError(f"the request queue is unavailable ({e}); retry later", 503,
-                           code="queue_unavailable", retry_after_s=_RETRY_AFTER_S) from e
+            raise _unavailable(e) from e
         if waiting >= self.max_queued:
             raise APIError(f"the server is at capacity ({waiting} requests queued); retry "
                            "later", 429, code="rate_limit_exceeded", type_="rate_limit_error",
@@ -118,10 +141,10 @@ class RedisBackend:
             pipe.hlen(self.keys.replicas)
             prefill, decode, replicas = await pipe.execute()
         except aioredis.RedisError as e:
-            raise APIError(f"the request queue is unavailable ({e})", 503,
-                           code="queue_unavailable", retry_after_s=_RETRY_AFTER_S) from e
+            raise _unavailable(e) from e
         return {"prefill_queue": prefill, "decode_index": decode, "replicas": replicas,
-                "active_requests": len(self._queues), "uptime_s": time.time() - self.started}
+                "active_requests": len(self._queues), "resumed_requests": self.resumed,
+                "uptime_s": time.time() - self.started}
 
     async def close(self) -> None:
         if self._reader is not None:
@@ -138,29 +161,53 @@ class RedisBackend:
     # -- the stream reader ------------------------------------------------------------------
 
     async def _check_holders(self) -> None:
-        """Fail the requests whose holder (a compute replica, or its prefetch worker) has
-        stopped publishing its state: the client gets an error instead of waiting forever,
-        and their KV is freed (the dead holder cannot)."""
+        """Resume the open requests whose holder (a compute replica, or its prefetch
+        worker) is dead: Ray reports it dead, or its state is gone or silent past
+        `holder_timeout_s`."""
         rids = list(self._queues)
         pipe = self.r.pipeline(transaction=False)
         for rid in rids:
             read_holder(pipe, self.keys, rid)
         pipe.hgetall(self.keys.replicas)
-        *holders, states = await pipe.execute()
-        now = time.time()
-        ages = {k.decode(): now - ReplicaState.from_json(v).ts for k, v in states.items()}
+        *holders, raw = await pipe.execute()
+        states = {k.decode(): ReplicaState.from_json(v) for k, v in raw.items()}
+        dead: dict[str, bool] = {}
         for rid, holder in zip(rids, holders, strict=True):
-            if holder is None or ages.get(holder.decode(), float("inf")) < self.holder_timeout_s:
+            if holder is None:  # in a queue: nobody to lose it
                 continue
-            q = self._queues.get(rid)
-            log.warning("holder %s silent for %.0f s: request failed", holder.decode(),
-                        self.holder_timeout_s, extra=log_rid(rid))
-            if q is not None:
-                q.put_nowait(TokenEvent((), 0, error=f"replica {holder.decode()} failed while "
-                                         "serving this request; it was not completed"))
-            await self.abort(rid)
-            if self.free_kv is not None:
-                self.free_kv(rid)
+            h = holder.decode()
+            if h not in dead:
+                dead[h] = await self._is_dead(states.get(h))
+            if dead[h] and rid in self._queues:
+                await self._resume(rid, h)
+
+    async def _is_dead(self, st: ReplicaState | None) -> bool:
+        if st is None:  # withdrawn (its worker died) or never there: nothing will serve it
+            return True
+        age = time.time() - st.ts
+        if age >= self.holder_timeout_s:
+            return True
+        if age < _ASK_RAY_AFTER_S or self.holder_alive is None or not st.actors:
+            return False
+        return not await asyncio.to_thread(self.holder_alive, st)
+
+    async def _resume(self, rid: str, holder: str) -> None:
+        """Free the request's KV and queue it again with the output its client has."""
+        out, final = replay(await self.r.xrange(self.keys.tok(rid)))
+        if final:  # it ended just now; the reader will pass the end on
+            return
+        if self.free_kv is not None:  # before a new worker allocates under the same id
+            freed = self.free_kv(rid)
+            if inspect.isawaitable(freed):
+                await freed
+        if not await resume(self.r, self.keys, rid, holder, tuple(out)):
+            return  # no longer held by `holder`
+        # Should the holder only have been slow, it drops the request (no double work).
+        await self.r.publish(self.keys.abort_channel, f"{rid}@{holder}")
+        await self.r.hincrby(self.keys.counters, "resumed", 1)
+        self.resumed += 1
+        log.warning("holder %s is dead: resumed after %d tokens", holder, len(out),
+                    extra=log_rid(rid))
 
     def _ensure_reader(self) -> None:
         if self._reader is None or self._reader.done():
@@ -168,24 +215,53 @@ class RedisBackend:
 
     async def _read_streams(self) -> None:
         watched = time.monotonic()
+        down_since: float | None = None
         while self._queues:
-            if time.monotonic() - watched > _WATCH_EVERY_S:
-                watched = time.monotonic()
-                await self._check_holders()
-            streams = {self.keys.tok(rid): last for rid, last in self._last_ids.items()}
             try:
+                if time.monotonic() - watched > _WATCH_EVERY_S:
+                    watched = time.monotonic()
+                    await self._check_holders()
+                streams = {self.keys.tok(rid): last for rid, last in self._last_ids.items()}
                 got = await self._reader_conn.xread(streams, block=_BLOCK_MS)
             except aioredis.RedisError as e:
-                log.error("token stream reader: Redis unavailable (%s); failing %d open "
-                          "requests", e, len(self._queues))
-                for q in self._queues.values():
-                    q.put_nowait(TokenEvent((), 0, error=f"queue unavailable: {e}"))
-                return
+                now = time.monotonic()
+                if down_since is None:
+                    down_since = now
+                    log.error("token stream reader: Redis unavailable (%s); %d open requests "
+                              "wait up to %.0f s for it", e, len(self._queues), self.outage_s)
+                if now - down_since > self.outage_s:
+                    for q in self._queues.values():
+                        q.put_nowait(TokenEvent((), 0, error=f"queue unavailable: {e}"))
+                    return
+                await asyncio.sleep(min(_OUTAGE_BACKOFF_S[1],
+                                        _OUTAGE_BACKOFF_S[0] * 2 ** int(now - down_since)))
+                continue
+            if down_since is not None:
+                log.info("token stream reader: Redis is back after %.1f s",
+                         time.monotonic() - down_since)
+                down_since = None
             for key, entries in got or ():
                 rid = key.decode().removeprefix(self.keys.tok(""))
-                queue = self._queues.get(rid)
-                if queue is None:
-                    continue
-                for entry_id, fields in entries:
-                    self._last_ids[rid] = entry_id
-                    queue.put_nowait(TokenEvent.from_fields(fields))
+                if rid in self._queues:
+                    self._deliver(rid, entries)
+
+    def _deliver(self, rid: str, entries: list) -> None:
+        """Pass new events on; tokens already passed on (counted by `n`) are dropped."""
+        queue = self._queues[rid]
+        for entry_id, fields in entries:
+            self._last_ids[rid] = entry_id
+            ev = TokenEvent.from_fields(fields)
+            have = self._delivered[rid]
+            if ev.token_ids:
+                new = ev.num_output_tokens - have
+                if new <= 0:
+                    continue  # a duplicate (a zombie holder, a retried write)
+                ev = dataclasses.replace(ev, token_ids=ev.token_ids[-new:], logprobs=(
+                    ev.logprobs[-new:] if ev.logprobs is not None else None))
+                self._delivered[rid] = ev.num_output_tokens
+            queue.put_nowait(ev)
+
+
+def _unavailable(e: Exception) -> APIError:
+    return APIError(f"the request queue is unavailable ({e}); retry later", 503,
+                    code="queue_unavailable", retry_after_s=_RETRY_AFTER_S)

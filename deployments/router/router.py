@@ -15,6 +15,7 @@ from ray import serve
 
 from alignedserve.config import ServeConfig
 from alignedserve.deployments.limits import serving_limits
+from alignedserve.deployments.liveness import actors_alive
 from alignedserve.deployments.metrics import FrontendMetrics, prometheus_text
 from alignedserve.deployments.router.grpc_api import GrpcApiMixin
 from alignedserve.deployments.router.leader import LeaderLoop
@@ -47,8 +48,10 @@ class Router(GrpcApiMixin):
         limits = serving_limits(cfg, model_dir)
         pools = limits.pools
         store = get_or_create_store(pools.host_blocks, pools.block_shape, pools.dtype)
-        self.backend = RedisBackend(cfg.redis_url, keys, lambda rid: store.free.remote(rid),
-                                    cfg.replica_timeout_s, limits.max_queued_requests)
+        self.backend = RedisBackend(
+            cfg.redis_url, keys, lambda rid: store.free.remote(rid), cfg.replica_timeout_s,
+            limits.max_queued_requests, lambda st: actors_alive(st.actors, st.namespace),
+            cfg.redis_outage_s)
         self.frontend = OpenAIFrontend(self.backend, load_tokenizer(model_dir), cfg.model_name,
                                        limits.max_model_len, limits.vocab_size,
                                        FrontendMetrics(cfg.model_name),
@@ -56,7 +59,8 @@ class Router(GrpcApiMixin):
         e = cfg.engine
         knobs = DispatchKnobs(e.max_spread, e.slack_tokens, e.max_queue_delay_s)
         self.leader = LeaderLoop(cfg.redis_url, keys, cfg.leader_ttl_s, knobs,
-                                 lambda rid: store.free.remote(rid)).start()
+                                 lambda rid: store.free.remote(rid),
+                                 outage_s=cfg.redis_outage_s).start()
 
     @app.post("/v1/completions", openapi_extra=COMPLETIONS_BODY)
     async def completions(self, request: Request) -> Response:
