@@ -51,14 +51,6 @@ class RedisQueueIndex:
         items = self.r.zrange(self.keys.decode, 0, -1, withscores=True)
         return [(int(score) >> _TIE_BITS, rid.decode()) for rid, score in items]
 
-    def claim(self, rids: list[str]) -> list[str]:
-        """Remove `rids`; the ones this call removed (the caller now holds them)."""
-        pipe = self.r.pipeline(transaction=False)
-        for rid in rids:
-            unindex(pipe, self.keys, rid)
-        removed = pipe.execute()[::2]
-        return [rid for rid, ok in zip(rids, removed, strict=True) if ok]
-
     def queued(self) -> list[Queued]:
         """The index as the dispatch policy reads it: by KV length, with arrival times."""
         pipe = self.r.pipeline(transaction=True)

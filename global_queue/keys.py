@@ -12,6 +12,8 @@
     p replicas        hash   replica id -> `ReplicaState` JSON, refreshed every loop
     p leader          string the scheduler leader's lock (token, with a TTL)
     p counters        hash   deployment-wide event counts (e.g. `resumed`), for status
+    p routers         hash   router id -> last heartbeat (time.time()), from its leader loop
+    p routed:{router} set    ids of the open requests whose client is on that router
 
 Ownership: a request is held by exactly one stage at a time (prefill queue, a prefetch
 worker, the decode index, the leader in transit, a compute replica); the record's `holder`
@@ -36,6 +38,13 @@ class RedisKeys:
 
     def inbox(self, replica: str) -> str:
         return f"{self.prefix}inbox:{replica}"
+
+    def routed(self, router: str) -> str:
+        return f"{self.prefix}routed:{router}"
+
+    @property
+    def routers(self) -> str:
+        return f"{self.prefix}routers"
 
     @property
     def prefill(self) -> str:
@@ -77,5 +86,5 @@ class RedisKeys:
         """(exact keys, glob patterns) of every key this layout uses: what a deployment
         owns, without matching a longer prefix that merely starts with this one."""
         exact = (self.prefill, self.decode, self.decode_arrival, self.seq, self.aborted,
-                 self.replicas, self.leader, self.counters)
-        return exact, (self.req("*"), self.tok("*"), self.inbox("*"))
+                 self.replicas, self.leader, self.counters, self.routers)
+        return exact, (self.req("*"), self.tok("*"), self.inbox("*"), self.routed("*"))

@@ -18,10 +18,12 @@ import dataclasses
 import json
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 import redis.asyncio as aioredis
 
+from alignedserve.global_queue.events import STREAM_TTL_S
 from alignedserve.global_queue.keys import RedisKeys
 from alignedserve.scheduling.sampling_params import SamplingParams
 
@@ -124,6 +126,31 @@ redis.call('hdel', KEYS[1], 'holder')
 redis.call('lpush', KEYS[2], ARGV[3])
 return 1
 """
+
+
+_ABORT = """
+redis.call('sadd', KEYS[1], ARGV[1])
+redis.call('expire', KEYS[1], ARGV[2])
+redis.call('publish', KEYS[2], ARGV[1])
+redis.call('expire', KEYS[6], ARGV[3])
+local queued = redis.call('lrem', KEYS[3], 1, ARGV[1])
+local indexed = redis.call('zrem', KEYS[4], ARGV[1])
+redis.call('zrem', KEYS[5], ARGV[1])
+if queued + indexed > 0 then redis.call('del', KEYS[7]) end
+return indexed
+"""
+ABORTED_TTL_S = 3600  # how long an aborted id is remembered (stages check it at hand-off)
+
+
+def abort(client: redis.Redis | aioredis.Redis, keys: RedisKeys, rid: str) -> Any:
+    """Mark `rid` aborted, tell the compute replicas (pub/sub), and take it out of the queue
+    that holds it, if one does; the stage holding it otherwise frees its KV when it sees
+    the mark. Returns 1 (awaitable on an asyncio client) when the decode index held it: the
+    caller then frees its KV."""
+    return client.register_script(_ABORT)(
+        keys=[keys.aborted, keys.abort_channel, keys.prefill, keys.decode,
+              keys.decode_arrival, keys.tok(rid), keys.req(rid)],
+        args=[rid, ABORTED_TTL_S, STREAM_TTL_S])
 
 
 def claim_prefill(client: redis.Redis, keys: RedisKeys, worker: str, n: int) -> list[str]:

@@ -231,3 +231,37 @@ def test_a_starting_deployment_clears_what_a_dead_one_left_and_refuses_a_live_on
     with pytest.raises(ValueError, match="r-live"):
         claim_queue(r, keys, stale_after_s=30.0)
     assert r.hexists(keys.replicas, "r-live")
+
+
+def test_the_leader_aborts_the_requests_of_a_dead_router_and_frees_their_kv(r, keys):
+    from alignedserve.deployments.router.leader import ROUTER_DEAD_S, sweep_dead_routers
+
+    params = SamplingParams(max_tokens=5)
+    pipe = r.pipeline()
+    for rid in ("p", "d", "h"):
+        put_record(pipe, keys, RequestRecord(rid, (1, 2), params, 1.0))
+    pipe.rpush(keys.prefill, "p")  # waiting for prefill
+    pipe.sadd(keys.routed("rt-dead"), "p", "d", "h")
+    pipe.sadd(keys.routed("rt-live"), "x")
+    pipe.hset(keys.routers, mapping={"rt-dead": time.time() - ROUTER_DEAD_S - 1,
+                                     "rt-live": time.time()})
+    pipe.execute()
+    RedisQueueIndex(r, keys).put("d", 3)  # in the decode index: the leader frees its KV
+    # "h" is held by a replica: the abort reaches it on the channel.
+    sub = r.pubsub(ignore_subscribe_messages=True)
+    sub.subscribe(keys.abort_channel)
+    freed: list[str] = []
+    assert sweep_dead_routers(r, keys, freed.append, time.time()) == 3
+    assert freed == ["d"]
+    assert r.llen(keys.prefill) == 0 and r.zcard(keys.decode) == 0
+    assert not r.exists(keys.req("p")) and not r.exists(keys.req("d"))
+    assert r.smismember(keys.aborted, ["p", "d", "h"]) == [1, 1, 1]
+    got = set()
+    deadline = time.monotonic() + 5
+    while len(got) < 3 and time.monotonic() < deadline:
+        msg = sub.get_message(timeout=0.5)
+        if msg:
+            got.add(msg["data"].decode())
+    assert got == {"p", "d", "h"}
+    assert r.hkeys(keys.routers) == [b"rt-live"] and r.exists(keys.routed("rt-live"))
+    assert not r.exists(keys.routed("rt-dead"))

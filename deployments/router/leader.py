@@ -25,7 +25,7 @@ import redis
 from alignedserve.global_queue.connection import connect
 from alignedserve.global_queue.index import RedisQueueIndex
 from alignedserve.global_queue.keys import RedisKeys
-from alignedserve.global_queue.records import ReplicaState, assign, load_states
+from alignedserve.global_queue.records import ReplicaState, abort, assign, load_states
 from alignedserve.scheduling.dispatch import DispatchKnobs, Room, plan_dispatch
 
 log = logging.getLogger("alignedserve.leader")
@@ -37,6 +37,7 @@ end
 return 0
 """
 REPLICA_STALE_S = 5.0  # a replica whose state is older than this gets no new work
+ROUTER_DEAD_S = 10.0  # a router whose heartbeat is this old is dead: its requests abort
 
 
 class LeaderLock:
@@ -93,13 +94,39 @@ class Dispatcher:
         return moved
 
 
+def sweep_dead_routers(client: redis.Redis, keys: RedisKeys,
+                       free_kv: Callable[[str], object] | None, now: float) -> int:
+    """Abort the open requests of routers whose heartbeat stopped (their clients' connections
+    died with them) and free their KV; returns how many were aborted."""
+    n = 0
+    for router, ts in client.hgetall(keys.routers).items():
+        if now - float(ts) < ROUTER_DEAD_S:
+            continue
+        rids = [x.decode() for x in client.smembers(keys.routed(router.decode()))]
+        for rid in rids:
+            if abort(client, keys, rid) and free_kv is not None:
+                free_kv(rid)
+        client.delete(keys.routed(router.decode()))
+        client.hdel(keys.routers, router)
+        if rids:
+            log.warning("router %s is dead: aborted its %d open requests", router.decode(),
+                        len(rids))
+        n += len(rids)
+    return n
+
+
 class LeaderLoop:
-    """Background thread of a router replica: try to lead; while leading, dispatch."""
+    """Background thread of a router replica: send this router's heartbeat; try to lead;
+    while leading, dispatch, and clean up after dead routers."""
 
     def __init__(self, redis_url: str, keys: RedisKeys, ttl_s: float, knobs: DispatchKnobs,
                  free_kv: Callable[[str], object] | None = None,
-                 tick_s: float = 0.005, outage_s: float = 60.0) -> None:
+                 tick_s: float = 0.005, outage_s: float = 60.0,
+                 router_id: str | None = None) -> None:
         self.r = connect(redis_url, outage_s)
+        self.keys = keys
+        self.router_id = router_id
+        self.free_kv = free_kv
         self.lock = LeaderLock(self.r, keys.leader, ttl_s)
         self.dispatcher = Dispatcher(self.r, keys, knobs, free_kv)
         self.tick_s = tick_s
@@ -122,6 +149,10 @@ class LeaderLoop:
                 if now >= renew_at or not self.is_leader:
                     self._set_leader(self.lock.hold())
                     renew_at = now + self.ttl_s / 3
+                    if self.router_id is not None:
+                        self.r.hset(self.keys.routers, self.router_id, repr(time.time()))
+                    if self.is_leader:
+                        sweep_dead_routers(self.r, self.keys, self.free_kv, time.time())
                 if self.is_leader:
                     moved = self.dispatcher.tick()
                 if failing:
@@ -149,3 +180,5 @@ class LeaderLoop:
         self._thread.join(timeout=5)
         if self.is_leader:
             self.lock.release()
+        if self.router_id is not None:
+            self.r.hdel(self.keys.routers, self.router_id)

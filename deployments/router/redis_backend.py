@@ -19,10 +19,12 @@ While Redis is down the reader waits for it (up to `outage_s`), then fails what 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import inspect
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 
 import redis.asyncio as aioredis
@@ -31,11 +33,11 @@ from alignedserve.deployments.router.backend import GenerateRequest
 from alignedserve.deployments.router.openai_protocol import APIError
 from alignedserve.global_queue.connection import connect_async
 from alignedserve.global_queue.events import TokenEvent, replay
-from alignedserve.global_queue.index import unindex
 from alignedserve.global_queue.keys import RedisKeys
 from alignedserve.global_queue.records import (
     ReplicaState,
     RequestRecord,
+    abort,
     put_record,
     read_holder,
     resume,
@@ -44,7 +46,6 @@ from alignedserve.logs import rid as log_rid
 
 log = logging.getLogger("alignedserve.router")
 _BLOCK_MS = 50  # reader's XREAD block; new streams join within this long
-_ABORTED_TTL_S = 3600
 _POOL_SIZE = 32  # Redis connections per router for enqueue/abort (streams use one more)
 _WATCH_EVERY_S = 1.0  # how often the reader checks that each request's holder is alive
 _ASK_RAY_AFTER_S = 1.0  # a holder state this old makes the router ask Ray if it is alive
@@ -72,7 +73,11 @@ class RedisBackend:
         self._queues: dict[str, asyncio.Queue[TokenEvent]] = {}
         self._last_ids: dict[str, bytes] = {}
         self._delivered: dict[str, int] = {}  # request id -> output tokens passed on
+        self._ended: list[str] = []  # to drop from this router's routed set
         self.resumed = 0  # requests resumed after their holder died
+        # Open requests are listed under this router's id; if it dies (its heartbeat, sent
+        # by its leader loop, stops) the leader aborts them and frees their KV.
+        self.router_id = f"rt-{uuid.uuid4().hex[:8]}"
         self._reader: asyncio.Task | None = None
         self.started = time.time()
 
@@ -88,6 +93,7 @@ class RedisBackend:
         try:
             pipe = self.r.pipeline(transaction=False)
             put_record(pipe, self.keys, rec)
+            pipe.sadd(self.keys.routed(self.router_id), rid)
             pipe.rpush(self.keys.prefill, rid)
             try:
                 await pipe.execute()
@@ -105,6 +111,7 @@ class RedisBackend:
             self._queues.pop(rid, None)
             self._last_ids.pop(rid, None)
             self._delivered.pop(rid, None)
+            self._ended.append(rid)
 
     async def admit(self) -> None:
         try:
@@ -120,18 +127,8 @@ class RedisBackend:
                            retry_after_s=_RETRY_AFTER_S)
 
     async def abort(self, request_id: str) -> None:
-        keys = self.keys
-        pipe = self.r.pipeline(transaction=False)
-        pipe.sadd(keys.aborted, request_id)
-        pipe.expire(keys.aborted, _ABORTED_TTL_S)
-        pipe.publish(keys.abort_channel, request_id)
-        pipe.lrem(keys.prefill, 1, request_id)  # not prefilled yet: no KV anywhere
-        unindex(pipe, keys, request_id)  # in the decode index: this router now holds it
-        *_, in_prefill, in_index, _ = await pipe.execute()
-        if in_prefill or in_index:
-            await self.r.delete(keys.req(request_id))
-        if in_index and self.free_kv is not None:
-            self.free_kv(request_id)
+        if await abort(self.r, self.keys, request_id) and self.free_kv is not None:
+            self.free_kv(request_id)  # it was in the decode index: this router holds it
 
     async def server_info(self) -> dict[str, object]:
         try:
@@ -147,6 +144,10 @@ class RedisBackend:
                 "uptime_s": time.time() - self.started}
 
     async def close(self) -> None:
+        # If Redis is down, the leader's sweep drops this router's set once its heartbeat
+        # stops.
+        with contextlib.suppress(aioredis.RedisError):
+            await self._forget_ended()
         if self._reader is not None:
             self._reader.cancel()
             try:
@@ -180,6 +181,11 @@ class RedisBackend:
                 dead[h] = await self._is_dead(states.get(h))
             if dead[h] and rid in self._queues:
                 await self._resume(rid, h)
+
+    async def _forget_ended(self) -> None:
+        if self._ended:
+            ended, self._ended = self._ended, []
+            await self.r.srem(self.keys.routed(self.router_id), *ended)
 
     async def _is_dead(self, st: ReplicaState | None) -> bool:
         if st is None:  # withdrawn (its worker died) or never there: nothing will serve it
@@ -221,6 +227,7 @@ class RedisBackend:
                 if time.monotonic() - watched > _WATCH_EVERY_S:
                     watched = time.monotonic()
                     await self._check_holders()
+                    await self._forget_ended()
                 streams = {self.keys.tok(rid): last for rid, last in self._last_ids.items()}
                 got = await self._reader_conn.xread(streams, block=_BLOCK_MS)
             except aioredis.RedisError as e:
@@ -244,6 +251,8 @@ class RedisBackend:
                 rid = key.decode().removeprefix(self.keys.tok(""))
                 if rid in self._queues:
                     self._deliver(rid, entries)
+        with contextlib.suppress(aioredis.RedisError):  # else the next reader tries again
+            await self._forget_ended()
 
     def _deliver(self, rid: str, entries: list) -> None:
         """Pass new events on; tokens already passed on (counted by `n`) are dropped."""

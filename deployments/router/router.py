@@ -60,7 +60,8 @@ class Router(GrpcApiMixin):
         knobs = DispatchKnobs(e.max_spread, e.slack_tokens, e.max_queue_delay_s)
         self.leader = LeaderLoop(cfg.redis_url, keys, cfg.leader_ttl_s, knobs,
                                  lambda rid: store.free.remote(rid),
-                                 outage_s=cfg.redis_outage_s).start()
+                                 outage_s=cfg.redis_outage_s,
+                                 router_id=self.backend.router_id).start()
 
     @app.post("/v1/completions", openapi_extra=COMPLETIONS_BODY)
     async def completions(self, request: Request) -> Response:
