@@ -8,11 +8,16 @@ join `ray_address`), run the Serve app on `host:http_port` (HTTP) and `host:grpc
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
+import os
 import signal
 import threading
 import time
 from pathlib import Path
+
+import psutil
 
 from alignedserve.config import ServeConfig, load_config
 from alignedserve.global_queue.redis_server import LocalRedis
@@ -71,6 +76,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     redis_srv = LocalRedis(cfg.redis_url) if cfg.start_redis else None
     if redis_srv is not None:
         redis_srv.start()
+    stopped = True
     try:
         app.init_ray(cfg)
         # After ray.init, whose native handler would otherwise end the process at once on
@@ -81,11 +87,92 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         _print_usage(cfg)
         done.wait()
         print("draining...", flush=True)
-        app.stop()
+        ours = psutil.Process().children(recursive=True)  # the local Ray cluster, Redis
+        gcs = [p for p in ours if "gcs_server" in _name(p)]
+        drained = threading.Event()  # after it, ray.shutdown ends the GCS itself
+        stopped = _stop_within(lambda: _stop_all(drained), cfg.drain_timeout_s + _STOP_MARGIN_S,
+                               gave_up=lambda: not drained.is_set() and
+                               any(not _running(p) for p in gcs))
+        if not stopped and cfg.ray_address is None:
+            # SIGTERM to the whole process group (docker stop, systemd) reaches the local
+            # Ray cluster's processes too: Serve cannot drain without its GCS, and
+            # ray.shutdown would wait a minute for it. The cluster is ours: end it.
+            print("Ray's processes were stopped under the server (a signal to the whole "
+                  "process group?); ending the local cluster without a drain", flush=True)
+            for p in ours:
+                with contextlib.suppress(psutil.Error):
+                    if "redis-server" not in _name(p):
+                        p.kill()
+        _reap_arenas({p.pid for p in ours})
     finally:
         if redis_srv is not None:
             redis_srv.stop()
+    if not stopped:
+        os._exit(1)  # not through ray.shutdown: there is no GCS to wait for
     return 0
+
+
+def _name(p: psutil.Process) -> str:
+    try:
+        return p.name()
+    except psutil.Error:
+        return ""
+
+
+def _running(p: psutil.Process) -> bool:
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _stop_all(drained: threading.Event) -> None:
+    import ray
+
+    from alignedserve.deployments import app
+
+    app.stop()
+    drained.set()
+    ray.shutdown()  # a local cluster's processes end here, not at interpreter exit
+
+
+def _reap_arenas(ours: set[int], timeout_s: float = 5.0) -> None:
+    """Unlink the shared-memory arenas our processes (the local Ray cluster's) created
+    once they are gone: a killed KV store cannot unlink its own."""
+    from alignedserve.kv_store.shm_arena import arena_owners, remove_orphans
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        remove_orphans()
+        left = [n for n, pid in arena_owners().items() if pid in ours]
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    if left:
+        print(f"shared memory still held by live processes: {', '.join(left)}", flush=True)
+
+
+_STOP_MARGIN_S = 5.0  # past drain_timeout_s, for Serve and Ray to stop
+
+
+def _stop_within(stop, timeout_s: float, gave_up=lambda: False) -> bool:
+    """Run `stop` (the drain and shutdown) on a daemon thread; False if it failed, did not
+    return in time, or `gave_up()` turned true meanwhile (it is then abandoned)."""
+    ok = threading.Event()
+
+    def run() -> None:
+        try:
+            stop()
+            ok.set()
+        except Exception:
+            logging.getLogger("alignedserve.serve").exception("stopping failed")
+
+    t = threading.Thread(target=run, name="stop", daemon=True)
+    t.start()
+    deadline = time.monotonic() + timeout_s
+    while t.is_alive() and time.monotonic() < deadline and not gave_up():
+        t.join(0.2)
+    return ok.is_set()
 
 
 def _print_usage(cfg: ServeConfig) -> None:

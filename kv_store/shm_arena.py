@@ -110,24 +110,31 @@ class ShmArena:
         seg.unlink()
 
 
-def remove_orphans(prefix: str = PREFIX) -> list[str]:
-    """Unlink this project's segments whose creating process is gone; returns their names.
-    A segment being created right now (pid not written yet) is left alone."""
-    removed = []
+def arena_owners(prefix: str = PREFIX) -> dict[str, int]:
+    """This project's segments in /dev/shm and the pid of the process that created each
+    (0 while one is being created)."""
+    owners = {}
     for path in sorted(_SHM_DIR.glob(f"{prefix}*")):
         try:
             with path.open("rb") as f:
                 head = f.read(_HEADER_ITEM * (_OWNER_SLOT + 1))
         except OSError:
             continue  # removed meanwhile
-        if len(head) < _HEADER_ITEM * (_OWNER_SLOT + 1):
-            continue
-        pid = int(np.frombuffer(head, dtype=np.int64)[_OWNER_SLOT])
+        if len(head) == _HEADER_ITEM * (_OWNER_SLOT + 1):
+            owners[path.name] = int(np.frombuffer(head, dtype=np.int64)[_OWNER_SLOT])
+    return owners
+
+
+def remove_orphans(prefix: str = PREFIX) -> list[str]:
+    """Unlink this project's segments whose creating process is gone; returns their names.
+    A segment being created right now (pid not written yet) is left alone."""
+    removed = []
+    for name, pid in arena_owners(prefix).items():
         if pid <= 0 or _alive(pid):
             continue
         with contextlib.suppress(FileNotFoundError):  # another starter got there first
-            path.unlink()
-            removed.append(path.name)
+            (_SHM_DIR / name).unlink()
+            removed.append(name)
     if removed:
         log.warning("removed shared-memory arenas of dead processes: %s", ", ".join(removed))
     return removed

@@ -168,9 +168,13 @@ class PrefetchWorker:
         budget = self.cfg.engine.max_num_batched_tokens
         keys, me = self.cfg.keys, self.cfg.worker_id
         while not self._stop.is_set():
-            room = self.cfg.engine.max_num_seqs - self.engine.num_requests
-            if room > 0:  # top up to the budget's worth of sequences, FCFS
-                self._admit(claim_prefill(self.r, keys, me, min(room, max(1, budget // 64))))
+            # Hold about a step's worth (a budget of 64-token prompts), FCFS; the rest stays
+            # in the global queue, where any worker can take it and admission control
+            # sees it.
+            room = min(self.cfg.engine.max_num_seqs, max(1, budget // 64)) - \
+                self.engine.num_requests
+            if room > 0:
+                self._admit(claim_prefill(self.r, keys, me, room))
             if not self.engine.has_unfinished():
                 self._stop.wait(_IDLE_POLL_S)
                 continue

@@ -33,7 +33,7 @@ def test_serve_cli_answers_and_drains_on_sigterm(tiny_dir, tmp_path):
                 reason = msg["choices"][0]["finish_reason"] or reason
         assert reason == "length"  # the in-flight request finished during the drain
         assert proc.wait(timeout=120) == 0
-        out = proc.stdout.read()
+        out = server.output()
         assert "OpenAI HTTP" in out and "draining" in out
     finally:
         server.kill()

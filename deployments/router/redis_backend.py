@@ -93,6 +93,9 @@ class RedisBackend:
         try:
             pipe = self.r.pipeline(transaction=False)
             put_record(pipe, self.keys, rec)
+            if self._ended:  # requests that ended since: off this router's list
+                ended, self._ended = self._ended, []
+                pipe.srem(self.keys.routed(self.router_id), *ended)
             pipe.sadd(self.keys.routed(self.router_id), rid)
             pipe.rpush(self.keys.prefill, rid)
             try:
@@ -216,6 +219,8 @@ class RedisBackend:
                     extra=log_rid(rid))
 
     def _ensure_reader(self) -> None:
+        # The reader exits when no stream is open, without awaiting anything after that
+        # check: a stream opened meanwhile then always finds it done and starts another.
         if self._reader is None or self._reader.done():
             self._reader = asyncio.get_running_loop().create_task(self._read_streams())
 
@@ -251,8 +256,6 @@ class RedisBackend:
                 rid = key.decode().removeprefix(self.keys.tok(""))
                 if rid in self._queues:
                     self._deliver(rid, entries)
-        with contextlib.suppress(aioredis.RedisError):  # else the next reader tries again
-            await self._forget_ended()
 
     def _deliver(self, rid: str, entries: list) -> None:
         """Pass new events on; tokens already passed on (counted by `n`) are dropped."""
