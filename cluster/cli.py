@@ -148,14 +148,19 @@ def _add_sim_parser(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--seed", type=int, default=0, help="Workload seed.")
     run.add_argument("--policies", "--systems", dest="systems", type=_csv,
                      default=("aligned", "fcfs", "aligned-noprefetch"),
-                     help="Systems: aligned, fcfs, aligned-noprefetch.")
+                     help="Systems: aligned, fcfs, aligned-noprefetch, and the baselines "
+                     "fcfs-disagg, fcfs-sorted, ceiling.")
     run.add_argument("--router", choices=("round-robin", "dispatch"), default="round-robin",
                      help="How requests reach pairs: round-robin shards (pairs simulated "
                      "independently, --workers applies) or the deployed global dispatch "
                      "(scheduling/dispatch.py, all pairs in one event loop).")
-    run.add_argument("--split-kv", action="store_true",
-                     help="Model a load-balanced (split-KV) decode kernel instead of "
-                     "PagedAttention V1.")
+    run.add_argument("--kernel", choices=("v1", "vllm", "split", "fluid", "none"),
+                     default="v1", help="Decode attention model (sim/cost_model.py): v1 = "
+                     "PagedAttention V1's Graham bound, vllm = vLLM's V1/V2 dispatch, split = "
+                     "load-balanced split-KV, fluid = max(total, longest unit), none = no "
+                     "straggler.")
+    run.add_argument("--split-kv", dest="kernel", action="store_const", const="split",
+                     help="Same as --kernel split.")
     run.add_argument("--parity", choices=("gpus", "compute"), default="gpus",
                      help="gpus: every system gets --gpus devices (aligned = N/2 pairs); "
                      "compute: every system gets --gpus compute devices.")
@@ -277,7 +282,7 @@ def _cmd_sim_run(args: argparse.Namespace) -> int:
         short, n = hw.rsplit("x", 1)
         hw, gpus = {"h100": "h100-sxm", "a100": "a100-80g"}.get(short, short), int(n)
     knobs = dict(_aligned_overrides(args, ["max_num_batched_tokens", "host_pool_gib"]))
-    base = SimConfig(hardware=hw, model=args.model, split_kv=args.split_kv,
+    base = SimConfig(hardware=hw, model=args.model, kernel=args.kernel,
                      router=args.router, **knobs)
     t0 = time.perf_counter()
     res = run_sim(base, args.workload, args.num_requests, gpus, tuple(args.systems),

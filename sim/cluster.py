@@ -9,6 +9,10 @@ dispatch) and the cluster-level `simulate` live in `sim/router.py`.
 
 Per pair:
 - `fcfs`: one device does prefill and decode in the same steps (vLLM-style).
+- `fcfs` with `disagg`: the decode device runs FCFS decode only; prefill runs on a second
+  device beside it, like the aligned pair's prefetch device (DistServe-style).
+- `fcfs-sorted`: FCFS whose waiting queue is kept sorted by prompt length: an oracle of
+  cheap alignment (it needs every request in the queue at once to mean much).
 - `aligned`: the compute device decodes; the paired prefetch device runs the prefill chunks
   of the same step in lock-step beside it (their KV crosses NVLink) and carries KV swaps
   (`links.CopyLinks`), overlapping compute; the scheduler's fences decide when a step waits.
@@ -21,6 +25,7 @@ Events, counted for the throughput figure: arrivals, steps, KV copies and comple
 
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass, field
 from typing import Literal
@@ -33,7 +38,8 @@ from alignedserve.scheduling.aligned_config import AlignedConfig, AlignedKnobs
 from alignedserve.scheduling.block_manager import BlockAllocator, KVBlockManager
 from alignedserve.scheduling.fcfs import FCFSScheduler, SchedulerLimits
 from alignedserve.scheduling.interface import Scheduler, SchedulerOutput
-from alignedserve.sim.cost_model import CostModel
+from alignedserve.scheduling.request import Request
+from alignedserve.sim.cost_model import CostModel, Kernel
 from alignedserve.sim.links import CopyLinks
 from alignedserve.sim.workload import TOKEN, SimWorkload, make_request
 
@@ -44,12 +50,14 @@ class SimConfig(AlignedKnobs):
 
     hardware: str = Field("h100-sxm", description="sim/profiles/hardware.json entry")
     model: str = Field("opt-13b", description="sim/profiles/models.json entry")
-    policy: Literal["aligned", "fcfs"] = "aligned"
+    policy: Literal["aligned", "fcfs", "fcfs-sorted"] = "aligned"
+    disagg: bool = Field(False, description="fcfs: prefill on a second device per pair")
     pairs: int = Field(1, ge=1, description="compute devices (each aligned one has a "
                        "prefetch device beside it)")
     prefetch: bool = Field(True, description="aligned: GPU-Prefetch-For-GPU; False = the "
                            "paper's ablation")
-    split_kv: bool = Field(False, description="a load-balanced decode kernel (cost_model)")
+    kernel: Kernel = Field("v1", description="decode attention model (sim/cost_model.py): "
+                           "v1, vllm, split, fluid, none")
     block_size: int = Field(16, ge=1, description="tokens per KV block")
     kv_mem_fraction: float = Field(0.9, gt=0, le=1, description="of HBM left after the "
                                    "weights, for the device KV pool")
@@ -70,9 +78,14 @@ class SimConfig(AlignedKnobs):
         return SimConfig(**{**self.model_dump(), **changes})
 
     @property
+    def side_device(self) -> bool:
+        """A second device per pair runs prefill (and, aligned, carries KV)."""
+        return (self.policy == "aligned" and self.prefetch) or self.disagg
+
+    @property
     def gpus(self) -> int:
-        """Devices the system occupies: a prefetch device per aligned pair."""
-        return self.pairs * (2 if self.policy == "aligned" and self.prefetch else 1)
+        """Devices the system occupies: a prefetch (or prefill) device per pair."""
+        return self.pairs * (2 if self.side_device else 1)
 
 
 @dataclass
@@ -107,15 +120,26 @@ def _device_blocks(cfg: SimConfig, cost: CostModel) -> int:
 def make_scheduler(cfg: SimConfig, cost: CostModel, clock) -> Scheduler:
     """The engine's own policy class for `cfg`, over simulated device and host pools."""
     device = KVBlockManager(_device_blocks(cfg, cost), cfg.block_size)
-    if cfg.policy == "fcfs":
-        return FCFSScheduler(device, SchedulerLimits(cfg.max_num_seqs,
-                                                     cfg.max_num_batched_tokens))
+    if cfg.policy in ("fcfs", "fcfs-sorted"):
+        kind = SortedFCFSScheduler if cfg.policy == "fcfs-sorted" else FCFSScheduler
+        return kind(device, SchedulerLimits(cfg.max_num_seqs, cfg.max_num_batched_tokens))
     host_blocks = max(1, int(cfg.host_pool_gib * 2**30 // cost.kv_bytes(1, cfg.block_size)))
     knobs = {name: getattr(cfg, name) for name in AlignedKnobs.model_fields}
     return AlignedScheduler(device, BlockAllocator(host_blocks), AlignedConfig(
         **{**knobs, "min_batch": min(cfg.min_batch, cfg.max_num_seqs)},
         max_batch=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens),
         clock=clock)
+
+
+class SortedFCFSScheduler(FCFSScheduler):
+    """`fcfs-sorted`: new requests wait in prompt-length order instead of arrival order
+    (preempted ones still go back to the front)."""
+
+    def add_request(self, req: Request) -> None:
+        super().add_request(req)
+        self.waiting.pop()
+        keys = [r.num_prompt_tokens for r in self.waiting]
+        self.waiting.insert(bisect.bisect_right(keys, req.num_prompt_tokens), req)
 
 
 class SimPair:
@@ -127,7 +151,7 @@ class SimPair:
         self.scheduler = make_scheduler(cfg, cost, clock=lambda: self.now)
         self.block_bytes = cost.kv_bytes(1, cfg.block_size)
         self.links = CopyLinks(cost, cfg.prefetch, self.block_bytes)
-        self._side = cfg.policy == "aligned" and cfg.prefetch  # prefill on the prefetch device
+        self._side = cfg.side_device  # prefill on the pair's second device
 
     def _step_time(self, out: SchedulerOutput) -> tuple[float, int, list[str]]:
         """(seconds, decode sequences, ids of the requests that sample) of one step; one

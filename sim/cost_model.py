@@ -2,16 +2,24 @@
 
 Times are seconds; sizes are bytes. fp16/bf16 weights and KV (2 bytes per element) on GPUs.
 
-Decode attention models vLLM's PagedAttention V1 kernel, the decode kernel of the paper's
-vLLM baseline: one thread block per (sequence, KV head) work unit, each streaming its
-sequence's K and V from HBM. The GPU dispatches blocks in index order to whichever SM is
-free (list scheduling, not sorted by length), so by Graham's bound the kernel ends at most
-one longest unit after the SMs' average finish, and we take that bound as its time:
-    t_attn = total / (SMs x per-SM bandwidth) + (1 - 1/SMs) x longest unit   per layer
-One long-KV sequence thus holds an SM while the others idle: the straggler. In an aligned
-batch the longest unit is about the average, and the second term is small. A split-KV
-kernel (FlashDecoding, FlashInfer's load balancing) cuts units to `split_tokens` and
-removes most of the second term; `split_kv=True` models that.
+Decode attention: one thread block per work unit (a sequence's KV for one KV head, or a
+slice of it), each streaming its K and V from HBM; the GPU hands units to whichever SM is
+free, in index order. Per layer, with `total` the whole batch's KV bytes at full HBM rate
+and `unit` the longest unit's bytes at one SM's share of it, the kernel models
+(`CostModel.kernel`) are:
+    v1      total + (1 - 1/SMs) x unit(longest sequence)   Graham's list-scheduling
+            bound: the WORST case of a mixed batch (PagedAttention V1, one unit per
+            sequence and head), the paper's vLLM baseline
+    vllm    what vLLM dispatches: V1 as above while every sequence is <= 8,192 tokens and
+            there is one 512-token partition or sequences x heads > 512; otherwise V2,
+            units of at most 512 tokens (as `split`)
+    split   total + (1 - 1/SMs) x unit(min(longest, split_tokens)): a load-balanced
+            split-KV kernel (Flash-Decoding, FlashInfer)
+    fluid   max(total, unit(longest)): perfectly balanced work, but no unit finishes
+            faster than one SM can stream it
+    none    total: no straggler at all (the `ceiling` baseline)
+Alignment can only shrink the part above `total`; weight reads and KV reads cost the same
+however requests are grouped.
 """
 
 from __future__ import annotations
@@ -20,9 +28,15 @@ import json
 from dataclasses import dataclass, fields
 from functools import cache
 from pathlib import Path
+from typing import Literal
 
 PROFILES = Path(__file__).with_name("profiles")
 BYTES = 2  # fp16 / bf16
+Kernel = Literal["v1", "vllm", "split", "fluid", "none"]
+KERNELS: tuple[str, ...] = ("v1", "vllm", "split", "fluid", "none")
+VLLM_PARTITION = 512  # PagedAttention V2's partition, tokens
+VLLM_V1_MAX_LEN = 8192  # longer sequences always take V2
+VLLM_V1_MIN_UNITS = 512  # V1 needs more than this many (sequence, head) blocks
 
 
 @dataclass(frozen=True)
@@ -42,6 +56,7 @@ class Hardware:
     nvlink_gbps: float  # device <-> device, per direction
     nvlink_eff: float
     nvlink_latency_us: float
+    step_overhead_us: float = 0.0  # per step on the host (scheduler, launch), optional
 
     @property
     def bw(self) -> float:
@@ -119,8 +134,12 @@ def known(kind: str) -> list[str]:
 class CostModel:
     hw: Hardware
     m: Model
-    split_kv: bool = False  # a load-balanced decode kernel instead of PagedAttention V1
-    split_tokens: int = 512  # KV tokens per work unit when split_kv
+    kernel: Kernel = "v1"  # the decode attention model (module doc)
+    split_tokens: int = 512  # KV tokens per work unit of the `split` kernel
+
+    def __post_init__(self) -> None:
+        if self.kernel not in KERNELS:
+            raise ValueError(f"unknown decode kernel model {self.kernel!r}; known: {KERNELS}")
 
     def linear(self, tokens: int) -> float:
         """All layers' GEMMs plus the LM head for `tokens` tokens (decode + prefill alike):
@@ -135,11 +154,25 @@ class CostModel:
             return 0.0
         per_token = self.m.kv_heads * self.m.head_dim * 2 * BYTES  # K and V, all KV heads
         total = sum(kv_lens) * per_token / self.hw.bw  # every SM streaming: whole-HBM rate
-        longest = max(kv_lens) if not self.split_kv else min(max(kv_lens), self.split_tokens)
+        longest = max(kv_lens)
         per_sm = self.hw.bw / self.hw.num_sms
-        unit = longest * self.m.head_dim * 2 * BYTES / per_sm  # one (sequence, KV head) block
-        tail = (1 - 1 / self.hw.num_sms) * unit
-        return self.m.layers * (total + tail + self.hw.kernel_overhead_us * 1e-6)
+
+        def unit(tokens: int) -> float:  # one work unit of `tokens` tokens, one KV head
+            return tokens * self.m.head_dim * 2 * BYTES / per_sm
+
+        kernel, split = self.kernel, self.split_tokens
+        if kernel == "vllm":  # V1 while it has enough blocks or one partition; else V2
+            v1 = longest <= VLLM_V1_MAX_LEN and (
+                longest <= VLLM_PARTITION or len(kv_lens) * self.m.heads > VLLM_V1_MIN_UNITS)
+            kernel, split = ("v1", split) if v1 else ("split", VLLM_PARTITION)
+        if kernel == "fluid":
+            t = max(total, unit(longest))
+        elif kernel == "none":
+            t = total
+        else:
+            cut = min(longest, split) if kernel == "split" else longest
+            t = total + (1 - 1 / self.hw.num_sms) * unit(cut)
+        return self.m.layers * (t + self.hw.kernel_overhead_us * 1e-6)
 
     def prefill_attention(self, chunks: list[tuple[int, int]]) -> float:
         """Causal attention FLOPs of prefill chunks given as (start, length)."""
@@ -153,7 +186,7 @@ class CostModel:
         tokens = len(decode_lens) + sum(n for _, n in prefill)
         if tokens == 0:
             return 0.0
-        fixed = self.m.layers * self.hw.layer_overhead_us * 1e-6
+        fixed = (self.m.layers * self.hw.layer_overhead_us + self.hw.step_overhead_us) * 1e-6
         return (self.linear(tokens) + self.decode_attention(decode_lens)
                 + self.prefill_attention(prefill) + fixed)
 

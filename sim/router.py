@@ -26,7 +26,7 @@ from alignedserve.sim.workload import SimWorkload
 
 
 def simulate_dispatched(cfg: SimConfig, wl: SimWorkload) -> list[PairResult]:
-    cost = CostModel(hardware(cfg.hardware), model(cfg.model), split_kv=cfg.split_kv)
+    cost = CostModel(hardware(cfg.hardware), model(cfg.model), kernel=cfg.kernel)
     pairs = [SimPair(cfg, cost) for _ in range(cfg.pairs)]
     for p in pairs:
         p.begin()
@@ -73,7 +73,7 @@ def _dispatch(queue: list[Queued], pairs: list[SimPair], inflight: int,
 
 
 def run_pair(cfg: SimConfig, shard: SimWorkload) -> PairResult:
-    cost = CostModel(hardware(cfg.hardware), model(cfg.model), split_kv=cfg.split_kv)
+    cost = CostModel(hardware(cfg.hardware), model(cfg.model), kernel=cfg.kernel)
     return SimPair(cfg, cost).run(shard)
 
 

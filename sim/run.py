@@ -8,6 +8,8 @@ Two ways to count devices (`parity`):
   PCIe.
 - `compute` (decode-device parity): every system gets `gpus` compute devices; `aligned` adds
   a prefetch device to each, so it occupies twice the GPUs.
+`fcfs-disagg` and `ceiling` pair each decode device with a prefill device, counted like
+`aligned`'s pairs; `fcfs-sorted` is colocated like `fcfs`.
 """
 
 from __future__ import annotations
@@ -22,6 +24,11 @@ from alignedserve.sim.router import simulate
 from alignedserve.sim.workload import SimWorkload, sim_workload
 
 SYSTEMS = ("aligned", "fcfs", "aligned-noprefetch")
+# Every baseline a report shows beside aligned (issue 11): colocated fcfs (vLLM-like), fcfs
+# with prefill on separate devices (DistServe-like), fcfs over a length-sorted queue (an
+# oracle of cheap alignment), and the ceiling: fcfs-disagg with no decode straggler at all.
+BASELINES = ("fcfs", "fcfs-disagg", "fcfs-sorted", "ceiling")
+ALL_SYSTEMS = ("aligned", *BASELINES, "aligned-noprefetch")
 
 
 def system_config(base: SimConfig, system: str, gpus: int, parity: str = "gpus") -> SimConfig:
@@ -32,9 +39,13 @@ def system_config(base: SimConfig, system: str, gpus: int, parity: str = "gpus")
         return base.but(policy="aligned", prefetch=True, pairs=pairs)
     if system == "aligned-noprefetch":
         return base.but(policy="aligned", prefetch=False, pairs=gpus)
-    if system == "fcfs":
-        return base.but(policy="fcfs", prefetch=False, pairs=gpus)
-    raise ValueError(f"unknown system {system!r}; expected one of {SYSTEMS}")
+    if system in ("fcfs", "fcfs-sorted"):
+        return base.but(policy=system, prefetch=False, pairs=gpus)
+    if system in ("fcfs-disagg", "ceiling"):
+        pairs = gpus if parity == "compute" else max(1, gpus // 2)
+        cfg = base.but(policy="fcfs", prefetch=False, disagg=True, pairs=pairs)
+        return cfg.but(kernel="none") if system == "ceiling" else cfg
+    raise ValueError(f"unknown system {system!r}; expected one of {ALL_SYSTEMS}")
 
 
 def _pct(a: np.ndarray, q: float) -> float:
@@ -92,20 +103,37 @@ def print_table(summaries: dict[str, dict[str, Any]], title: str) -> None:
     from rich.table import Table
 
     table = Table(title=title)
-    cols = ("system", "GPUs", "decode tok/s", "vs fcfs", "tok/s/GPU", "TTFT p50/p99 s",
+    cols = ("system", "GPUs", "decode tok/s", "vs fcfs", "of ceiling", "tok/s/GPU",
+            "TTFT p50/p99 s",
             "TPOT p50/p99 ms", "P99 TPOT fcfs/x", "step p50/p99 ms", "batch", "switch %",
             "copy stall s", "sim wall s")
     for c in cols:
         table.add_column(c, justify="left" if c == "system" else "right")
     base = summaries.get("fcfs", {})
+    ceiling = summaries.get("ceiling", {}).get("decode_tps")
     for name, s in summaries.items():
         tps, tpot = base.get("decode_tps"), base.get("tpot_p99_ms")
         table.add_row(
             name, str(s["gpus"]), f"{s['decode_tps']:.0f}",
-            f"{s['decode_tps'] / tps:.2f}x" if tps else "-", f"{s['tps_per_gpu']:.0f}",
+            f"{s['decode_tps'] / tps:.2f}x" if tps else "-",
+            f"{s['decode_tps'] / ceiling:.2f}x" if ceiling else "-", f"{s['tps_per_gpu']:.0f}",
             f"{s['ttft_p50_s']:.1f}/{s['ttft_p99_s']:.1f}",
             f"{s['tpot_p50_ms']:.1f}/{s['tpot_p99_ms']:.1f}",
             f"{tpot / s['tpot_p99_ms']:.2f}x" if tpot else "-",
             f"{s['step_p50_ms']:.1f}/{s['step_p99_ms']:.1f}", f"{s['decode_batch']:.1f}",
             f"{100 * s['switch_rate']:.1f}", f"{s['stall_s']:.1f}", f"{s['sim_wall_s']:.1f}")
     Console(width=200).print(table)
+    closed = gap_closed(summaries)
+    if closed is not None:
+        print(f"aligned closes {closed:.0%} of the way from fcfs-disagg to the ceiling "
+              "(decode tok/s)")
+
+
+def gap_closed(summaries: dict[str, dict[str, Any]]) -> float | None:
+    """(aligned - fcfs-disagg) / (ceiling - fcfs-disagg) in decode throughput: how much of
+    what alignment could at most win it wins. None without all three."""
+    try:
+        a, d, c = (summaries[k]["decode_tps"] for k in ("aligned", "fcfs-disagg", "ceiling"))
+    except KeyError:
+        return None
+    return (a - d) / (c - d) if c > d else None

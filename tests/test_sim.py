@@ -12,7 +12,7 @@ from alignedserve.sim.cluster import SimConfig, SimPair
 from alignedserve.sim.cost_model import CostModel, Hardware, Model, hardware, model
 from alignedserve.sim.router import simulate
 from alignedserve.sim.run import run_sim, system_config
-from alignedserve.sim.workload import sim_workload
+from alignedserve.sim.workload import make_request, sim_workload
 
 HW = Hardware("toy", hbm_gbps=1000, hbm_gib=80, peak_tflops=100, num_sms=10, bw_eff=1.0,
               flops_eff=1.0, kernel_overhead_us=0.0, layer_overhead_us=0.0, pcie_gbps=50,
@@ -49,8 +49,21 @@ def test_decode_attention_straggler_by_hand():
     unit = lambda n: n * 128 * 2 * 2 / (1e12 / 10)  # noqa: E731 - one (seq, head) block
     assert cm.decode_attention(aligned) == pytest.approx(2 * (total + 0.9 * unit(100)))
     assert cm.decode_attention(mixed) == pytest.approx(2 * (total + 0.9 * unit(550)))
-    split = CostModel(HW, M, split_kv=True, split_tokens=100)
+    split = CostModel(HW, M, kernel="split", split_tokens=100)
     assert split.decode_attention(mixed) == pytest.approx(cm.decode_attention(aligned))
+    # fluid: perfect balance, but the longest unit still takes its own time; none: total.
+    fluid, none = CostModel(HW, M, kernel="fluid"), CostModel(HW, M, kernel="none")
+    assert fluid.decode_attention(mixed) == pytest.approx(2 * max(total, unit(550)))
+    assert none.decode_attention(mixed) == pytest.approx(2 * total)
+    # vLLM's dispatch: 10 sequences x 8 heads = 80 blocks <= 512 and 550 > one 512-token
+    # partition, so V2 (512-token units); with one partition it stays V1.
+    vllm = CostModel(HW, M, kernel="vllm")
+    assert vllm.decode_attention(mixed) == pytest.approx(2 * (total + 0.9 * unit(512)))
+    assert vllm.decode_attention(aligned) == pytest.approx(cm.decode_attention(aligned))
+    many = [50] * 64 + [550]  # 65 x 8 = 520 blocks > 512: V1, whole-sequence units
+    assert vllm.decode_attention(many) == pytest.approx(cm.decode_attention(many))
+    with pytest.raises(ValueError, match="unknown decode kernel"):
+        CostModel(HW, M, kernel="v3")
 
 
 def test_links_and_prefill_by_hand():
@@ -106,6 +119,30 @@ def test_run_sim_systems_and_gpu_parity():
         assert s["decode_tps"] > 0 and s["tpot_p99_ms"] >= s["tpot_p50_ms"] > 0
     with pytest.raises(ValueError):
         system_config(base, "nope", 8)
+
+
+def test_the_baselines_bracket_what_alignment_can_win():
+    """fcfs-disagg and ceiling differ only in the straggler term, so the ceiling is never
+    slower; the sorted queue admits shortest prompts first; disaggregated systems occupy a
+    prefill device per decode device."""
+    from alignedserve.sim.cluster import SortedFCFSScheduler, make_scheduler
+    from alignedserve.sim.run import ALL_SYSTEMS
+
+    base = SimConfig(model="opt-2.7b", min_batch=4, kernel="vllm")
+    assert system_config(base, "fcfs-disagg", 8).gpus == 8
+    assert system_config(base, "ceiling", 8, parity="compute").gpus == 16
+    assert system_config(base, "ceiling", 8).kernel == "none"
+    assert system_config(base, "fcfs-sorted", 8).gpus == 8
+    res = run_sim(base, "mix95", 60, gpus=2, len_scale=4.0, systems=ALL_SYSTEMS)
+    assert all(s["completed"] == 60 for s in res.values())
+    assert res["ceiling"]["decode_tps"] >= res["fcfs-disagg"]["decode_tps"]
+    assert res["ceiling"]["step_p50_ms"] <= res["fcfs-disagg"]["step_p50_ms"]
+    cfg = base.but(policy="fcfs-sorted")
+    sched = make_scheduler(cfg, CostModel(hardware(cfg.hardware), model(cfg.model)), clock=None)
+    assert isinstance(sched, SortedFCFSScheduler)
+    for k, n in enumerate([30, 10, 20, 10]):
+        sched.add_request(make_request(k, n, 4, 0.0))
+    assert [r.num_prompt_tokens for r in sched.waiting] == [10, 10, 20, 30]
 
 
 def test_copy_links_are_full_duplex_fifo_and_order_a_swap_in_after_its_swap_out():
