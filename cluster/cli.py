@@ -179,6 +179,21 @@ def _add_sim_parser(sub: argparse._SubParsersAction) -> None:
     plan.add_argument("--per-pair", type=int, default=300,
                       help="Requests simulated per candidate (one pair's shard).")
     plan.set_defaults(func=_cmd_sim_plan)
+    cap = ssub.add_parser("capacity", help="Highest Poisson rate each system sustains with "
+                          "P99 TPOT within an SLO (one pair, compute parity).")
+    cap.add_argument("--model", default="opt-13b", help="Model profile.")
+    cap.add_argument("--hardware", default="h100-sxm", help="Hardware profile.")
+    cap.add_argument("--workload", default="sharegpt", help="mix95, mix70, sharegpt, ...")
+    cap.add_argument("--slo-tpot-ms", type=float, default=50.0, help="P99 TPOT target, ms.")
+    cap.add_argument("--kernel", choices=("v1", "vllm", "split", "fluid", "none"),
+                     default="vllm", help="Decode attention model (see sim run).")
+    cap.add_argument("--num-requests", type=int, default=300, help="Arrivals per try.")
+    cap.add_argument("--len-scale", type=float, default=1.0, help="1 = the paper's lengths.")
+    cap.add_argument("--policies", "--systems", dest="systems", type=_csv,
+                     default=("aligned", "fcfs", "fcfs-disagg", "fcfs-sorted", "ceiling"),
+                     help="Systems, as in sim run.")
+    _add_knob_args(cap)
+    cap.set_defaults(func=_cmd_sim_capacity)
     cal = ssub.add_parser("calibrate", help="Fit the cpu-local step model to the real "
                           "engine's per-iteration traces; report held-out error.")
     cal.add_argument("--model", default="smollm2-135m", help="Model folder or name.")
@@ -316,6 +331,22 @@ def _cmd_sim_plan(args: argparse.Namespace) -> int:
         print("no configuration meets the SLO within the search range")
         return 1
     print("cheapest: " + describe(best))
+    return 0
+
+
+def _cmd_sim_capacity(args: argparse.Namespace) -> int:
+    from alignedserve.sim.cluster import SimConfig
+    from alignedserve.sim.plan import capacity
+
+    knobs = dict(_aligned_overrides(args, ["max_num_batched_tokens", "host_pool_gib"]))
+    base = SimConfig(hardware=args.hardware, model=args.model, kernel=args.kernel, **knobs)
+    print(f"{args.model} on {args.hardware} / {args.workload}: highest Poisson rate with "
+          f"P99 TPOT <= {args.slo_tpot_ms:g} ms, one pair ({args.kernel} kernel model)")
+    for system in args.systems:
+        c = capacity(base, system, args.workload, args.slo_tpot_ms, args.num_requests,
+                     len_scale=args.len_scale)
+        print(f"  {system:<12} {c.rate:7.2f} req/s per pair, {c.per_gpu:7.2f} per GPU; "
+              f"P99 TPOT {c.tpot_p99_ms:6.1f} ms, P99 TTFT {c.ttft_p99_s:6.2f} s")
     return 0
 
 

@@ -109,3 +109,52 @@ def describe(c: Candidate) -> str:
     return (f"{c.gpus} GPUs = {c.pairs} {'pairs' if c.knobs['policy'] == 'aligned' else 'replicas'}"
             f" [{knobs}]: P99 TPOT {c.tpot_p99_ms:.1f} ms, P99 TTFT {c.ttft_p99_s:.1f} s, "
             f"mean decode batch {c.decode_batch:.0f}{host}")
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """The highest Poisson rate one pair of `system` sustains within the SLO."""
+
+    system: str
+    rate: float  # requests/s per pair (0 if even the lowest rate tried misses)
+    per_gpu: float  # requests/s per GPU the pair occupies
+    tpot_p99_ms: float  # at `rate`
+    ttft_p99_s: float
+
+
+def capacity(base: SimConfig, system: str, workload: str, slo_tpot_ms: float,
+             num_requests: int = 300, seed: int = 0, len_scale: float = 1.0,
+             drain_factor: float = 1.5, rel_tol: float = 0.05) -> Capacity:
+    """Online capacity (issue 11): doubling then bisection over the arrival rate of one
+    pair (compute parity), `num_requests` Poisson arrivals per try. A rate is sustained when
+    P99 TPOT <= `slo_tpot_ms` and the pair keeps up (last completion within
+    `drain_factor` x the last arrival), as in the planner."""
+    from alignedserve.sim.run import system_config
+
+    cfg = system_config(base, system, 1, parity="compute")
+
+    def run(rate: float) -> tuple[bool, dict[str, Any]]:
+        wl = sim_workload(workload, num_requests, seed=seed, len_scale=len_scale, rate=rate)
+        s = summarize([run_pair(cfg, wl)])
+        keeps_up = s["makespan_s"] <= drain_factor * float(wl.arrival[-1]) + 1.0
+        return keeps_up and s["tpot_p99_ms"] <= slo_tpot_ms, s
+
+    lo, hi, best = 0.0, 0.25, None
+    while True:  # double until a rate misses (or the SLO is met even offline-like)
+        ok, s = run(hi)
+        if not ok:
+            break
+        lo, best = hi, s
+        hi *= 2
+        if hi > 1e4:
+            break
+    while hi - lo > rel_tol * max(lo, 1e-9) and lo > 0:
+        mid = (lo + hi) / 2
+        ok, s = run(mid)
+        if ok:
+            lo, best = mid, s
+        else:
+            hi = mid
+    if best is None:
+        return Capacity(system, 0.0, 0.0, float("nan"), float("nan"))
+    return Capacity(system, lo, lo / cfg.gpus, best["tpot_p99_ms"], best["ttft_p99_s"])

@@ -218,3 +218,18 @@ def test_dispatch_router_runs_the_deployed_global_policy():
                               for r in results]))
 
     assert spread(first) < 0.5 * spread(rr)
+
+
+def test_online_capacity_is_the_edge_of_the_slo():
+    from alignedserve.sim.plan import capacity
+    from alignedserve.sim.router import run_pair
+    from alignedserve.sim.run import summarize, system_config
+
+    base = SimConfig(model="opt-2.7b", kernel="vllm")
+    c = capacity(base, "fcfs", "mix95", slo_tpot_ms=40, num_requests=60, len_scale=0.5)
+    assert c.rate > 0 and c.tpot_p99_ms <= 40 and c.per_gpu == c.rate
+    cfg = system_config(base, "fcfs", 1, parity="compute")
+    over = sim_workload("mix95", 60, len_scale=0.5, rate=4 * c.rate)
+    s = summarize([run_pair(cfg, over)])
+    keeps_up = s["makespan_s"] <= 1.5 * float(over.arrival[-1]) + 1.0
+    assert not (keeps_up and s["tpot_p99_ms"] <= 40)  # 4x past the edge misses
