@@ -265,3 +265,14 @@ def test_the_leader_aborts_the_requests_of_a_dead_router_and_frees_their_kv(r, k
     assert got == {"p", "d", "h"}
     assert r.hkeys(keys.routers) == [b"rt-live"] and r.exists(keys.routed("rt-live"))
     assert not r.exists(keys.routed("rt-dead"))
+
+
+def test_the_leader_forgets_replicas_long_dead(r, keys):
+    from alignedserve.deployments.router.leader import REPLICA_FORGET_S, forget_dead_replicas
+
+    now = time.time()
+    publish_state(r, keys, ReplicaState("r-old", now - REPLICA_FORGET_S - 1))
+    publish_state(r, keys, ReplicaState("r-quiet", now - 60))  # stale, not yet forgotten
+    r.rpush(keys.inbox("r-old"), "x")
+    assert forget_dead_replicas(r, keys, now) == ["r-old"]
+    assert r.hkeys(keys.replicas) == [b"r-quiet"] and not r.exists(keys.inbox("r-old"))

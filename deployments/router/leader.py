@@ -38,6 +38,9 @@ return 0
 """
 REPLICA_STALE_S = 5.0  # a replica whose state is older than this gets no new work
 ROUTER_DEAD_S = 10.0  # a router whose heartbeat is this old is dead: its requests abort
+# A replica state this old is forgotten with its inbox (every request it held has long
+# been resumed by then: routers act within replica_timeout_s).
+REPLICA_FORGET_S = 300.0
 
 
 class LeaderLock:
@@ -115,6 +118,19 @@ def sweep_dead_routers(client: redis.Redis, keys: RedisKeys,
     return n
 
 
+def forget_dead_replicas(client: redis.Redis, keys: RedisKeys, now: float) -> list[str]:
+    """Drop the states and inboxes of replicas silent for REPLICA_FORGET_S (each replica
+    has a fresh id, so a churning deployment would otherwise collect them forever)."""
+    gone = [s.replica for s in load_states(client, keys) if now - s.ts >= REPLICA_FORGET_S]
+    if gone:
+        pipe = client.pipeline(transaction=False)
+        pipe.hdel(keys.replicas, *gone)
+        pipe.delete(*(keys.inbox(r) for r in gone))
+        pipe.execute()
+        log.info("forgot dead replicas %s", ", ".join(gone))
+    return gone
+
+
 class LeaderLoop:
     """Background thread of a router replica: send this router's heartbeat; try to lead;
     while leading, dispatch, and clean up after dead routers."""
@@ -153,6 +169,7 @@ class LeaderLoop:
                         self.r.hset(self.keys.routers, self.router_id, repr(time.time()))
                     if self.is_leader:
                         sweep_dead_routers(self.r, self.keys, self.free_kv, time.time())
+                        forget_dead_replicas(self.r, self.keys, time.time())
                 if self.is_leader:
                     moved = self.dispatcher.tick()
                 if failing:
