@@ -8,6 +8,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from alignedserve.sim.cost_model import KERNELS
+
 
 def _csv(value: str) -> tuple[str, ...]:
     """'a,b' -> ('a', 'b'); 'none' or '' -> ()."""
@@ -154,7 +156,7 @@ def _add_sim_parser(sub: argparse._SubParsersAction) -> None:
                      help="How requests reach pairs: round-robin shards (pairs simulated "
                      "independently, --workers applies) or the deployed global dispatch "
                      "(scheduling/dispatch.py, all pairs in one event loop).")
-    run.add_argument("--kernel", choices=("v1", "vllm", "split", "fluid", "none"),
+    run.add_argument("--kernel", choices=KERNELS,
                      default="v1", help="Decode attention model (sim/cost_model.py): v1 = "
                      "PagedAttention V1's Graham bound, vllm = vLLM's V1/V2 dispatch, split = "
                      "load-balanced split-KV, fluid = max(total, longest unit), none = no "
@@ -185,7 +187,7 @@ def _add_sim_parser(sub: argparse._SubParsersAction) -> None:
     cap.add_argument("--hardware", default="h100-sxm", help="Hardware profile.")
     cap.add_argument("--workload", default="sharegpt", help="mix95, mix70, sharegpt, ...")
     cap.add_argument("--slo-tpot-ms", type=float, default=50.0, help="P99 TPOT target, ms.")
-    cap.add_argument("--kernel", choices=("v1", "vllm", "split", "fluid", "none"),
+    cap.add_argument("--kernel", choices=KERNELS,
                      default="vllm", help="Decode attention model (see sim run).")
     cap.add_argument("--num-requests", type=int, default=300, help="Arrivals per try.")
     cap.add_argument("--len-scale", type=float, default=1.0, help="1 = the paper's lengths.")

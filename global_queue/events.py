@@ -3,6 +3,7 @@ front ends consume. One type for both sides."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 
@@ -38,6 +39,20 @@ class TokenEvent:
             f["err"] = self.error
         return f
 
+    def past(self, have: int) -> TokenEvent | None:
+        """This event without the tokens a reader that has `have` output tokens already
+        got; None when it carries nothing new (a duplicate: a retried write, a zombie
+        holder). Events without tokens (errors) always pass."""
+        if not self.token_ids:
+            return self
+        new = self.num_output_tokens - have
+        if new <= 0:
+            return None
+        if new >= len(self.token_ids):
+            return self
+        lp = self.logprobs[-new:] if self.logprobs is not None else None
+        return dataclasses.replace(self, token_ids=self.token_ids[-new:], logprobs=lp)
+
     @classmethod
     def from_fields(cls, f: dict[bytes, bytes]) -> TokenEvent:
         ids = f.get(b"ids", b"").split()
@@ -64,8 +79,7 @@ def replay(entries: list[tuple[bytes, dict[bytes, bytes]]]) -> tuple[list[int], 
     final = False
     for _, fields in entries:
         ev = TokenEvent.from_fields(fields)
-        new = ev.num_output_tokens - len(out)
-        if ev.token_ids and new > 0:
-            out.extend(ev.token_ids[-new:])
         final = final or ev.final
+        if (new := ev.past(len(out))) is not None:
+            out.extend(new.token_ids)
     return out, final

@@ -28,12 +28,12 @@ import json
 from dataclasses import dataclass, fields
 from functools import cache
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 PROFILES = Path(__file__).with_name("profiles")
 BYTES = 2  # fp16 / bf16
 Kernel = Literal["v1", "vllm", "split", "fluid", "none"]
-KERNELS: tuple[str, ...] = ("v1", "vllm", "split", "fluid", "none")
+KERNELS: tuple[str, ...] = get_args(Kernel)
 VLLM_PARTITION = 512  # PagedAttention V2's partition, tokens
 VLLM_V1_MAX_LEN = 8192  # longer sequences always take V2
 VLLM_V1_MIN_UNITS = 512  # V1 needs more than this many (sequence, head) blocks

@@ -34,15 +34,16 @@ ALL_SYSTEMS = ("aligned", *BASELINES, "aligned-noprefetch")
 def system_config(base: SimConfig, system: str, gpus: int, parity: str = "gpus") -> SimConfig:
     if parity not in ("gpus", "compute"):
         raise ValueError(f"parity must be gpus or compute, got {parity!r}")
+    # Systems with a second device per decode device: `gpus` pairs at compute parity,
+    # half as many at GPU parity.
+    pairs = gpus if parity == "compute" else max(1, gpus // 2)
     if system == "aligned":
-        pairs = gpus if parity == "compute" else max(1, gpus // 2)
         return base.but(policy="aligned", prefetch=True, pairs=pairs)
     if system == "aligned-noprefetch":
         return base.but(policy="aligned", prefetch=False, pairs=gpus)
     if system in ("fcfs", "fcfs-sorted"):
         return base.but(policy=system, prefetch=False, pairs=gpus)
     if system in ("fcfs-disagg", "ceiling"):
-        pairs = gpus if parity == "compute" else max(1, gpus // 2)
         cfg = base.but(policy="fcfs", prefetch=False, disagg=True, pairs=pairs)
         return cfg.but(kernel="none") if system == "ceiling" else cfg
     raise ValueError(f"unknown system {system!r}; expected one of {ALL_SYSTEMS}")

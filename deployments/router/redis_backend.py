@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import inspect
 import logging
 import time
@@ -262,17 +261,12 @@ class RedisBackend:
         queue = self._queues[rid]
         for entry_id, fields in entries:
             self._last_ids[rid] = entry_id
-            ev = TokenEvent.from_fields(fields)
-            have = self._delivered[rid]
+            ev = TokenEvent.from_fields(fields).past(self._delivered[rid])
+            if ev is None:
+                continue
             if ev.token_ids:
-                new = ev.num_output_tokens - have
-                if new <= 0:
-                    continue  # a duplicate (a zombie holder, a retried write)
-                ev = dataclasses.replace(ev, token_ids=ev.token_ids[-new:], logprobs=(
-                    ev.logprobs[-new:] if ev.logprobs is not None else None))
                 self._delivered[rid] = ev.num_output_tokens
             queue.put_nowait(ev)
-
 
 def _unavailable(e: Exception) -> APIError:
     return APIError(f"the request queue is unavailable ({e}); retry later", 503,
