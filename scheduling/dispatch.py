@@ -2,11 +2,23 @@
 
 A pure function, so the scheduler leader (over the Redis decode index) and the simulator's
 router run the same policy. Each replica with room gets the densest aligned window of the
-queue (the same density-first search as a replica's own batcher), most room first; once
-the oldest queued request has waited `max_queue_delay_s`, the next replica gets the
-requests nearest to it in length instead (the global starvation bound). Clocks come from
-the requests' arrival times, which live in the request records, so a new leader continues
-the same clocks.
+queue (the same density-first search as a replica's own batcher); once the oldest queued
+request has waited `max_queue_delay_s`, the next replica gets the requests nearest to it in
+length instead (the global starvation bound). Clocks come from the requests' arrival times,
+which live in the request records, so a new leader continues the same clocks.
+
+Nodes (multi-node clusters): a request's KV sits in the store of the node whose prefetch
+worker prefilled it (`Queued.node`); a replica on another node must first pull it over the
+network. So the load is spread first and KV is moved only to spread it:
+1. shares: when the queue is shorter than the room, each replica's share is water-filled
+   (the replicas with the most room get requests until every replica is left with the
+   same room), so no node idles while another's pool fills;
+2. within its share a replica takes requests from its own node first, then, for what its
+   node could not fill, requests from other nodes (a cross-node copy, which its prefetch
+   worker runs while it decodes);
+3. room a share left over (the queue's lengths did not fit the windows) is filled the
+   same way, local first.
+With every request and replica on one node (`node` ""), only the shares matter.
 """
 
 from __future__ import annotations
@@ -24,6 +36,7 @@ class Queued:
     request_id: str
     kv_len: int  # tokens of KV it depends on (prompt + generated so far)
     arrival_time: float  # seconds on the caller's clock (the router's time.time())
+    node: str = ""  # node whose KV store holds its KV ("" single-node or unknown)
 
 
 @dataclass(frozen=True)
@@ -32,6 +45,7 @@ class Room:
 
     replica: str
     free: int  # requests it may still be assigned
+    node: str = ""  # node it runs on (its prefetch worker reads that node's KV store)
 
 
 @dataclass(frozen=True)
@@ -43,18 +57,53 @@ class DispatchKnobs:
 
 def plan_dispatch(queued: Sequence[Queued], rooms: Sequence[Room], knobs: DispatchKnobs,
                   now: float) -> list[tuple[str, list[str]]]:
-    """(replica, request ids) assignments. `queued` is sorted by kv_len ascending (ties in
-    queue order); each request is assigned at most once, each replica at most `free`."""
+    """(replica, request ids) assignments, at most one entry per replica. `queued` is
+    sorted by kv_len ascending (ties in queue order); each request is assigned at most
+    once, each replica at most `free`."""
+    open_rooms = sorted((r for r in rooms if r.free > 0), key=lambda r: -r.free)
     items = list(queued)
-    plan: list[tuple[str, list[str]]] = []
-    for room in sorted(rooms, key=lambda r: -r.free):
-        if not items or room.free <= 0:
+    if not open_rooms or not items:
+        return []
+    shares = water_fill([r.free for r in open_rooms], len(items))
+    got: dict[str, list[str]] = {}
+    for cap_of in (lambda k: shares[k], lambda k: open_rooms[k].free):
+        for local in (True, False):
+            for k, room in enumerate(open_rooms):
+                cap = cap_of(k) - len(got.get(room.replica, ()))
+                if cap <= 0:
+                    continue
+                idx = [i for i, q in enumerate(items) if (q.node == room.node) == local]
+                if not idx:
+                    continue
+                picked = [idx[j] for j in _pick([items[i] for i in idx], cap, knobs, now)]
+                got.setdefault(room.replica, []).extend(items[i].request_id for i in picked)
+                taken = set(picked)
+                items = [q for i, q in enumerate(items) if i not in taken]
+                if not items:
+                    return list(got.items())
+    return list(got.items())
+
+
+def water_fill(free: Sequence[int], n: int) -> list[int]:
+    """How many of `n` requests each replica takes so that the room left is as even as it
+    can be (`free` sorted descending; ties go to the earlier replica). Every replica takes
+    all its room when `n` is at least the total."""
+    def total(level: int) -> int:  # requests taken if every replica is filled down to level
+        return sum(max(0, f - level) for f in free)
+
+    lo, hi = 0, max(free, default=0)  # the lowest level whose total fits in n
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if total(mid) <= n else (mid + 1, hi)
+    shares = [max(0, f - lo) for f in free]
+    extra = n - sum(shares) if lo > 0 else 0  # < replicas at the level: one more each
+    for k, f in enumerate(free):
+        if extra <= 0:
             break
-        picked = _pick(items, room.free, knobs, now)
-        plan.append((room.replica, [items[i].request_id for i in picked]))
-        taken = set(picked)
-        items = [q for i, q in enumerate(items) if i not in taken]
-    return plan
+        if f >= lo:
+            shares[k] += 1
+            extra -= 1
+    return shares
 
 
 def _pick(items: list[Queued], room: int, knobs: DispatchKnobs, now: float) -> list[int]:

@@ -47,3 +47,42 @@ def test_the_starving_request_is_never_crowded_out_by_equal_lengths():
     queue = _queue([50, 50, 50, 50, 900], [9.0, 9.0, 9.0, 0.0, 9.0])
     plan = plan_dispatch(queue, [Room("r", 2)], KNOBS, now=10.5)
     assert "q3" in plan[0][1] and len(plan[0][1]) == 2
+
+
+def test_a_short_queue_is_spread_so_every_replica_is_left_the_same_room():
+    queue = _queue([10, 11, 12, 13])
+    plan = dict(plan_dispatch(queue, [Room("a", 6), Room("b", 4)], KNOBS, 0.0))
+    assert {k: len(v) for k, v in plan.items()} == {"a": 3, "b": 1}  # 3 left in each
+    assert sorted(plan["a"] + plan["b"]) == ["q0", "q1", "q2", "q3"]
+
+
+def _on(node: str, lengths: list[int], first: int = 0) -> list[Queued]:
+    return [Queued(f"{node}{first + i}", n, 100.0, node) for i, n in enumerate(lengths)]
+
+
+def test_replicas_take_their_own_nodes_kv_first():
+    queue = sorted(_on("A", [10, 20, 30]) + _on("B", [11, 21, 31]), key=lambda q: q.kv_len)
+    plan = dict(plan_dispatch(queue, [Room("ra", 3, "A"), Room("rb", 3, "B")], KNOBS, 0.0))
+    assert sorted(plan["ra"]) == ["A0", "A1", "A2"]  # no KV crosses nodes
+    assert sorted(plan["rb"]) == ["B0", "B1", "B2"]
+
+
+def test_an_idle_node_takes_what_a_busy_node_prefilled_up_to_its_fair_share():
+    # Everything was prefilled on A; B's replica idles unless KV moves. It takes half.
+    queue = _on("A", [10, 11, 12, 13, 14, 15])
+    plan = dict(plan_dispatch(queue, [Room("ra", 8, "A"), Room("rb", 8, "B")], KNOBS, 0.0))
+    assert len(plan["ra"]) == 3 and len(plan["rb"]) == 3
+    # A replica that is nearly full on A leaves the rest to B (KV moves only to spread).
+    plan = dict(plan_dispatch(queue, [Room("ra", 2, "A"), Room("rb", 8, "B")], KNOBS, 0.0))
+    assert "ra" not in plan and len(plan["rb"]) == 6
+    # A node with no replica left (it died) has its queued requests served elsewhere.
+    plan = dict(plan_dispatch(queue, [Room("rb", 8, "B")], KNOBS, 0.0))
+    assert len(plan["rb"]) == 6
+
+
+def test_cross_node_fill_comes_after_local_fill_within_a_share():
+    queue = sorted(_on("A", [10, 11, 12, 13]) + _on("B", [50]), key=lambda q: q.kv_len)
+    plan = dict(plan_dispatch(queue, [Room("ra", 2, "A"), Room("rb", 3, "B")], KNOBS, 0.0))
+    assert plan["rb"][0] == "B0"  # its own request first, then two of A's
+    assert len(plan["rb"]) == 3 and len(plan["ra"]) == 2
+    assert len({*plan["ra"], *plan["rb"]}) == 5
