@@ -54,6 +54,22 @@ class ServeConfig(BaseSettings):
                               "loopback port when none answers.")
     ray_address: str | None = Field(None, description="Join this Ray cluster; None starts a "
                                     "local one.")
+    kv_grpc_host: str | None = Field(None, description="Address each node's KV store serves "
+                                     "gRPC on, for other nodes' cross-node KV pulls. None: "
+                                     "the node's own address as Ray knows it (127.0.0.1 when "
+                                     "`serve` starts a local cluster); never all interfaces "
+                                     "unless set to 0.0.0.0.")
+    kv_grpc_port: int = Field(0, ge=0, le=65535, description="Port of each node's KV store "
+                              "gRPC service; 0 picks a free one (addresses are published in "
+                              "Redis, so other nodes find it either way). Fix it where a "
+                              "firewall or a Kubernetes Service must name it.")
+    replica_resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources each compute replica (and so "
+        "its prefetch worker's node) needs, e.g. {\"alignedserve_decode\": 1} to place "
+        "replicas only on worker nodes started with that resource.")
+    proxy_location: Literal["HeadOnly", "EveryNode"] = Field(
+        "HeadOnly", description="Where Serve runs its HTTP/gRPC proxies: on the head node only, "
+        "or on every node (each then binds host:http_port on its own node).")
     num_replicas: int = Field(1, ge=1, description="Compute replicas (each gets a paired "
                               "prefetch worker).")
     num_routers: int = Field(1, ge=1, description="Router replicas (one is the scheduler "

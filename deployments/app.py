@@ -23,7 +23,8 @@ GRPC_SERVICER = "alignedserve.deployments.router.grpc_servicer.add_servicer_to_s
 def build_app(cfg: ServeConfig, model_dir: str) -> Application:
     compute = serve.deployment(
         ComputeReplica, name="ComputeReplica", num_replicas=cfg.num_replicas,
-        ray_actor_options={"num_cpus": cfg.replica_cpus, "num_gpus": cfg.replica_gpus},
+        ray_actor_options={"num_cpus": cfg.replica_cpus, "num_gpus": cfg.replica_gpus,
+                           "resources": dict(cfg.replica_resources)},
         max_ongoing_requests=16, health_check_period_s=2,
         graceful_shutdown_timeout_s=cfg.drain_timeout_s + 15,
     ).bind(cfg, model_dir)
@@ -70,9 +71,13 @@ def start(cfg: ServeConfig, model_dir: str) -> None:
         log.warning("removed %d keys under %r left by a deployment that stopped uncleanly",
                     removed, cfg.redis_prefix)
     init_ray(cfg)
+    if cfg.ray_address is None and cfg.kv_grpc_host is None:
+        # A cluster of this one machine: its stores need not be reachable from anywhere else.
+        cfg = cfg.model_copy(update={"kv_grpc_host": "127.0.0.1"})
     grpc = (gRPCOptions(port=cfg.grpc_port, grpc_servicer_functions=[GRPC_SERVICER])
             if cfg.grpc_port else None)
-    serve.start(http_options={"host": cfg.host, "port": cfg.http_port}, grpc_options=grpc)
+    serve.start(http_options={"host": cfg.host, "port": cfg.http_port},
+                grpc_options=grpc, proxy_location=cfg.proxy_location)
     serve.run(build_app(cfg, model_dir), name=APP_NAME, route_prefix="/")
 
 

@@ -14,6 +14,8 @@
     p counters        hash   deployment-wide event counts (e.g. `resumed`), for status
     p routers         hash   router id -> last heartbeat (time.time()), from its leader loop
     p routed:{router} set    ids of the open requests whose client is on that router
+    p stores          hash   node id -> `StoreInfo` JSON (its KV store's gRPC address, usage)
+    p cordon          hash   node id -> stage ("decode", "prefill" or "all") kept off it
 
 Ownership: a request is held by exactly one stage at a time (prefill queue, a prefetch
 worker, the decode index, the leader in transit, a compute replica); the record's `holder`
@@ -79,6 +81,14 @@ class RedisKeys:
         return f"{self.prefix}leader"
 
     @property
+    def stores(self) -> str:
+        return f"{self.prefix}stores"
+
+    @property
+    def cordon(self) -> str:
+        return f"{self.prefix}cordon"
+
+    @property
     def counters(self) -> str:
         return f"{self.prefix}counters"
 
@@ -86,5 +96,6 @@ class RedisKeys:
         """(exact keys, glob patterns) of every key this layout uses: what a deployment
         owns, without matching a longer prefix that merely starts with this one."""
         exact = (self.prefill, self.decode, self.decode_arrival, self.seq, self.aborted,
-                 self.replicas, self.leader, self.counters, self.routers)
+                 self.replicas, self.leader, self.counters, self.routers, self.stores,
+                 self.cordon)
         return exact, (self.req("*"), self.tok("*"), self.inbox("*"), self.routed("*"))

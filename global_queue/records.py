@@ -5,8 +5,9 @@ A request record's fields and who writes each (`RequestRecord`):
     holder                    the stage that takes the request: a prefetch worker
                               (`claim_prefill`), a compute replica (`assign`); cleared when
                               the decode index or the prefill queue holds it again
-    out, slots                the prefetch worker after prefill (`set_prefilled`); the
-                              router when a dead holder's request resumes (`resume`)
+    out, slots, node          the prefetch worker after prefill (`set_prefilled`); a
+                              compute replica that pulled the KV from another node's store
+                              (`set_kv_location`); cleared when a request resumes (`resume`)
 The compute replica publishes tokens to the stream only; the record keeps the state a new
 holder needs to continue the request (prompt, output so far, where its KV is). Moves between
 stages are single Redis scripts, so a process dying mid-move never drops a request.
@@ -39,6 +40,7 @@ class RequestRecord:
     output_token_ids: tuple[int, ...] = ()  # generated so far (the first comes from prefill)
     slots: tuple[int, ...] = ()  # KV-store blocks holding the prompt's KV, position order
     holder: str | None = None  # replica or worker id that holds the request now
+    node: str = ""  # Ray node id of the KV store that holds `slots` ("" before prefill)
 
     @property
     def kv_len(self) -> int:
@@ -50,7 +52,7 @@ class RequestRecord:
         params.pop("extra", None)
         fields = {"prompt": json.dumps(self.prompt_token_ids), "params": json.dumps(params),
                   "arrival": repr(self.arrival_time), **_prefilled(self.output_token_ids,
-                                                                   self.slots)}
+                                                                   self.slots, self.node)}
         if self.holder is not None:
             fields["holder"] = self.holder
         return fields
@@ -63,11 +65,14 @@ class RequestRecord:
         return cls(rid, tuple(json.loads(h[b"prompt"])), SamplingParams(**p),
                    float(h[b"arrival"]), tuple(json.loads(h.get(b"out", b"[]"))),
                    tuple(int(x) for x in h.get(b"slots", b"").split()),
-                   holder.decode() if holder is not None else None)
+                   holder.decode() if holder is not None else None,
+                   h.get(b"node", b"").decode())
 
 
-def _prefilled(output_ids: tuple[int, ...], slots: tuple[int, ...]) -> dict[str, str]:
-    return {"out": json.dumps(list(output_ids)), "slots": " ".join(map(str, slots))}
+def _prefilled(output_ids: tuple[int, ...], slots: tuple[int, ...],
+               node: str) -> dict[str, str]:
+    return {"out": json.dumps(list(output_ids)), "slots": " ".join(map(str, slots)),
+            "node": node}
 
 
 def put_record(pipe: redis.client.Pipeline, keys: RedisKeys, rec: RequestRecord) -> None:
@@ -80,11 +85,18 @@ def read_holder(pipe: redis.client.Pipeline, keys: RedisKeys, rid: str) -> None:
 
 
 def set_prefilled(pipe: redis.client.Pipeline, keys: RedisKeys, rid: str,
-                  output_ids: tuple[int, ...], slots: tuple[int, ...]) -> None:
-    """Output so far and the store blocks with its KV; the worker lets go of it (the decode
-    index holds it next, in the same transaction)."""
-    pipe.hset(keys.req(rid), mapping=_prefilled(output_ids, slots))
+                  output_ids: tuple[int, ...], slots: tuple[int, ...], node: str) -> None:
+    """Output so far and the store blocks (on `node`) with its KV; the worker lets go of it
+    (the decode index holds it next, in the same transaction)."""
+    pipe.hset(keys.req(rid), mapping=_prefilled(output_ids, slots, node))
     pipe.hdel(keys.req(rid), "holder")
+
+
+def set_kv_location(client: redis.Redis, keys: RedisKeys, rid: str, slots: list[int],
+                    node: str) -> None:
+    """The request's KV moved to `node`'s store (a cross-node pull): whoever frees it later
+    (its holder, or a router resuming it) frees it there."""
+    client.hset(keys.req(rid), mapping={"slots": " ".join(map(str, slots)), "node": node})
 
 
 # Moves between stages. Each is one script: atomic in Redis, so the request is always in
@@ -108,8 +120,9 @@ for i = 3, #ARGV do
   if redis.call('zrem', KEYS[1], rid) == 1 then
     redis.call('zrem', KEYS[2], rid)
     if redis.call('sismember', KEYS[3], rid) == 1 then
-      redis.call('del', ARGV[1] .. 'req:' .. rid)
-      table.insert(out, rid)
+      local rec = ARGV[1] .. 'req:' .. rid
+      table.insert(out, rid .. ' ' .. (redis.call('hget', rec, 'node') or ''))
+      redis.call('del', rec)
     else
       redis.call('rpush', KEYS[4], rid)
       redis.call('hset', ARGV[1] .. 'req:' .. rid, 'holder', ARGV[2])
@@ -121,7 +134,7 @@ return out
 """
 _RESUME = """
 if redis.call('hget', KEYS[1], 'holder') ~= ARGV[1] then return 0 end
-redis.call('hset', KEYS[1], 'out', ARGV[2], 'slots', '')
+redis.call('hset', KEYS[1], 'out', ARGV[2], 'slots', '', 'node', '')
 redis.call('hdel', KEYS[1], 'holder')
 redis.call('lpush', KEYS[2], ARGV[3])
 return 1
@@ -136,8 +149,10 @@ redis.call('expire', KEYS[6], ARGV[3])
 local queued = redis.call('lrem', KEYS[3], 1, ARGV[1])
 local indexed = redis.call('zrem', KEYS[4], ARGV[1])
 redis.call('zrem', KEYS[5], ARGV[1])
+local node = redis.call('hget', KEYS[7], 'node') or ''
 if queued + indexed > 0 then redis.call('del', KEYS[7]) end
-return indexed
+if indexed == 1 then return node end
+return false
 """
 ABORTED_TTL_S = 3600  # how long an aborted id is remembered (stages check it at hand-off)
 
@@ -145,8 +160,8 @@ ABORTED_TTL_S = 3600  # how long an aborted id is remembered (stages check it at
 def abort(client: redis.Redis | aioredis.Redis, keys: RedisKeys, rid: str) -> Any:
     """Mark `rid` aborted, tell the compute replicas (pub/sub), and take it out of the queue
     that holds it, if one does; the stage holding it otherwise frees its KV when it sees
-    the mark. Returns 1 (awaitable on an asyncio client) when the decode index held it: the
-    caller then frees its KV."""
+    the mark. When the decode index held it, returns the node whose store holds its KV (the
+    caller frees it there), else None; awaitable on an asyncio client."""
     return client.register_script(_ABORT)(
         keys=[keys.aborted, keys.abort_channel, keys.prefill, keys.decode,
               keys.decode_arrival, keys.tok(rid), keys.req(rid)],
@@ -162,25 +177,26 @@ def claim_prefill(client: redis.Redis, keys: RedisKeys, worker: str, n: int) -> 
 
 
 def assign(client: redis.Redis, keys: RedisKeys, replica: str,
-           rids: list[str]) -> tuple[int, list[str]]:
+           rids: list[str]) -> tuple[int, list[tuple[str, str]]]:
     """Move `rids` from the decode index to `replica`'s inbox and make it their holder; ids
     no longer in the index are skipped (someone else took them). Returns how many moved,
-    and the ids that were aborted meanwhile: the caller frees their KV (their records are
-    deleted)."""
+    and (id, node of its KV) of those aborted meanwhile: the caller frees their KV (their
+    records are deleted)."""
     n, *aborted = client.register_script(_ASSIGN)(
         keys=[keys.decode, keys.decode_arrival, keys.aborted, keys.inbox(replica)],
         args=[keys.prefix, replica, *rids])
-    return int(n), [x.decode() for x in aborted]
+    return int(n), [tuple(x.decode().split(" ", 1)) for x in aborted]
 
 
-async def resume(client: aioredis.Redis, keys: RedisKeys, rid: str, dead_holder: str,
-                 output_ids: tuple[int, ...]) -> bool:
-    """Put a request whose holder died back at the head of the prefill queue, with the
+def resume(client: redis.Redis | aioredis.Redis, keys: RedisKeys, rid: str, holder: str,
+           output_ids: tuple[int, ...]) -> Any:
+    """Put a request its holder can no longer serve (the holder died, or the KV it was
+    pulling from another node is gone) back at the head of the prefill queue, with the
     output its client already has: a worker recomputes prompt + output and it continues.
-    False if `dead_holder` no longer holds it (it finished, or someone resumed it)."""
-    return bool(await client.register_script(_RESUME)(
-        keys=[keys.req(rid), keys.prefill],
-        args=[dead_holder, json.dumps(list(output_ids)), rid]))
+    Truthy if it moved; falsy if `holder` no longer holds it (it finished, or someone
+    resumed it). Awaitable on an asyncio client."""
+    return client.register_script(_RESUME)(
+        keys=[keys.req(rid), keys.prefill], args=[holder, json.dumps(list(output_ids)), rid])
 
 
 def load_records(client: redis.Redis, keys: RedisKeys, rids: list[str]) -> list[RequestRecord]:
@@ -212,6 +228,7 @@ class ReplicaState:
     kv_usage: float = 0.0  # device KV pool in use, 0..1
     prefetch_hit_rate: float | None = None  # steps whose KV had already landed
     switches: int = 0  # batch switches so far
+    node: str = ""  # Ray node id it runs on (its prefetch worker uses that node's store)
     # Ray actors whose death ends this replica (itself, its prefetch worker): the router
     # asks Ray about them when the state stops refreshing (`deployments/liveness.py`).
     actors: tuple[str, ...] = ()

@@ -21,6 +21,7 @@ from alignedserve.kv_store.protos import kv_store_pb2 as pb
 from alignedserve.kv_store.protos import kv_store_pb2_grpc as pbg
 
 _MAX_MSG = 64 << 20  # bytes per message (one block is far smaller)
+_CONNECT_TIMEOUT_S = 5.0  # a store that does not answer Stats this soon is taken as gone
 _OPTIONS = [("grpc.max_send_message_length", _MAX_MSG),
             ("grpc.max_receive_message_length", _MAX_MSG)]
 
@@ -103,7 +104,7 @@ class RemoteKVStoreClient:
     def __init__(self, address: str) -> None:
         self.channel = grpc.insecure_channel(address, options=_OPTIONS)
         self.stub = pbg.KVStoreStub(self.channel)
-        st = self.stub.Stats(pb.StatsRequest())
+        st = self.stub.Stats(pb.StatsRequest(), timeout=_CONNECT_TIMEOUT_S)
         self.block_shape = tuple(st.block_shape)
         self.dtype = getattr(torch, st.dtype)
 
@@ -118,12 +119,20 @@ class RemoteKVStoreClient:
     def stats(self) -> pb.StatsReply:
         return self.stub.Stats(pb.StatsRequest())
 
+    def stream(self, request_id: str, block_indices: list[int],
+               timeout_s: float | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+        """(block index, [*block_shape]) as each block arrives, so a caller copies one while
+        the next is on the wire. Raises grpc.RpcError (NOT_FOUND: the request holds no such
+        blocks; UNAVAILABLE / DEADLINE_EXCEEDED: the store or its node is gone)."""
+        for b in self.stub.ReadBlocks(pb.ReadBlocksRequest(request_id=request_id,
+                                                           block_indices=block_indices),
+                                      timeout=timeout_s):
+            yield b.block_index, from_bytes(b.data, self.dtype, self.block_shape)
+
     def read(self, request_id: str, block_indices: list[int]) -> torch.Tensor:
         """[k, *block_shape] in the order asked."""
-        got = {b.block_index: b.data for b in self.stub.ReadBlocks(
-            pb.ReadBlocksRequest(request_id=request_id, block_indices=block_indices))}
-        return torch.stack([from_bytes(got[i], self.dtype, self.block_shape)
-                            for i in block_indices])
+        got = dict(self.stream(request_id, block_indices))
+        return torch.stack([got[i] for i in block_indices])
 
     def write(self, request_id: str, block_indices: list[int], data: torch.Tensor) -> int:
         def blocks() -> Iterator[pb.Block]:
@@ -135,3 +144,19 @@ class RemoteKVStoreClient:
 
     def close(self) -> None:
         self.channel.close()
+
+
+def pull_into(remote: RemoteKVStoreClient, request_id: str, num_blocks: int,
+              dest: torch.Tensor, dest_slots: list[int], timeout_s: float) -> int:
+    """Copy a request's first `num_blocks` blocks from a store on another node into
+    `dest[dest_slots[i]]` (dest: [slots, *block_shape], e.g. this node's store arena), each
+    block as it arrives. Returns the bytes moved; raises grpc.RpcError if the remote store
+    fails or is gone, ValueError if it sent fewer blocks."""
+    moved, n = 0, 0
+    for i, block in remote.stream(request_id, list(range(num_blocks)), timeout_s):
+        dest[dest_slots[i]].copy_(block)
+        moved += block.numel() * block.element_size()
+        n += 1
+    if n != num_blocks:
+        raise ValueError(f"{request_id!r}: the remote store sent {n} of {num_blocks} blocks")
+    return moved

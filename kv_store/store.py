@@ -97,17 +97,38 @@ def get_or_create_store(num_blocks: int, block_shape: tuple[int, ...], dtype: to
 
 
 def close_stores(namespace_prefix: str = "alignedserve") -> int:
-    """Close and kill every node's store actor (on shutdown); returns how many."""
+    """Close and kill every live node's store actor (on shutdown); returns how many."""
     n = 0
     for node in ray.nodes():
+        if not node["Alive"]:
+            continue
         try:
             handle = ray.get_actor(store_name(node["NodeID"], namespace_prefix))
-        except ValueError:
+            ray.get(handle.close.remote(), timeout=30)
+        except (ValueError, ray.exceptions.RayError):  # never created there, or gone
             continue
-        ray.get(handle.close.remote())
         ray.kill(handle)
         n += 1
     return n
+
+
+class StoreDirectory:
+    """Every node's store by node id, for the processes that free a request's KV wherever it
+    is (routers, the scheduler leader). A free is a one-way Ray call; a store that is gone
+    (its node died) has nothing left to free."""
+
+    def __init__(self, namespace_prefix: str = "alignedserve") -> None:
+        self.prefix = namespace_prefix
+        self._handles: dict[str, ray.actor.ActorHandle] = {}
+
+    def free(self, request_id: str, node: str) -> None:
+        handle = self._handles.get(node)
+        if handle is None:
+            try:
+                handle = self._handles[node] = ray.get_actor(store_name(node, self.prefix))
+            except ValueError:  # no store on that node (any more)
+                return
+        handle.free.remote(request_id)
 
 
 def allocate_wait(store: ray.actor.ActorHandle, request_id: str, num_blocks: int,

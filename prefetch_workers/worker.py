@@ -11,6 +11,10 @@ Two loops, each on its own thread:
   output its client already has: prompt + output are recomputed and it continues.
 - transfers: the replica's KVTransfers, strictly in `seq` order. After each one it writes
   the seq into slot 0 of the device arena's header, which the replica polls (no RPC).
+A third kind of call runs on its own threads (Ray concurrency group "pull"): `pull_remote`
+moves a request that was prefilled on another node from that node's KV store into this
+node's store over the store's gRPC service, block by block as they arrive, while the replica
+keeps decoding; the replica adds the request to its pool once the pull returns.
 
 On CUDA the transfer loop would copy host -> this GPU -> the replica's GPU over NVLink (IPC
 handles / peer access) on a side stream; that path is not exercised in CI (no GPU here).
@@ -24,6 +28,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+import ray
 import torch
 from ray.actor import ActorHandle
 
@@ -33,13 +38,17 @@ from alignedserve.global_queue.connection import connect
 from alignedserve.global_queue.events import TokenEvent, publish
 from alignedserve.global_queue.index import RedisQueueIndex
 from alignedserve.global_queue.keys import RedisKeys
+from alignedserve.global_queue.nodes import cordoned, store_address
 from alignedserve.global_queue.records import (
     claim_prefill,
     is_aborted,
     load_records,
+    set_kv_location,
     set_prefilled,
 )
+from alignedserve.kv_store.grpc_service import RemoteKVStoreClient, pull_into
 from alignedserve.kv_store.shm_arena import ArenaSpec, ShmArena
+from alignedserve.kv_store.store import allocate_wait
 from alignedserve.logs import configure_logging
 from alignedserve.logs import rid as log_rid
 from alignedserve.scheduling.block_manager import blocks_for
@@ -48,6 +57,8 @@ from alignedserve.scheduling.interface import KVTransfer
 log = logging.getLogger("alignedserve.prefetch")
 HEADER_DONE_SEQ = 0  # device-arena header slot: every transfer with seq <= it has finished
 _IDLE_POLL_S = 0.01  # prefill queue poll while idle
+_CORDON_EVERY_S = 1.0  # how often the prefill loop checks whether its node is cordoned
+PULL_THREADS = 2  # concurrent cross-node pulls (the actor's "pull" concurrency group)
 
 
 @dataclass(frozen=True)
@@ -57,6 +68,7 @@ class PrefetchConfig:
     keys: RedisKeys
     worker_id: str  # pairs with the compute replica of the same id
     admission_timeout_s: float = 600.0  # a prefilled request waits this long for store room
+    pull_timeout_s: float = 60.0  # a cross-node KV pull that takes longer has failed
     redis_outage_s: float = 60.0  # ServeConfig.redis_outage_s
     log_level: str = "INFO"  # ServeConfig.log_level
 
@@ -70,6 +82,10 @@ class PrefetchStats:
     transfers: int = 0  # KVTransfers run for the replica
     bytes: int = 0  # bytes moved between the store and the replica's device pool
     copy_s: float = 0.0
+    remote_pulls: int = 0  # requests whose KV it pulled from another node's store
+    remote_bytes: int = 0  # KV bytes those pulls moved over gRPC
+    remote_s: float = 0.0  # seconds the pulls took (each overlaps the replica's decode)
+    remote_failures: int = 0  # pulls that failed (the store or its node was gone)
 
 
 class PrefetchWorker:
@@ -84,6 +100,9 @@ class PrefetchWorker:
         self.store = store
         self.host = KVStoreClient(store)
         self.device = ShmArena.attach(device)
+        self.node = ray.get_runtime_context().get_node_id()
+        self._remotes: dict[str, RemoteKVStoreClient] = {}  # by store address
+        self._pull_lock = threading.Lock()
         self.r = connect(cfg.redis_url, cfg.redis_outage_s)
         self.index = RedisQueueIndex(self.r, cfg.keys)
         self.stats = PrefetchStats()
@@ -107,6 +126,45 @@ class PrefetchWorker:
                 self._pending[t.seq] = t
             self._cv.notify()
 
+    @ray.method(concurrency_group="pull")
+    def pull_remote(self, request_id: str, node: str, num_blocks: int) -> list[int]:
+        """Move a request's KV (its first `num_blocks` blocks) from the store on `node` into
+        this node's store, streamed over gRPC, and free it there. Returns its slots here.
+        Raises RuntimeError if that store is gone or fails (the caller resumes the request
+        by recompute); nothing is left allocated here then."""
+        t0 = time.perf_counter()
+        address = store_address(self.r, self.cfg.keys, node)
+        if address is None:
+            with self._pull_lock:
+                self.stats.remote_failures += 1
+            raise RuntimeError(f"no KV store known on node {node}")
+        slots = allocate_wait(self.store, request_id, num_blocks,
+                              timeout_s=self.cfg.admission_timeout_s)
+        try:
+            remote = self._remotes.get(address)
+            if remote is None:
+                remote = self._remotes[address] = RemoteKVStoreClient(address)
+            moved = pull_into(remote, request_id, num_blocks, self.host.arena.blocks, slots,
+                              self.cfg.pull_timeout_s)
+            # Here first, then gone there: whoever frees it later frees this copy.
+            set_kv_location(self.r, self.cfg.keys, request_id, slots, self.node)
+            remote.free(request_id)
+        except Exception as e:  # grpc.RpcError, a short stream: the KV there is lost
+            self.store.free.remote(request_id)
+            self._remotes.pop(address, None)
+            with self._pull_lock:
+                self.stats.remote_failures += 1
+            raise RuntimeError(f"pulling {request_id} from {address} failed: {e}") from e
+        with self._pull_lock:  # PULL_THREADS pulls update these
+            self.stats.remote_pulls += 1
+            self.stats.remote_bytes += moved
+            self.stats.remote_s += time.perf_counter() - t0
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hincrby(self.cfg.keys.counters, "kv_remote_pulls", 1)
+        pipe.hincrby(self.cfg.keys.counters, "kv_remote_bytes", moved)
+        pipe.execute()
+        return slots
+
     def ping(self) -> int:
         """The paired replica's liveness probe: this process's pid (raises once a loop has
         failed)."""
@@ -126,6 +184,8 @@ class PrefetchWorker:
             t.join(timeout=10)
         self.device.close()
         self.host.close()
+        for remote in self._remotes.values():
+            remote.close()
 
     # -- transfers ----------------------------------------------------------------------------
 
@@ -167,13 +227,17 @@ class PrefetchWorker:
         torch.set_num_threads(self.cfg.engine.num_threads or 1)
         budget = self.cfg.engine.max_num_batched_tokens
         keys, me = self.cfg.keys, self.cfg.worker_id
+        cordon_at, closed = 0.0, False
         while not self._stop.is_set():
+            if time.monotonic() - cordon_at > _CORDON_EVERY_S:
+                cordon_at = time.monotonic()
+                closed = self.node in cordoned(self.r, keys, "prefill")
             # Hold about a step's worth (a budget of 64-token prompts), FCFS; the rest stays
             # in the global queue, where any worker can take it and admission control
             # sees it.
             room = min(self.cfg.engine.max_num_seqs, max(1, budget // 64)) - \
                 self.engine.num_requests
-            if room > 0:
+            if room > 0 and not closed:
                 self._admit(claim_prefill(self.r, keys, me, room))
             if not self.engine.has_unfinished():
                 self._stop.wait(_IDLE_POLL_S)
@@ -231,7 +295,7 @@ class PrefetchWorker:
                 self.stats.prefill_tokens += req.num_prompt_tokens
                 slots = self._to_store(rid, req.block_ids, req.num_computed_tokens)
                 output = tuple(req.output_token_ids)
-                set_prefilled(pipe, keys, rid, output, tuple(slots))
+                set_prefilled(pipe, keys, rid, output, tuple(slots), self.node)
                 publish(pipe, keys, rid, TokenEvent((tok,), len(output), None, lps))
                 self.index.put_on(pipe, rid, req.num_tokens, self._arrivals[rid], seq + i)
                 self.engine.detach(rid)
@@ -242,8 +306,6 @@ class PrefetchWorker:
     def _to_store(self, rid: str, device_blocks: list[int], num_tokens: int) -> list[int]:
         """Copy a prefilled request's KV into store blocks it owns; waits while the store is
         full (nothing is dropped)."""
-        from alignedserve.kv_store.store import allocate_wait
-
         n = blocks_for(num_tokens, self.engine.cfg.block_size)
         try:
             slots = allocate_wait(self.store, rid, n, timeout_s=0.0)

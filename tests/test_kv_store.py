@@ -154,6 +154,37 @@ def test_grpc_round_trip_on_loopback(ray_local, store):
         remote.close()
 
 
+def test_a_pull_streams_another_stores_blocks_into_this_ones_and_fails_fast_when_it_is_gone():
+    import grpc
+
+    from alignedserve.kv_store.grpc_service import RemoteKVStoreClient, pull_into, start_server
+
+    there = KVStoreCore(_name(), 8, SHAPE, torch.float32)
+    here = KVStoreCore(_name(), 8, SHAPE, torch.float32)
+    server = start_server(there, threading.Lock(), "127.0.0.1", 0)
+    remote = RemoteKVStoreClient(f"127.0.0.1:{server.port}")
+    try:
+        data = torch.randn(3, *SHAPE)
+        there.allocate("q", 3)
+        there.write("q", [0, 1, 2], data)
+        slots = here.allocate("q", 3)
+        moved = pull_into(remote, "q", 3, here.arena.blocks, slots, timeout_s=10)
+        assert moved == data.numel() * 4
+        assert torch.equal(here.read("q", [0, 1, 2]), data)  # in this store's own slots
+        assert there.stats().bytes_read == moved  # counted where it was served
+        with pytest.raises(grpc.RpcError) as missing:
+            pull_into(remote, "nobody", 1, here.arena.blocks, slots, timeout_s=10)
+        assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+        server.server.stop(grace=0).wait()  # its node died
+        with pytest.raises(grpc.RpcError) as gone:
+            pull_into(remote, "q", 3, here.arena.blocks, slots, timeout_s=10)
+        assert gone.value.code() == grpc.StatusCode.UNAVAILABLE  # refused, not timed out
+    finally:
+        remote.close()
+        there.close()
+        here.close()
+
+
 def test_arenas_of_dead_creators_are_removed_and_live_ones_kept():
     import signal
     import subprocess

@@ -24,6 +24,7 @@ from alignedserve.global_queue.records import (
     put_record,
     read_holder,
     resume,
+    set_kv_location,
     set_prefilled,
 )
 from alignedserve.scheduling.dispatch import DispatchKnobs
@@ -72,12 +73,15 @@ def test_record_and_stream_event_round_trip(r, keys):
     (q2,) = load_records(r, keys, ["q2", "gone"])
     assert q2 == RequestRecord("q2", (1, 2), params, 5.0, (), (), "w-9")
     pipe = r.pipeline()
-    set_prefilled(pipe, keys, "q2", (8,), (3, 4))  # the worker lets go of it
+    set_prefilled(pipe, keys, "q2", (8,), (3, 4), "node-A")  # the worker lets go of it
     pipe.execute()
     (q2,) = load_records(r, keys, ["q2"])
-    assert q2 == RequestRecord("q2", (1, 2), params, 5.0, (8,), (3, 4), None)
+    assert q2 == RequestRecord("q2", (1, 2), params, 5.0, (8,), (3, 4), None, "node-A")
+    set_kv_location(r, keys, "q2", [7, 8], "node-B")  # a replica on B pulled its KV
+    (q2,) = load_records(r, keys, ["q2"])
+    assert (q2.slots, q2.node) == ((7, 8), "node-B")
     state = ReplicaState("r-1", 99.0, requests=3, free=5, prefetch_hit_rate=0.5,
-                         actors=("a", "b"), namespace="serve")
+                         node="node-B", actors=("a", "b"), namespace="serve")
     publish_state(r, keys, state)
     assert ReplicaState.from_json(r.hget(keys.replicas, "r-1")) == state
     pipe = r.pipeline()
@@ -110,12 +114,14 @@ def test_a_request_moves_whole_between_stages_and_resumes_after_its_holder_died(
     # Prefilled: "a" to the index; assigning it moves it to a replica's inbox atomically.
     index = RedisQueueIndex(r, keys)
     pipe = r.pipeline()
-    set_prefilled(pipe, keys, "a", (9,), (0,))
+    set_prefilled(pipe, keys, "a", (9,), (0,), "node-A")
+    set_prefilled(pipe, keys, "b", (9,), (1,), "node-A")
     pipe.execute()
     index.put("a", 4)
     index.put("b", 4)
     r.sadd(keys.aborted, "b")
-    assert assign(r, keys, "r-1", ["a", "b", "gone"]) == (1, ["b"])
+    # "b" was aborted while queued: the leader frees its KV, on the node that has it.
+    assert assign(r, keys, "r-1", ["a", "b", "gone"]) == (1, [("b", "node-A")])
     assert r.lrange(keys.inbox("r-1"), 0, -1) == [b"a"] and len(index) == 0
     # The replica streams two more tokens (one twice, as a retried write would), then dies.
     pipe = r.pipeline()
@@ -138,6 +144,7 @@ def test_a_request_moves_whole_between_stages_and_resumes_after_its_holder_died(
     assert asyncio.run(resume_twice()) == (True, False)  # the holder changed after the first
     (a,) = load_records(r, keys, ["a"])
     assert a.output_token_ids == (9, 7, 6) and a.slots == () and a.holder is None
+    assert a.node == ""  # its KV is gone with its holder: recomputed wherever it lands
     assert r.lrange(keys.prefill, 0, -1) == [b"a"]  # at the head, for a worker to recompute
     assert claim_prefill(r, keys, "w-2", 1) == ["a"]
     pipe = r.pipeline()
@@ -181,15 +188,45 @@ def test_dispatcher_assigns_aligned_groups_and_skips_aborted(r, keys):
     index = RedisQueueIndex(r, keys)
     for i, n in enumerate([10, 11, 12, 13, 500, 510, 2000]):
         index.put(f"q{i}", n)
+        r.hset(keys.req(f"q{i}"), "node", "node-A")
     r.sadd(keys.aborted, "q1")
-    freed: list[str] = []
-    publish_state(r, keys, ReplicaState("rep", time.time(), free=3))
-    d = Dispatcher(r, keys, DispatchKnobs(1.5, 0, 10.0), free_kv=freed.append)
+    freed: list[tuple[str, str]] = []
+    publish_state(r, keys, ReplicaState("rep", time.time(), free=3, node="node-A"))
+    d = Dispatcher(r, keys, DispatchKnobs(1.5, 0, 10.0),
+                   free_kv=lambda rid, node: freed.append((rid, node)))
     # The narrowest aligned window of 3 is 11..13 (q1..q3); q1 was aborted: freed, not sent.
     assert d.tick() == 2
     assert [x.decode() for x in r.lrange(keys.inbox("rep"), 0, -1)] == ["q2", "q3"]
-    assert freed == ["q1"]
+    assert freed == [("q1", "node-A")]
     assert [rid for _, rid in index.sorted_items()] == ["q0", "q4", "q5", "q6"]
+
+
+def test_the_dispatcher_keeps_kv_on_its_node_and_honours_a_decode_cordon(r, keys):
+    from alignedserve.global_queue.nodes import cordon, cordoned, uncordon
+
+    index = RedisQueueIndex(r, keys)
+    for rid, n, node in (("a1", 10, "A"), ("a2", 11, "A"), ("b1", 12, "B"), ("b2", 13, "B")):
+        index.put(rid, n)
+        r.hset(keys.req(rid), "node", node)
+    publish_state(r, keys, ReplicaState("ra", time.time(), free=8, node="A"))
+    publish_state(r, keys, ReplicaState("rb", time.time(), free=8, node="B"))
+    d = Dispatcher(r, keys, DispatchKnobs(1.5, 0, 10.0))
+    assert d.tick() == 4
+
+    def inbox(rep: str) -> list[str]:
+        return sorted(x.decode() for x in r.lrange(keys.inbox(rep), 0, -1))
+
+    assert inbox("ra") == ["a1", "a2"] and inbox("rb") == ["b1", "b2"]
+    # Cordoned for decode, A's replica gets nothing new: A's KV goes to B (a pull there).
+    cordon(r, keys, "A", "decode")
+    with pytest.raises(ValueError):
+        cordon(r, keys, "A", "everything")
+    assert cordoned(r, keys, "decode") == {"A"} and cordoned(r, keys, "prefill") == set()
+    d.cordoned = cordoned(r, keys, "decode")
+    index.put("a3", 14)
+    r.hset(keys.req("a3"), "node", "A")
+    assert d.tick() == 1 and "a3" in inbox("rb")
+    assert uncordon(r, keys, "A") and cordoned(r, keys, "decode") == set()
 
 
 def test_leader_loop_only_one_dispatches(redis_url, r, keys):
@@ -247,12 +284,14 @@ def test_the_leader_aborts_the_requests_of_a_dead_router_and_frees_their_kv(r, k
                                      "rt-live": time.time()})
     pipe.execute()
     RedisQueueIndex(r, keys).put("d", 3)  # in the decode index: the leader frees its KV
+    r.hset(keys.req("d"), "node", "node-A")  # ... in the store of the node that has it
     # "h" is held by a replica: the abort reaches it on the channel.
     sub = r.pubsub(ignore_subscribe_messages=True)
     sub.subscribe(keys.abort_channel)
-    freed: list[str] = []
-    assert sweep_dead_routers(r, keys, freed.append, time.time()) == 3
-    assert freed == ["d"]
+    freed: list[tuple[str, str]] = []
+    assert sweep_dead_routers(r, keys, lambda rid, node: freed.append((rid, node)),
+                              time.time()) == 3
+    assert freed == [("d", "node-A")]
     assert r.llen(keys.prefill) == 0 and r.zcard(keys.decode) == 0
     assert not r.exists(keys.req("p")) and not r.exists(keys.req("d"))
     assert r.smismember(keys.aborted, ["p", "d", "h"]) == [1, 1, 1]

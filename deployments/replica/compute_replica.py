@@ -1,10 +1,13 @@
 """The compute replica: the decode loop over the requests the scheduler leader assigns it.
 
 Start-up: load the model, create the device KV pool as a shared-memory arena, start the
-paired prefetch worker (which maps that arena and the node's KV store), and register in
-Redis. Then one thread loops:
+paired prefetch worker (which maps that arena and the node's KV store), make sure the
+node's store serves gRPC to other nodes, and register in Redis. Then one thread loops:
 1. take newly assigned requests from this replica's Redis inbox (their prompt KV is in the
-   KV store, written by a prefetch worker) into the engine's host pool;
+   KV store, written by a prefetch worker) into the engine's host pool; a request
+   prefilled on another node first has its KV pulled into this node's store by the
+   prefetch worker (gRPC, while decoding goes on) and joins when the pull returns, or, if
+   that node is gone, goes back to the prefill queue to be recomputed;
 2. abort requests the router abandoned (Redis pub/sub);
 3. run one step of the engine's batch-level scheduler (aligned batches, candidate buffers,
    swaps) whose KV copies the prefetch worker performs ahead of time;
@@ -13,7 +16,9 @@ Redis. Then one thread loops:
 
 A heartbeat thread publishes that state every 0.1 s, and pings the prefetch worker: if the
 worker died, the replica withdraws its state (the routers resume its requests elsewhere at
-once) and fails its health check, so Serve replaces the pair. The routers ask Ray about the
+once) and fails its health check, so Serve replaces the pair. About once a second it also
+publishes its node's store (`StoreInfo`: gRPC address, usage), which `status` shows and
+workers on other nodes use to find it. The routers ask Ray about the
 actors named in the state when it stops refreshing (`deployments/liveness.py`).
 """
 
@@ -37,11 +42,14 @@ from alignedserve.engine.llm_engine import EngineParts, LLMEngine
 from alignedserve.global_queue.connection import connect
 from alignedserve.global_queue.events import TokenEvent, publish
 from alignedserve.global_queue.keys import RedisKeys
+from alignedserve.global_queue.nodes import StoreInfo, publish_store
 from alignedserve.global_queue.records import (
     ReplicaState,
+    RequestRecord,
     is_aborted,
     load_records,
     publish_state,
+    resume,
 )
 from alignedserve.kv_store.host_allocator import StoreHostAllocator
 from alignedserve.kv_store.shm_arena import ShmArena, remove_orphans
@@ -49,12 +57,13 @@ from alignedserve.kv_store.store import get_or_create_store
 from alignedserve.logs import configure_logging
 from alignedserve.logs import rid as log_rid
 from alignedserve.prefetch_workers.transfer_client import PrefetchTransferQueue
-from alignedserve.prefetch_workers.worker import PrefetchConfig, PrefetchWorker
+from alignedserve.prefetch_workers.worker import PULL_THREADS, PrefetchConfig, PrefetchWorker
 
 log = logging.getLogger("alignedserve.replica")
 _STATE_EVERY_S = 0.1
 _PING_WORKER_EVERY_S = 0.5
 _IDLE_WAIT_S = 0.02
+_STORE_EVERY_S = 1.0  # how often the node's store info is refreshed in Redis
 
 
 class ComputeReplica:
@@ -74,7 +83,8 @@ class ComputeReplica:
         remove_orphans()  # arenas of replicas that were killed before unlinking theirs
         self.arena = ShmArena.create(
             f"as-dev-{self.replica_id}", lim.device_blocks, lim.block_shape, lim.dtype)
-        node = ray.get_runtime_context().get_node_id()
+        node = self.node = ray.get_runtime_context().get_node_id()
+        self.store_address = _serve_store(self.store, cfg)
         pcfg = PrefetchConfig(
             engine=engine_config(cfg, model_dir, cfg.worker_threads, policy="fcfs",
                                  kv_cache_gib=0.25,
@@ -85,7 +95,8 @@ class ComputeReplica:
         worker_name = f"alignedserve-prefetch-{self.replica_id}"
         self._actors = (ctx.get_actor_name() or "", worker_name)
         self._namespace = ctx.namespace
-        self.worker = ray.remote(PrefetchWorker).options(
+        self.worker = ray.remote(concurrency_groups={"pull": PULL_THREADS})(
+            PrefetchWorker).options(
             name=worker_name, num_cpus=cfg.worker_cpus,
             num_gpus=cfg.worker_gpus,
             scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
@@ -100,6 +111,8 @@ class ComputeReplica:
         self.engine = LLMEngine(ecfg, parts=EngineParts(self._device_pool, self.host,
                                                         self.transfers))
         self.counts: dict[str, int] = {}  # request id -> output tokens so far
+        # Requests whose KV the worker is pulling from another node: id -> (pull, record).
+        self.pulling: dict[str, tuple[ray.ObjectRef, RequestRecord]] = {}
         self.metrics = EngineMetrics(cfg.model_name, self.replica_id)
         self._stop = threading.Event()
         self._draining = threading.Event()
@@ -140,7 +153,8 @@ class ComputeReplica:
             return
         self._draining.set()  # the leader sees free=0 and stops assigning
         deadline = time.monotonic() + self.cfg.drain_timeout_s
-        while self.counts and time.monotonic() < deadline and self._thread.is_alive():
+        while (self.counts or self.pulling) and time.monotonic() < deadline and \
+                self._thread.is_alive():
             time.sleep(0.05)
         self._stop.set()
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
@@ -151,8 +165,12 @@ class ComputeReplica:
             log.warning("failed: still running when the drain timed out", extra=log_rid(rid))
             publish(pipe, self.keys, rid, TokenEvent((), n, error="server shutting down"))
             self.store.free.remote(rid)
+        for rid, (_, rec) in self.pulling.items():  # its pull frees what it got on failure
+            publish(pipe, self.keys, rid, TokenEvent((), len(rec.output_token_ids),
+                                                     error="server shutting down"))
         pipe.execute()
         self.counts.clear()
+        self.pulling.clear()
         self.r.hdel(self.keys.replicas, self.replica_id)
         try:
             ray.get(self.worker.stop.remote(), timeout=15)
@@ -167,7 +185,8 @@ class ComputeReplica:
         """Publish the decode loop's latest state with a fresh timestamp every 0.1 s (the
         routers take a replica that stops as dead), and watch the prefetch worker."""
         ping: ray.ObjectRef | None = None
-        pinged = 0.0
+        stats: ray.ObjectRef | None = None
+        pinged = stats_at = 0.0
         while not self._stop.wait(_STATE_EVERY_S):
             try:
                 if ping is None and time.monotonic() - pinged > _PING_WORKER_EVERY_S:
@@ -175,6 +194,13 @@ class ComputeReplica:
                 if ping is not None and ray.wait([ping], timeout=0)[0]:
                     ray.get(ping)  # raises once the worker is dead (or has failed)
                     ping = None
+                if stats is None and time.monotonic() - stats_at > _STORE_EVERY_S:
+                    stats, stats_at = self.store.stats.remote(), time.monotonic()
+                if stats is not None and ray.wait([stats], timeout=0)[0]:
+                    st, stats = ray.get(stats), None
+                    publish_store(self.r, self.keys, StoreInfo(
+                        self.node, self.store_address, time.time(), st.num_blocks,
+                        st.used_blocks, st.num_requests, st.bytes_read))
                 publish_state(self.r, self.keys,
                               dataclasses.replace(self._last_state, ts=time.time()))
             except ray.exceptions.RayError as e:
@@ -205,6 +231,8 @@ class ComputeReplica:
             while not self._stop.is_set():
                 if not self._draining.is_set():
                     self._pull_inbox()
+                if self.pulling:
+                    self._finish_pulls()
                 self._apply_aborts()
                 q = self.transfers
                 self.host.flush(q.submitted, q.poll())  # frees whose copies have all run
@@ -220,7 +248,8 @@ class ComputeReplica:
 
     def _pull_inbox(self) -> None:
         rids = [x.decode() for x in self.r.lpop(self.keys.inbox(self.replica_id), 256) or ()
-                if x.decode() not in self.counts]  # (a retried push may repeat an id)
+                if x.decode() not in self.counts and x.decode() not in self.pulling]
+        # (a retried push may repeat an id)
         if not rids:
             return
         records = load_records(self.r, self.keys, rids)
@@ -231,11 +260,39 @@ class ComputeReplica:
                 self.store.free.remote(rec.request_id)
                 continue
             log.debug("assigned: kv_len %d", rec.kv_len, extra=log_rid(rec.request_id))
-            self.metrics.record_queue_time(max(0.0, time.time() - rec.arrival_time))
-            self.engine.add_prefilled(rec.request_id, list(rec.prompt_token_ids), rec.params,
-                                      list(rec.output_token_ids), list(rec.slots),
-                                      rec.arrival_time)
-            self.counts[rec.request_id] = len(rec.output_token_ids)
+            if rec.node and rec.node != self.node:  # prefilled on another node
+                self.pulling[rec.request_id] = (self.worker.pull_remote.remote(
+                    rec.request_id, rec.node, len(rec.slots)), rec)
+            else:
+                self._add(rec, list(rec.slots))
+
+    def _add(self, rec: RequestRecord, slots: list[int]) -> None:
+        self.metrics.record_queue_time(max(0.0, time.time() - rec.arrival_time))
+        self.engine.add_prefilled(rec.request_id, list(rec.prompt_token_ids), rec.params,
+                                  list(rec.output_token_ids), slots, rec.arrival_time)
+        self.counts[rec.request_id] = len(rec.output_token_ids)
+
+    def _finish_pulls(self) -> None:
+        """Requests whose cross-node pull returned join the pool (their KV is in this
+        node's store now); those whose source store was gone go back to the prefill queue."""
+        by_ref = {ref: rid for rid, (ref, _) in self.pulling.items()}
+        done, _ = ray.wait(list(by_ref), num_returns=len(by_ref), timeout=0)
+        for ref in done:
+            rid = by_ref[ref]
+            rec = self.pulling.pop(rid)[1]
+            try:
+                slots = ray.get(ref)
+            except ray.exceptions.RayError as e:
+                log.warning("KV on node %s unreachable (%s); recomputing", rec.node, e,
+                            extra=log_rid(rid))
+                if resume(self.r, self.keys, rid, self.replica_id, rec.output_token_ids):
+                    self.r.hincrby(self.keys.counters, "resumed", 1)
+                continue
+            if is_aborted(self.r, self.keys, [rid])[0]:
+                log.info("aborted while its KV moved; KV freed", extra=log_rid(rid))
+                self.store.free.remote(rid)
+                continue
+            self._add(rec, slots)
 
     def _apply_aborts(self) -> None:
         while (msg := self._pubsub.get_message(timeout=0)) is not None:
@@ -280,10 +337,10 @@ class ComputeReplica:
             replica=self.replica_id, ts=time.time(), requests=self.engine.num_requests,
             running=st.running, pooled=st.pooled, waiting=st.waiting,
             free=0 if self._draining.is_set() else max(
-                0, self.cfg.replica_inflight - self.engine.num_requests),
+                0, self.cfg.replica_inflight - self.engine.num_requests - len(self.pulling)),
             kv_usage=st.device_usage, prefetch_hit_rate=self.transfers.hit_rate,
-            switches=st.counters["switches"], actors=self._actors, namespace=self._namespace,
-            pids=self._pids,
+            switches=st.counters["switches"], node=self.node, actors=self._actors,
+            namespace=self._namespace, pids=self._pids,
         )
 
     def _publish_state(self) -> None:
@@ -294,3 +351,11 @@ class ComputeReplica:
             return
         self._state_at = now
         self._last_state = self._state()
+
+
+def _serve_store(store: ray.actor.ActorHandle, cfg: ServeConfig) -> str:
+    """Start (once per node) the node's store's gRPC service, on `kv_grpc_host` or the
+    node's own address as Ray knows it (never all interfaces by default); its address."""
+    host = cfg.kv_grpc_host or ray.util.get_node_ip_address()
+    port = ray.get(store.start_grpc.remote(host, cfg.kv_grpc_port))
+    return f"{host}:{port}"

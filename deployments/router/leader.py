@@ -5,8 +5,9 @@ and its prefetch worker copies the KV in ahead of time).
 
 Election: `SET leader <token> NX PX ttl`; the holder renews every tick with a compare-and-
 expire script; if it dies, the key expires and another router's next tick takes it.
-Dispatch: the live replicas with free room (their published states) and the decode index
-go through `plan_dispatch` (scheduling/dispatch.py); `assign` moves each request from the
+Dispatch: the live replicas with free room (their published states, minus those on nodes
+cordoned for decode) and the decode index, each request with the node whose store holds its
+KV, go through `plan_dispatch` (scheduling/dispatch.py); `assign` moves each request from the
 index to a replica's inbox in one Redis script (whoever removes it from the index holds it,
 so a racing abort and a dispatch never both hold it, and a leader dying mid-way drops
 nothing).
@@ -25,8 +26,11 @@ import redis
 from alignedserve.global_queue.connection import connect
 from alignedserve.global_queue.index import RedisQueueIndex
 from alignedserve.global_queue.keys import RedisKeys
+from alignedserve.global_queue.nodes import cordoned
 from alignedserve.global_queue.records import ReplicaState, abort, assign, load_states
-from alignedserve.scheduling.dispatch import DispatchKnobs, Room, plan_dispatch
+from alignedserve.scheduling.dispatch import DispatchKnobs, Queued, Room, plan_dispatch
+
+FreeKV = Callable[[str, str], object]  # (request id, node of its KV): free it there
 
 log = logging.getLogger("alignedserve.leader")
 
@@ -67,13 +71,16 @@ class Dispatcher:
     the policy in `scheduling/dispatch.py` (clocks from the requests' arrival times)."""
 
     def __init__(self, client: redis.Redis, keys: RedisKeys, knobs: DispatchKnobs,
-                 free_kv: Callable[[str], object] | None = None) -> None:
+                 free_kv: FreeKV | None = None) -> None:
         self.r = client
         self.keys = keys
         self.index = RedisQueueIndex(client, keys)
         self.knobs = knobs
         self.free_kv = free_kv  # frees an aborted request's store KV
         self.dispatched = 0
+        self.cordoned: set[str] = set()  # nodes whose replicas get nothing new (refreshed
+        # by the leader loop about once a second)
+        self._nodes: dict[str, str] = {}  # queued request id -> node of its KV
 
     def live_replicas(self) -> list[ReplicaState]:
         now = time.time()
@@ -81,24 +88,40 @@ class Dispatcher:
 
     def tick(self) -> int:
         """Assign what fits; returns the number of requests assigned."""
-        rooms = [Room(s.replica, s.free) for s in self.live_replicas() if s.free > 0]
+        rooms = [Room(s.replica, s.free, s.node) for s in self.live_replicas()
+                 if s.free > 0 and s.node not in self.cordoned]
         if not rooms:
             return 0
-        plan = plan_dispatch(self.index.queued(), rooms, self.knobs, time.time())
+        plan = plan_dispatch(self._located(self.index.queued()), rooms, self.knobs,
+                             time.time())
         moved = sum(self._assign(replica, rids) for replica, rids in plan)
         self.dispatched += moved
         return moved
 
+    def _located(self, queued: list[Queued]) -> list[Queued]:
+        """`queued` with the node holding each one's KV (read once per request: it does
+        not move while the request is queued)."""
+        new = [q.request_id for q in queued if q.request_id not in self._nodes]
+        if new:
+            pipe = self.r.pipeline(transaction=False)
+            for rid in new:
+                pipe.hget(self.keys.req(rid), "node")
+            for rid, node in zip(new, pipe.execute(), strict=True):
+                self._nodes[rid] = node.decode() if node is not None else ""
+        self._nodes = {q.request_id: self._nodes[q.request_id] for q in queued}
+        return [Queued(q.request_id, q.kv_len, q.arrival_time, self._nodes[q.request_id])
+                for q in queued]
+
     def _assign(self, replica: str, rids: list[str]) -> int:
         moved, aborted = assign(self.r, self.keys, replica, rids)
-        for rid in aborted:  # aborted while queued: its KV is the leader's to free
+        for rid, node in aborted:  # aborted while queued: its KV is the leader's to free
             if self.free_kv is not None:
-                self.free_kv(rid)
+                self.free_kv(rid, node)
         return moved
 
 
-def sweep_dead_routers(client: redis.Redis, keys: RedisKeys,
-                       free_kv: Callable[[str], object] | None, now: float) -> int:
+def sweep_dead_routers(client: redis.Redis, keys: RedisKeys, free_kv: FreeKV | None,
+                       now: float) -> int:
     """Abort the open requests of routers whose heartbeat stopped (their clients' connections
     died with them) and free their KV; returns how many were aborted."""
     n = 0
@@ -107,8 +130,9 @@ def sweep_dead_routers(client: redis.Redis, keys: RedisKeys,
             continue
         rids = [x.decode() for x in client.smembers(keys.routed(router.decode()))]
         for rid in rids:
-            if abort(client, keys, rid) and free_kv is not None:
-                free_kv(rid)
+            node = abort(client, keys, rid)
+            if node is not None and free_kv is not None:
+                free_kv(rid, node.decode())
         client.delete(keys.routed(router.decode()))
         client.hdel(keys.routers, router)
         if rids:
@@ -136,7 +160,7 @@ class LeaderLoop:
     while leading, dispatch, and clean up after dead routers."""
 
     def __init__(self, redis_url: str, keys: RedisKeys, ttl_s: float, knobs: DispatchKnobs,
-                 free_kv: Callable[[str], object] | None = None,
+                 free_kv: FreeKV | None = None,
                  tick_s: float = 0.005, outage_s: float = 60.0,
                  router_id: str | None = None) -> None:
         self.r = connect(redis_url, outage_s)
@@ -168,6 +192,7 @@ class LeaderLoop:
                     if self.router_id is not None:
                         self.r.hset(self.keys.routers, self.router_id, repr(time.time()))
                     if self.is_leader:
+                        self.dispatcher.cordoned = cordoned(self.r, self.keys, "decode")
                         sweep_dead_routers(self.r, self.keys, self.free_kv, time.time())
                         forget_dead_replicas(self.r, self.keys, time.time())
                 if self.is_leader:

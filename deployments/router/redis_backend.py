@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import logging
 import time
 import uuid
@@ -54,13 +53,13 @@ _OUTAGE_BACKOFF_S = (0.1, 1.0)  # the reader's wait between tries while Redis is
 
 class RedisBackend:
     def __init__(self, redis_url: str, keys: RedisKeys,
-                 free_kv: Callable[[str], object] | None = None,
+                 free_kv: Callable[[str, str], object] | None = None,
                  holder_timeout_s: float = 30.0, max_queued: int = 1 << 30,
                  holder_alive: Callable[[ReplicaState], bool] | None = None,
                  outage_s: float = 60.0) -> None:
         self.url = redis_url
         self.keys = keys
-        self.free_kv = free_kv  # frees a request's KV-store blocks (may return an awaitable)
+        self.free_kv = free_kv  # (request id, node): frees its KV in that node's store
         self.holder_timeout_s = holder_timeout_s  # a holder this silent is taken as dead
         self.holder_alive = holder_alive  # asks Ray (blocking; run in a thread)
         self.max_queued = max_queued  # requests waiting for prefill or dispatch, at most
@@ -129,8 +128,9 @@ class RedisBackend:
                            retry_after_s=_RETRY_AFTER_S)
 
     async def abort(self, request_id: str) -> None:
-        if await abort(self.r, self.keys, request_id) and self.free_kv is not None:
-            self.free_kv(request_id)  # it was in the decode index: this router holds it
+        node = await abort(self.r, self.keys, request_id)
+        if node is not None and self.free_kv is not None:
+            self.free_kv(request_id, node.decode())  # it was in the decode index: ours
 
     async def server_info(self) -> dict[str, object]:
         try:
@@ -182,7 +182,8 @@ class RedisBackend:
             if h not in dead:
                 dead[h] = await self._is_dead(states.get(h))
             if dead[h] and rid in self._queues:
-                await self._resume(rid, h)
+                st = states.get(h)
+                await self._resume(rid, h, st.node if st is not None else "")
 
     async def _forget_ended(self) -> None:
         if self._ended:
@@ -199,15 +200,17 @@ class RedisBackend:
             return False
         return not await asyncio.to_thread(self.holder_alive, st)
 
-    async def _resume(self, rid: str, holder: str) -> None:
-        """Free the request's KV and queue it again with the output its client has."""
+    async def _resume(self, rid: str, holder: str, holder_node: str) -> None:
+        """Free the request's KV and queue it again with the output its client has. The KV
+        is freed where the record says it is and on the holder's node (a holder that died
+        while pulling it from another node may have got part of it)."""
         out, final = replay(await self.r.xrange(self.keys.tok(rid)))
         if final:  # it ended just now; the reader will pass the end on
             return
+        node = await self.r.hget(self.keys.req(rid), "node")
         if self.free_kv is not None:  # before a new worker allocates under the same id
-            freed = self.free_kv(rid)
-            if inspect.isawaitable(freed):
-                await freed
+            for where in {node.decode() if node else "", holder_node} - {""}:
+                self.free_kv(rid, where)
         if not await resume(self.r, self.keys, rid, holder, tuple(out)):
             return  # no longer held by `holder`
         # Should the holder only have been slow, it drops the request (no double work).

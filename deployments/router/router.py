@@ -39,17 +39,16 @@ install_error_handlers(app)
 class Router(GrpcApiMixin):
     def __init__(self, cfg: ServeConfig, model_dir: str, compute: object) -> None:
         from alignedserve.engine.tokenizer import load_tokenizer
-        from alignedserve.kv_store.store import get_or_create_store
+        from alignedserve.kv_store.store import StoreDirectory
 
         configure_logging(cfg.log_level)
         self.cfg = cfg
         self.compute = compute  # the ComputeReplica deployment's handle (keeps it deployed)
         keys = RedisKeys(cfg.redis_prefix)
         limits = serving_limits(cfg, model_dir)
-        pools = limits.pools
-        store = get_or_create_store(pools.host_blocks, pools.block_shape, pools.dtype)
+        stores = StoreDirectory()  # requests' KV is freed in whichever node's store has it
         self.backend = RedisBackend(
-            cfg.redis_url, keys, lambda rid: store.free.remote(rid), cfg.replica_timeout_s,
+            cfg.redis_url, keys, stores.free, cfg.replica_timeout_s,
             limits.max_queued_requests, lambda st: actors_alive(st.actors, st.namespace),
             cfg.redis_outage_s)
         self.frontend = OpenAIFrontend(self.backend, load_tokenizer(model_dir), cfg.model_name,
@@ -58,8 +57,7 @@ class Router(GrpcApiMixin):
                                        cfg.api_key.get_secret_value() if cfg.api_key else None)
         e = cfg.engine
         knobs = DispatchKnobs(e.max_spread, e.slack_tokens, e.max_queue_delay_s)
-        self.leader = LeaderLoop(cfg.redis_url, keys, cfg.leader_ttl_s, knobs,
-                                 lambda rid: store.free.remote(rid),
+        self.leader = LeaderLoop(cfg.redis_url, keys, cfg.leader_ttl_s, knobs, stores.free,
                                  outage_s=cfg.redis_outage_s,
                                  router_id=self.backend.router_id).start()
 
