@@ -67,6 +67,9 @@ class ServeConfig(BaseSettings):
         default_factory=dict, description="Custom Ray resources each compute replica (and so "
         "its prefetch worker's node) needs, e.g. {\"alignedserve_decode\": 1} to place "
         "replicas only on worker nodes started with that resource.")
+    router_resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources each router needs, e.g. "
+        "{\"node:__internal_head__\": 0.01} to keep routers on the head node.")
     proxy_location: Literal["HeadOnly", "EveryNode"] = Field(
         "HeadOnly", description="Where Serve runs its HTTP/gRPC proxies: on the head node only, "
         "or on every node (each then binds host:http_port on its own node).")

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ from pathlib import Path
 import psutil
 
 from alignedserve.config import ServeConfig, load_config
+from alignedserve.global_queue.nodes import STAGES
 from alignedserve.global_queue.redis_server import LocalRedis
 from alignedserve.logs import configure_logging
 
@@ -27,7 +29,7 @@ from alignedserve.logs import configure_logging
 # documents every field.
 SERVE_FLAGS: tuple[tuple[str, type], ...] = (
     ("--model", str), ("--served-model-name", str), ("--host", str), ("--http-port", int),
-    ("--grpc-port", int), ("--redis-url", str), ("--ray-address", str),
+    ("--grpc-port", int), ("--redis-url", str), ("--ray-address", str), ("--kv-grpc-port", int),
     ("--num-replicas", int), ("--num-routers", int), ("--host-kv-gib", float),
     ("--drain-timeout-s", float), ("--api-key", str), ("--max-queued-requests", int),
 )
@@ -46,6 +48,20 @@ def add_serve_parsers(sub: argparse._SubParsersAction) -> None:
     status.add_argument("--redis-url", default=None, help="The deployment's Redis.")
     status.add_argument("--json", action="store_true", help="Print JSON.")
     status.set_defaults(func=_cmd_status)
+    for name, helptext in (("cordon", "Keep a stage off a node (maintenance, or to move "
+                            "decode elsewhere); work already there finishes."),
+                           ("uncordon", "Let a node take every stage again.")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("node", help="Ray node id (a unique prefix will do; see `status`).")
+        if name == "cordon":
+            p.add_argument("--stage", choices=STAGES, default="all",
+                           help="decode: its replicas get no new requests; prefill: its "
+                           "workers claim no new prompts; all: both.")
+        else:
+            p.set_defaults(stage=None)
+        p.add_argument("--config", default=None, help="YAML file of ServeConfig fields.")
+        p.add_argument("--redis-url", default=None, help="The deployment's Redis.")
+        p.set_defaults(func=_cmd_cordon)
 
 
 def _flags(args: argparse.Namespace) -> dict[str, object]:
@@ -196,19 +212,27 @@ def status_snapshot(redis_url: str, prefix: str) -> dict[str, object]:
     import redis
 
     from alignedserve.global_queue.keys import RedisKeys
+    from alignedserve.global_queue.nodes import load_stores
     from alignedserve.global_queue.records import load_states
 
     r = redis.Redis.from_url(redis_url)
     keys = RedisKeys(prefix)
     now = time.time()
     replicas = [asdict(s) for s in load_states(r, keys)]
-    for rep in replicas:
-        rep["age_s"] = round(now - rep.pop("ts"), 2)
+    stores = [asdict(s) for s in load_stores(r, keys)]
+    for item in replicas + stores:
+        item["age_s"] = round(now - item.pop("ts"), 2)
+    cordons = {k.decode(): v.decode() for k, v in r.hgetall(keys.cordon).items()}
+    for st in stores:
+        st["replicas"] = sorted(rep["replica"] for rep in replicas if rep["node"] == st["node"])
+        st["cordoned"] = cordons.get(st["node"])
     holder = r.get(keys.leader)
     counters = {k.decode(): int(v) for k, v in r.hgetall(keys.counters).items()}
     return {"prefill_queue": r.llen(keys.prefill), "decode_index": r.zcard(keys.decode),
             "leader_held": holder is not None, "resumed_requests": counters.get("resumed", 0),
-            "replicas": replicas}
+            "cross_node_pulls": counters.get("kv_remote_pulls", 0),
+            "cross_node_kv_bytes": counters.get("kv_remote_bytes", 0),
+            "replicas": replicas, "nodes": stores}
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -223,14 +247,50 @@ def _cmd_status(args: argparse.Namespace) -> int:
     console = Console()
     console.print(f"prefill queue {snap['prefill_queue']}, decode index "
                   f"{snap['decode_index']}, leader {'held' if snap['leader_held'] else 'none'}, "
-                  f"requests resumed after a replica died {snap['resumed_requests']}")
-    table = Table("replica", "requests", "running", "pooled", "KV usage", "prefetch hits",
-                  "batch switches", "state age s")
+                  f"requests resumed after a replica died {snap['resumed_requests']}, "
+                  f"cross-node KV pulls {snap['cross_node_pulls']} "
+                  f"({snap['cross_node_kv_bytes'] / 2**20:.1f} MiB)")
+    nodes = Table("node", "KV store (gRPC)", "store blocks used", "requests", "served to "
+                  "other nodes", "replicas", "cordoned", "age s")
+    for st in snap["nodes"]:
+        nodes.add_row(st["node"][:12], st["address"], f"{st['used_blocks']}/{st['num_blocks']}",
+                      str(st["num_requests"]), f"{st['bytes_served'] / 2**20:.1f} MiB",
+                      ", ".join(st["replicas"]) or "-", st["cordoned"] or "-",
+                      str(st["age_s"]))
+    console.print(nodes)
+    table = Table("replica", "node", "requests", "running", "pooled", "KV usage",
+                  "prefetch hits", "batch switches", "state age s")
     for rep in snap["replicas"]:
         hit = rep.get("prefetch_hit_rate")
-        table.add_row(rep["replica"], str(rep["requests"]), str(rep["running"]),
+        table.add_row(rep["replica"], rep["node"][:12], str(rep["requests"]),
+                      str(rep["running"]),
                       str(rep["pooled"]), f"{rep['kv_usage']:.0%}",
                       "-" if hit is None else f"{hit:.0%}", str(rep["switches"]),
                       str(rep["age_s"]))
     console.print(table)
+    return 0
+
+
+def _cmd_cordon(args: argparse.Namespace) -> int:
+    import redis
+
+    from alignedserve.global_queue.keys import RedisKeys
+    from alignedserve.global_queue.nodes import cordon, load_stores, uncordon
+
+    cfg = load_config(args.config, redis_url=args.redis_url)
+    r = redis.Redis.from_url(cfg.redis_url)
+    keys = RedisKeys(cfg.redis_prefix)
+    known = {s.node for s in load_stores(r, keys)} | {
+        k.decode() for k in r.hkeys(keys.cordon)}
+    match = sorted(n for n in known if n.startswith(args.node))
+    if len(match) != 1:
+        print(f"{args.node!r} matches {len(match)} known nodes: {', '.join(match) or 'none'}",
+              file=sys.stderr)
+        return 2
+    if args.stage is not None:
+        cordon(r, keys, match[0], args.stage)
+        print(f"node {match[0]}: {args.stage} cordoned")
+    else:
+        uncordon(r, keys, match[0])
+        print(f"node {match[0]}: uncordoned")
     return 0

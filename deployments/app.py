@@ -30,7 +30,8 @@ def build_app(cfg: ServeConfig, model_dir: str) -> Application:
     ).bind(cfg, model_dir)
     router = serve.deployment(
         Router, name="Router", num_replicas=cfg.num_routers,
-        ray_actor_options={"num_cpus": cfg.router_cpus},
+        ray_actor_options={"num_cpus": cfg.router_cpus,
+                           "resources": dict(cfg.router_resources)},
         # Queueing happens in Redis and the engines, not in Serve (as in Ray Serve LLM).
         max_ongoing_requests=100_000,
         graceful_shutdown_wait_loop_s=1.0,

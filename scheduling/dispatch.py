@@ -9,15 +9,16 @@ which live in the request records, so a new leader continues the same clocks.
 
 Nodes (multi-node clusters): a request's KV sits in the store of the node whose prefetch
 worker prefilled it (`Queued.node`); a replica on another node must first pull it over the
-network. So the load is spread first and KV is moved only to spread it:
+network. KV moves only to even out load, and only past a slack that a copy is worth:
 1. shares: when the queue is shorter than the room, each replica's share is water-filled
    (the replicas with the most room get requests until every replica is left with the
    same room), so no node idles while another's pool fills;
-2. within its share a replica takes requests from its own node first, then, for what its
-   node could not fill, requests from other nodes (a cross-node copy, which its prefetch
-   worker runs while it decodes);
-3. room a share left over (the queue's lengths did not fit the windows) is filled the
-   same way, local first.
+2. each replica takes requests from its own node, up to its share plus `locality_slack`
+   (a small imbalance costs less than a copy);
+3. then, up to its share, requests other nodes' replicas left (a cross-node copy, which
+   its prefetch worker runs while it decodes);
+4. room left over (the queue's lengths did not fit the windows) is filled the same way,
+   local first.
 With every request and replica on one node (`node` ""), only the shares matter.
 """
 
@@ -53,6 +54,7 @@ class DispatchKnobs:
     max_spread: float  # longest / shortest KV length of an aligned group
     slack_tokens: int  # ... or longest - shortest up to this many tokens
     max_queue_delay_s: float  # a request queued this long is served whatever its length
+    locality_slack: int = 16  # requests a replica may take past its share to keep KV local
 
 
 def plan_dispatch(queued: Sequence[Queued], rooms: Sequence[Room], knobs: DispatchKnobs,
@@ -65,22 +67,25 @@ def plan_dispatch(queued: Sequence[Queued], rooms: Sequence[Room], knobs: Dispat
     if not open_rooms or not items:
         return []
     shares = water_fill([r.free for r in open_rooms], len(items))
+    slack = knobs.locality_slack if len({r.node for r in open_rooms}) > 1 else 0
     got: dict[str, list[str]] = {}
-    for cap_of in (lambda k: shares[k], lambda k: open_rooms[k].free):
-        for local in (True, False):
-            for k, room in enumerate(open_rooms):
-                cap = cap_of(k) - len(got.get(room.replica, ()))
-                if cap <= 0:
-                    continue
-                idx = [i for i, q in enumerate(items) if (q.node == room.node) == local]
-                if not idx:
-                    continue
-                picked = [idx[j] for j in _pick([items[i] for i in idx], cap, knobs, now)]
-                got.setdefault(room.replica, []).extend(items[i].request_id for i in picked)
-                taken = set(picked)
-                items = [q for i, q in enumerate(items) if i not in taken]
-                if not items:
-                    return list(got.items())
+    for cap_of, local in ((lambda k: shares[k] + slack, True),
+                          (lambda k: shares[k], False),
+                          (lambda k: open_rooms[k].free, True),
+                          (lambda k: open_rooms[k].free, False)):
+        for k, room in enumerate(open_rooms):
+            cap = min(cap_of(k), room.free) - len(got.get(room.replica, ()))
+            if cap <= 0:
+                continue
+            idx = [i for i, q in enumerate(items) if (q.node == room.node) == local]
+            if not idx:
+                continue
+            picked = [idx[j] for j in _pick([items[i] for i in idx], cap, knobs, now)]
+            got.setdefault(room.replica, []).extend(items[i].request_id for i in picked)
+            taken = set(picked)
+            items = [q for i, q in enumerate(items) if i not in taken]
+            if not items:
+                return list(got.items())
     return list(got.items())
 
 

@@ -67,22 +67,39 @@ def test_replicas_take_their_own_nodes_kv_first():
     assert sorted(plan["rb"]) == ["B0", "B1", "B2"]
 
 
-def test_an_idle_node_takes_what_a_busy_node_prefilled_up_to_its_fair_share():
-    # Everything was prefilled on A; B's replica idles unless KV moves. It takes half.
+def test_an_idle_node_takes_what_a_busy_node_prefilled_beyond_the_locality_slack():
+    # Everything was prefilled on A. Within the slack it stays there (no copies) ...
     queue = _on("A", [10, 11, 12, 13, 14, 15])
-    plan = dict(plan_dispatch(queue, [Room("ra", 8, "A"), Room("rb", 8, "B")], KNOBS, 0.0))
+    rooms = [Room("ra", 8, "A"), Room("rb", 8, "B")]
+    assert plan_dispatch(queue, rooms, KNOBS, 0.0) == [("ra", [q.request_id for q in queue])]
+    # ... past it, B's idle replica takes its share: the load evens out, KV moves.
+    strict = DispatchKnobs(1.5, 0, 10.0, locality_slack=0)
+    plan = dict(plan_dispatch(queue, rooms, strict, 0.0))
     assert len(plan["ra"]) == 3 and len(plan["rb"]) == 3
-    # A replica that is nearly full on A leaves the rest to B (KV moves only to spread).
-    plan = dict(plan_dispatch(queue, [Room("ra", 2, "A"), Room("rb", 8, "B")], KNOBS, 0.0))
-    assert "ra" not in plan and len(plan["rb"]) == 6
+    slack1 = DispatchKnobs(1.5, 0, 10.0, locality_slack=1)
+    plan = dict(plan_dispatch(queue, rooms, slack1, 0.0))
+    assert len(plan["ra"]) == 4 and len(plan["rb"]) == 2
+    # A replica nearly full on A fills up with its own; the rest goes to B (strictly even:
+    # all of it, as B is left the more room).
+    rooms = [Room("ra", 2, "A"), Room("rb", 8, "B")]
+    plan = dict(plan_dispatch(queue, rooms, KNOBS, 0.0))
+    assert len(plan["ra"]) == 2 and len(plan["rb"]) == 4
+    assert plan_dispatch(queue, rooms, strict, 0.0) == [("rb", [q.request_id for q in queue])]
     # A node with no replica left (it died) has its queued requests served elsewhere.
     plan = dict(plan_dispatch(queue, [Room("rb", 8, "B")], KNOBS, 0.0))
     assert len(plan["rb"]) == 6
 
 
+def test_on_one_node_shares_are_even_whatever_the_slack():
+    queue = _queue([10, 11, 12, 13, 14, 15])
+    plan = dict(plan_dispatch(queue, [Room("a", 8), Room("b", 8)], KNOBS, 0.0))
+    assert len(plan["a"]) == 3 and len(plan["b"]) == 3
+
+
 def test_cross_node_fill_comes_after_local_fill_within_a_share():
     queue = sorted(_on("A", [10, 11, 12, 13]) + _on("B", [50]), key=lambda q: q.kv_len)
-    plan = dict(plan_dispatch(queue, [Room("ra", 2, "A"), Room("rb", 3, "B")], KNOBS, 0.0))
+    strict = DispatchKnobs(1.5, 0, 10.0, locality_slack=0)
+    plan = dict(plan_dispatch(queue, [Room("ra", 2, "A"), Room("rb", 3, "B")], strict, 0.0))
     assert plan["rb"][0] == "B0"  # its own request first, then two of A's
     assert len(plan["rb"]) == 3 and len(plan["ra"]) == 2
     assert len({*plan["ra"], *plan["rb"]}) == 5

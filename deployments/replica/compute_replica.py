@@ -64,6 +64,7 @@ _STATE_EVERY_S = 0.1
 _PING_WORKER_EVERY_S = 0.5
 _IDLE_WAIT_S = 0.02
 _STORE_EVERY_S = 1.0  # how often the node's store info is refreshed in Redis
+_WORKER_START_S = 180.0  # a paired worker not up by then cannot be placed (or is stuck)
 
 
 class ComputeReplica:
@@ -102,7 +103,16 @@ class ComputeReplica:
             scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
         ).remote(pcfg, self.store, self.arena.spec)
         # The worker has mapped the arena once it answers.
-        self._pids = (os.getpid(), ray.get(self.worker.ping.remote()))
+        try:
+            self._pids = (os.getpid(), ray.get(self.worker.ping.remote(),
+                                               timeout=_WORKER_START_S))
+        except ray.exceptions.GetTimeoutError:
+            ray.kill(self.worker)
+            raise RuntimeError(
+                f"the prefetch worker did not start on this replica's node {node} within "
+                f"{_WORKER_START_S:.0f} s: does the node have room for worker_cpus="
+                f"{cfg.worker_cpus} / worker_gpus={cfg.worker_gpus} beside the replica?"
+            ) from None
         # Both processes hold mappings now: drop the name, so the memory goes with them
         # however they end (no /dev/shm leak if the replica is killed).
         self.arena.unlink()

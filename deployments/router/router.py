@@ -9,6 +9,7 @@ wires them to the Redis backend, the KV store and the leader loop.
 # FastAPI must see the real `Request` class in their signatures, not a string.
 import asyncio
 
+import ray
 from fastapi import FastAPI, Request
 from fastapi.responses import PlainTextResponse, Response
 from ray import serve
@@ -43,6 +44,7 @@ class Router(GrpcApiMixin):
 
         configure_logging(cfg.log_level)
         self.cfg = cfg
+        self.node = ray.get_runtime_context().get_node_id()
         self.compute = compute  # the ComputeReplica deployment's handle (keeps it deployed)
         keys = RedisKeys(cfg.redis_prefix)
         limits = serving_limits(cfg, model_dir)
@@ -86,6 +88,7 @@ class Router(GrpcApiMixin):
     async def status(self) -> dict[str, object]:
         info = await self.backend.server_info()
         info["leader"] = self.leader.is_leader
+        info["node"] = self.node  # the Ray node this router runs on
         return info
 
     def __del__(self) -> None:
