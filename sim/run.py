@@ -62,6 +62,8 @@ def summarize(results: list[PairResult]) -> dict[str, Any]:
     steps = np.concatenate([r.step_s for r in results])
     gen = sum(int(r.output.sum()) for r in results)
     nsteps = sum(r.steps for r in results)
+    pull = np.concatenate([r.pull_s for r in results])
+    pull = pull[~np.isnan(pull)]  # the requests whose KV came from another node
     return {
         "completed": int(np.sum(~np.isnan(ttft))), "makespan_s": end,
         "decode_tps": gen / end if end else 0.0,
@@ -74,6 +76,10 @@ def summarize(results: list[PairResult]) -> dict[str, Any]:
         "stall_s": sum(r.stall_s for r in results),
         "busy_frac": sum(r.busy_s for r in results) / max(1e-12, sum(r.end_s for r in results)),
         "peak_host_gib": max(r.peak_host_blocks * r.block_bytes for r in results) / 2**30,
+        "cross_node": len(pull), "cross_node_frac": len(pull) / max(1, len(ttft)),
+        "cross_node_gb": sum(r.pull_bytes for r in results) / 1e9,
+        "pull_sum_s": float(pull.sum()),
+        "pull_mean_ms": float(pull.mean()) * 1e3 if len(pull) else 0.0,
     }
 
 
@@ -86,7 +92,8 @@ def run_systems(base: SimConfig, wl: SimWorkload, gpus: int,
         t0 = time.perf_counter()
         results = simulate(cfg, wl, workers=workers, progress=progress)
         out[system] = summarize(results) | {"sim_wall_s": time.perf_counter() - t0,
-                                            "gpus": cfg.gpus, "pairs": cfg.pairs}
+                                            "gpus": cfg.gpus, "pairs": cfg.pairs,
+                                            "nodes": cfg.nodes.count}
         out[system]["tps_per_gpu"] = out[system]["decode_tps"] / cfg.gpus
     return out
 
@@ -124,6 +131,12 @@ def print_table(summaries: dict[str, dict[str, Any]], title: str) -> None:
             f"{s['step_p50_ms']:.1f}/{s['step_p99_ms']:.1f}", f"{s['decode_batch']:.1f}",
             f"{100 * s['switch_rate']:.1f}", f"{s['stall_s']:.1f}", f"{s['sim_wall_s']:.1f}")
     Console(width=200).print(table)
+    for name, s in summaries.items():
+        if s.get("nodes", 1) > 1:
+            print(f"{name}: {s['pairs']} pairs on {s['nodes']} nodes; {s['cross_node']} "
+                  f"requests ({s['cross_node_frac']:.1%}) pulled their KV from another node, "
+                  f"{s['cross_node_gb']:.1f} GB, mean pull {s['pull_mean_ms']:.1f} ms "
+                  f"(summed {s['pull_sum_s']:.1f} s)")
     closed = gap_closed(summaries)
     if closed is not None:
         print(f"aligned closes {closed:.0%} of the way from fcfs-disagg to the ceiling "

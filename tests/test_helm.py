@@ -29,7 +29,8 @@ SCHEMAS = REPO.parent / "shared" / "schemas"  # CI: a fresh clone with shared/ b
 CI_VALUES = sorted((CHART / "ci").glob("*.yaml"))
 BIN = Path(sys.executable).parent
 # ServeConfig fields the chart sets itself instead of taking them from `serveConfig`.
-CHART_MANAGED = {"host", "http_port", "grpc_port", "start_redis", "ray_address", "redis_url",
+CHART_MANAGED = {"host", "http_port", "grpc_port", "kv_grpc_port", "proxy_location",
+                 "start_redis", "ray_address", "redis_url",
                  "api_key"}
 CORE_KINDS = {"Service", "StatefulSet", "Secret", "ConfigMap", "PodDisruptionBudget",
               "Ingress", "Pod", "NetworkPolicy"}

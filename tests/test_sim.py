@@ -233,3 +233,102 @@ def test_online_capacity_is_the_edge_of_the_slo():
     s = summarize([run_pair(cfg, over)])
     keeps_up = s["makespan_s"] <= 1.5 * float(over.arrival[-1]) + 1.0
     assert not (keeps_up and s["tpot_p99_ms"] <= 40)  # 4x past the edge misses
+
+
+def _dispatch_cfg(**changes: object) -> SimConfig:
+    return SimConfig(model="opt-2.7b", pairs=4, min_batch=4, router="dispatch",
+                     inflight_per_pair=40).but(**changes)
+
+
+def test_one_node_dispatch_is_unchanged_whatever_the_network():
+    """pairs_per_node >= pairs puts every pair on one node: no request moves, the network
+    bandwidth is irrelevant and the results equal the default (node-less) run's."""
+    wl = sim_workload("mix95", 150, seed=1, len_scale=4, rate=60.0)
+    cfg = _dispatch_cfg(inflight_per_pair=12)
+    base = simulate(cfg, wl)
+    for ppn in (4, 64):
+        res = simulate(cfg.but(pairs_per_node=ppn, internode_gbps=0.001), wl)
+        assert cfg.but(pairs_per_node=ppn).nodes.count == 1
+        for a, b in zip(base, res, strict=True):
+            assert (a.steps, a.end_s) == (b.steps, b.end_s)
+            assert np.array_equal(a.ttft_s, b.ttft_s) and np.array_equal(a.prompt, b.prompt)
+            assert np.isnan(b.pull_s).all() and len(b.pull_s) == len(b.prompt)
+            assert b.pull_bytes == 0
+    # Round-robin shards: a pair prefills what it decodes, so nodes never matter.
+    rr = simulate(cfg.but(router="round-robin", pairs_per_node=1), wl)
+    assert all(np.isnan(r.pull_s).all() and len(r.pull_s) == len(r.prompt) for r in rr)
+
+
+def test_cross_node_requests_pull_their_kv_over_the_link():
+    """Every request prefilled on node 0 (pairs 0, 1 of 2 per node), all at t=0 and all
+    fitting in one dispatch: node 1's pairs decode only pulled requests; the bytes are the
+    pulled prompts' KV; node 1's inbound link serializes them, and a request joins a batch
+    only after its KV landed. Node 0's pairs never see the network. (A pulled request is
+    not always later than with an infinitely fast link: alone on a pair, it may get a
+    smaller first step than in the crowd that lands all at once; on average it is.)"""
+    from alignedserve.sim.router import simulate_dispatched
+    from alignedserve.sim.run import summarize
+
+    wl = sim_workload("mix70", 120, seed=3, len_scale=4)
+    cfg = _dispatch_cfg(pairs_per_node=2, internode_gbps=25.0)
+    home = np.arange(len(wl)) % 2  # prefetch workers of pairs 0 and 1 prefill everything
+    slow = simulate_dispatched(cfg, wl, home)
+    fast = simulate_dispatched(cfg.but(internode_gbps=float("inf")), wl, home)
+    for res in (slow, fast):
+        assert sorted(int(x) for r in res for x in r.output) == sorted(wl.output.tolist())
+        assert not any(np.isnan(r.ttft_s).any() for r in res)
+    per_token = model("opt-2.7b").kv_bytes_per_token
+    pulled = [~np.isnan(r.pull_s) for r in slow]
+    assert not pulled[0].any() and not pulled[1].any()
+    assert pulled[2].all() and pulled[3].all() and len(slow[2].output) > 0
+    for r, p in zip(slow, pulled, strict=True):
+        assert r.pull_bytes == int(r.prompt[p].sum()) * per_token
+        assert (r.ttft_s[p] >= r.pull_s[p]).all()  # arrival = dispatch = 0
+    total = sum(r.pull_bytes for r in slow)
+    last = max(float(r.pull_s[p].max()) for r, p in zip(slow, pulled, strict=True) if p.any())
+    assert last == pytest.approx(total / 25e9)  # one link, back to back
+    for a, b in zip(slow[:2], fast[:2], strict=True):
+        assert a.end_s == b.end_s and np.array_equal(a.ttft_s, b.ttft_s)
+    moved_slow = np.concatenate([r.ttft_s for r in slow[2:]])
+    moved_fast = np.concatenate([r.ttft_s for r in fast[2:]])
+    assert moved_slow.mean() > moved_fast.mean()
+    assert all(r.pull_s[~np.isnan(r.pull_s)].max() == 0 for r in fast[2:])
+    s = summarize(slow)
+    assert s["cross_node"] == sum(int(p.sum()) for p in pulled)
+    assert s["cross_node_gb"] == pytest.approx(total / 1e9)
+    assert s["pull_mean_ms"] > 0
+
+
+def test_no_request_moves_when_each_node_fills_its_own_pairs(capsys):
+    """Round-robin prefill puts half the requests on each node and one dispatch fits them
+    all, so each pair's share comes from its own node: where its node's aligned window is
+    narrower than the share, the locality slack lets a pair take more local requests
+    rather than top the share up with another node's (scheduling/dispatch.py)."""
+    from alignedserve.sim.run import print_table, run_systems
+
+    wl = sim_workload("mix70", 120, seed=3, len_scale=4)
+    narrow = simulate(_dispatch_cfg(pairs_per_node=2), wl)
+    assert sum(r.pull_bytes for r in narrow) == 0
+    cfg = _dispatch_cfg(pairs_per_node=2, internode_gbps=1.0, slack_tokens=10**6)
+    res = simulate(cfg, wl)
+    assert sum(len(r.output) for r in res) == len(wl)
+    assert all(np.isnan(r.pull_s).all() and r.pull_bytes == 0 for r in res)
+    s = run_systems(cfg, wl, gpus=8, systems=("aligned",))["aligned"]
+    assert (s["nodes"], s["cross_node"], s["cross_node_gb"]) == (2, 0, 0.0)
+    print_table({"aligned": s}, "two nodes")
+    assert "4 pairs on 2 nodes; 0 requests (0.0%) pulled" in capsys.readouterr().out
+
+
+def test_internode_links_are_full_duplex_fifo_per_nic():
+    from alignedserve.sim.nodes import InterNodeLinks, Nodes
+
+    assert Nodes(5, 2).count == 3 and Nodes(5, 2).of_pair(4) == 2 and Nodes(5, None).count == 1
+    links = InterNodeLinks(3, gbps=1.0, kv_bytes_per_token=1000)  # 1e6 tokens: 1 s
+    a = links.pull(0, 1, 1_000_000, now=0.0)
+    back = links.pull(1, 0, 1_000_000, now=0.0)  # the other direction of both NICs
+    into = links.pull(2, 1, 500_000, now=0.0)  # node 1's inbound is busy until 1 s
+    out = links.pull(0, 2, 500_000, now=0.5)  # node 0's outbound is busy until 1 s
+    assert (a.landed, back.landed, into.landed, out.landed) == (1.0, 1.0, 1.5, 1.5)
+    assert out.wait_s == 1.0 and into.nbytes == 500_000_000
+    with pytest.raises(ValueError):
+        links.pull(1, 1, 10, now=0.0)

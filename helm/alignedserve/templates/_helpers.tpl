@@ -40,6 +40,8 @@ Redis URL is not among them: it reaches Ray containers only as ALIGNEDSERVE_REDI
 {{- $_ := set $args "host" "0.0.0.0" -}}
 {{- $_ = set $args "http_port" (int .Values.ports.http) -}}
 {{- $_ = set $args "grpc_port" (int .Values.ports.grpc) -}}
+{{- $_ = set $args "kv_grpc_port" (int .Values.ports.kvStore) -}}
+{{- $_ = set $args "proxy_location" "EveryNode" -}}
 {{- $_ = set $args "start_redis" false -}}
 {{- toYaml $args -}}
 {{- end -}}
