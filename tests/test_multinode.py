@@ -10,13 +10,16 @@ worker node killed mid-load.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 import uuid
 
 import httpx
 import pytest
+from cli_server import start_cli_server
 
 from alignedserve import LLM, SamplingParams
+from alignedserve.config import ServeConfig
 
 pytestmark = pytest.mark.slow
 
@@ -26,34 +29,37 @@ DECODE = "as_decode"  # the worker nodes' custom resource
 
 
 @pytest.fixture(scope="module")
-def nodes(tiny_dir, redis_url):
-    import ray
+def nodes(tiny_dir, redis_url, tmp_path_factory):
+    """The cluster, then `alignedserve serve --ray-address auto` joining it as a user would
+    (a subprocess; its config places replicas by resource and routers on the head)."""
     from ray.cluster_utils import Cluster
-
-    from alignedserve.config import ServeConfig
-    from alignedserve.deployments import app
 
     # Ray takes a node as dead after 3 missed 1 s health checks (default: 5 x 3 s).
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 1, "include_dashboard": False,
         "_system_config": {"health_check_period_ms": 1000,
                            "health_check_failure_threshold": 3}})
-    workers = [cluster.add_node(num_cpus=1, resources={DECODE: 1}) for _ in range(2)]
-    ray.init(address=cluster.address, log_to_driver=False)
-    cfg = ServeConfig(
-        model=str(tiny_dir), served_model_name="tiny", http_port=_free_port(),
-        grpc_port=0, redis_url=redis_url, redis_prefix=f"mn{uuid.uuid4().hex[:6]}:",
-        start_redis=False, ray_address=cluster.address, kv_grpc_host="127.0.0.1",
-        num_replicas=2, replica_cpus=0.5, worker_cpus=0.5, router_cpus=0.1,
-        replica_resources={DECODE: 1}, router_resources={"node:__internal_head__": 0.01},
-        host_kv_gib=0.05, drain_timeout_s=5,
-        replica_timeout_s=8, engine={"kv_cache_gib": 0.02, "min_batch": 4, "max_num_seqs": 32})
+    server = None
     try:
-        app.start(cfg, str(tiny_dir))
+        workers = [cluster.add_node(num_cpus=1, resources={DECODE: 1}) for _ in range(2)]
+        prefix = f"mn{uuid.uuid4().hex[:6]}:"
+        server = start_cli_server(
+            tiny_dir, tmp_path_factory.mktemp("multinode"), prefix, "--ray-address", "auto",
+            redis_url=redis_url, config=(
+                "num_replicas: 2\nreplica_cpus: 0.5\nworker_cpus: 0.5\nrouter_cpus: 0.1\n"
+                f"replica_resources: {{{DECODE}: 1}}\n"
+                "router_resources: {'node:__internal_head__': 0.01}\n"
+                "kv_grpc_host: 127.0.0.1\ndrain_timeout_s: 5\nreplica_timeout_s: 8\n"
+                "engine:\n  kv_cache_gib: 0.02\n  min_batch: 4\n  max_num_seqs: 32\n"))
+        cfg = ServeConfig(model=str(tiny_dir), served_model_name="tiny",
+                          http_port=int(server.base.rsplit(":", 1)[1]), redis_url=redis_url,
+                          redis_prefix=prefix, start_redis=False, host_kv_gib=0.05,
+                          engine={"kv_cache_gib": 0.02})
         yield cfg, cluster, workers
-        app.stop()
+        assert server.stop() == 0, server.output()[-3000:]
     finally:
-        ray.shutdown()
+        if server is not None:
+            server.kill()
         cluster.shutdown()
 
 
@@ -100,7 +106,9 @@ def _wait_for_stores(cfg, n: int, timeout_s: float = 30) -> dict:
 
 def test_replicas_on_two_worker_nodes_serve_the_in_process_engines_greedy_outputs(
         nodes, tiny_dir):
-    import ray
+    import json
+    import subprocess
+    import sys
 
     cfg, cluster, workers = nodes
     snap = _wait_for_stores(cfg, 2)
@@ -111,7 +119,12 @@ def test_replicas_on_two_worker_nodes_serve_the_in_process_engines_greedy_output
     assert all(st["address"].startswith("127.0.0.1:") for st in snap["nodes"])
     info = httpx.get(f"http://127.0.0.1:{cfg.http_port}/v1/status", timeout=10).json()
     assert info["node"] == head  # the router is on neither replica's node
-    assert ray.get_runtime_context().get_node_id() == head
+    shown = json.loads(subprocess.run(
+        [sys.executable, "-m", "alignedserve.cluster.cli", "status", "--json", "--redis-url",
+         cfg.redis_url], env={**os.environ, "ALIGNEDSERVE_REDIS_PREFIX": cfg.redis_prefix},
+        capture_output=True, text=True, check=True).stdout)
+    assert {n["node"]: len(n["replicas"]) for n in shown["nodes"]} == {
+        w.node_id: 1 for w in workers}
 
     got = asyncio.run(_complete_all(cfg, PROMPTS * 2, 24))
     want = _reference(tiny_dir, 24) * 2
