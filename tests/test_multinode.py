@@ -63,14 +63,6 @@ def nodes(tiny_dir, redis_url, tmp_path_factory):
         cluster.shutdown()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _status(cfg) -> dict:
     from alignedserve.cluster.serve import status_snapshot
 
