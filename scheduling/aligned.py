@@ -1,40 +1,37 @@
-"""Prefix-aware (aligned) batching with a batch-level scheduler over a host KV pool.
+"""Prefix-aware (aligned) batching over a host KV pool: policy v2.
 
 Requests whose KV lengths are close decode together, so no long-KV member stalls a step.
 A batch stays aligned as it decodes (every member grows by one token per step).
 
 Where a request is (`Request.status` in brackets):
-    waiting    arrived; no host pool room reserved yet                  [WAITING]
-    pool       admitted; in the KV-length index; KV (if any) is in the host pool [WAITING]
-    candidate  picked for the next batch; its KV is being copied in    [WAITING]
-    running    a member of the device's running batch                  [RUNNING]
+    waiting    arrived; no host pool room reserved yet                   [WAITING]
+    pool       admitted; in the KV-length index; KV (if any) in the host pool [WAITING]
+    staged     pooled, and its KV is already being copied to the device  [WAITING]
+               (the candidate-requests buffer, at most Bmax of the device pool)
+    running    a member of the device's running batch                    [RUNNING]
 
-Each step:
+The running batch has a *band*: the densest aligned range of its members' KV lengths
+(`max_spread`, or `slack_tokens`). Each step:
 1. Admit waiting requests while the host pool can reserve their prompt (admission control:
-   when it cannot, they wait, in arrival order; nothing is dropped).
-2. Batch level. When the running batch is empty, thin (fewer than `min_batch` members) or
-   must yield to a starving request, pick the next batch from the pool (densest KV-length
-   window; around the oldest starving request if there is one) into the candidate buffer
-   and start copying its KV in. The switch happens at the next step whose schedule finds
-   those copies done, so they overlap the current batch's compute. On the switch, running
-   members inside the new batch's window stay; the rest are swapped out, writing back only
-   the KV blocks the host lacks.
-3. Refill free slots of the running batch from the pool: starving requests first (whatever
-   their length), then the requests nearest the batch's lengths within its window
-   (`max_spread`, or `slack_tokens`); a batch below `min_batch` takes the nearest of any.
-4. Give each member its decode token or the next chunk of its prefill under the token budget.
-
-Starvation bound: a pooled request that has waited `max_queue_delay_s` joins the running
-batch at the next free slot; when there is none, the running batch yields once it has run
-`min_batch_steps` steps. Under a backlog that every request shares (a burst), starving
-requests of the same age are taken nearest-length first, so alignment survives the bound.
+   when it cannot, they wait in arrival order; nothing is dropped).
+2. Fill. The running batch may fill the device pool, as fcfs does: free slots and blocks
+   (kept back: every member's lookahead growth) go to pooled requests in `aging_score`
+   order, those inside the band first, oldest first. A request outside the band joins only
+   once it has waited `max_wait_steps` per band of distance: the starvation bound, counted
+   in engine steps so that the same workload batches alike on any machine. A batch below
+   Kmin (`min_batch`, capped at what fits the device) is thin: its band moves to the pool's
+   densest group (among the most overdue requests, if any are overdue). The members
+   already running stay; nothing is swapped out to switch.
+3. Stage: copy in, ahead of time, the KV of the pooled requests next in line whose KV is on
+   the host, within Bmax (`batch_kv_fraction`), so that refills do not wait on copies.
+4. Give each member its decode token or the next chunk of its prefill under the token
+   budget. A member is swapped out (its KV written back to the host) only when the device
+   runs short of blocks; it is recomputed only when the host pool is full too.
 """
 
 from __future__ import annotations
 
-import time
 from collections import deque
-from collections.abc import Callable
 
 from alignedserve.scheduling.aligned_config import AlignedConfig, AlignedStats
 from alignedserve.scheduling.block_manager import KVBlockManager, blocks_for
@@ -47,28 +44,29 @@ from alignedserve.scheduling.interface import (
 from alignedserve.scheduling.length_index import InMemoryLengthIndex, KVLengthIndex
 from alignedserve.scheduling.request import FinishReason, Request, RequestStatus
 from alignedserve.scheduling.swap import HostAllocator, KVSwapper
-from alignedserve.scheduling.window_search import aligned, densest_window, nearest_fill
+from alignedserve.scheduling.window_search import aging_score, band_distance, densest_window
+
+Band = tuple[int, int]  # (shortest, longest) KV length
 
 
 class AlignedScheduler:
     """The aligned policy for one device. Same contract as FCFSScheduler, plus KV transfers."""
 
     def __init__(self, device: KVBlockManager, host: HostAllocator,
-                 cfg: AlignedConfig | None = None, index: KVLengthIndex | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 cfg: AlignedConfig | None = None, index: KVLengthIndex | None = None) -> None:
         self.cfg = cfg or AlignedConfig()
         self.swap = KVSwapper(device, host)
         self.device = device
         self.index = index if index is not None else InMemoryLengthIndex()
-        self.clock = clock
         self.waiting: deque[Request] = deque()
         self.pooled: dict[str, Request] = {}
-        self.candidate: list[Request] = []
         self.running: list[Request] = []
         self.staged: dict[str, Request] = {}  # candidate-requests buffer (still pooled)
         self.requests: dict[str, Request] = {}
         self.counters = AlignedStats()
-        self._batch_steps = 0  # steps the running batch has run since it was formed
+        self.steps = 0  # engine steps run: the starvation clock
+        self._since: dict[str, int] = {}  # pooled id -> step it entered the pool (oldest first)
+        self._band: Band | None = None  # the band a thin batch is being filled toward
         self._bmax = max(1, int(self.cfg.batch_kv_fraction * device.num_blocks))
         self._host_reserve = int(self.cfg.host_watermark * host.num_blocks)
 
@@ -83,7 +81,6 @@ class AlignedScheduler:
             raise ValueError(f"prompt of {req.num_prompt_tokens} tokens cannot fit the KV pools "
                              f"({cap} tokens)")
         req.max_model_len = min(req.max_model_len, cap)  # alone, a request always fits
-        req.queued_since = req.arrival_time
         self.requests[req.request_id] = req
         self.waiting.append(req)
 
@@ -102,12 +99,10 @@ class AlignedScheduler:
         self.swap.transfers_done(seq)
 
     def schedule(self) -> SchedulerOutput:
-        now = self.clock()
         self._admit()
-        switched = self._advance_batch(now)
-        self._refill(now)
-        self._stage_refills()
-        chunks, preempted = self._build_chunks(now)
+        switched = self._fill()
+        self._stage()
+        chunks, preempted = self._build_chunks()
         fence = max((c.request.kv_ready_seq for c in chunks), default=0)
         return SchedulerOutput(tuple(chunks), tuple(preempted), switched, self.swap.drain(),
                                fence if fence > self.swap.done_seq else 0)
@@ -125,7 +120,7 @@ class AlignedScheduler:
                     self._finish(req, reason)
                     finished.append(req)
         if out.chunks:
-            self._batch_steps += 1
+            self.steps += 1
         return finished
 
     def finish(self, request_id: str, reason: FinishReason) -> Request | None:
@@ -152,160 +147,137 @@ class AlignedScheduler:
     def _to_pool(self, req: Request) -> None:
         req.status = RequestStatus.WAITING
         self.pooled[req.request_id] = req
+        self._since[req.request_id] = self.steps
         self.index.put(req.request_id, req.num_tokens)
 
     def _take(self, req: Request) -> None:
         del self.pooled[req.request_id]
+        del self._since[req.request_id]
         self.index.remove(req.request_id)
 
     # -- batch level --------------------------------------------------------------------------
 
-    def _starving(self, now: float, anchor: int | None = None) -> list[Request]:
-        """Pooled requests past the bound. Most overdue first, counted in whole multiples of
-        the bound so that a burst's requests tie; ties go nearest `anchor` (a KV length),
-        or shortest first without one."""
-        limit = self.cfg.max_queue_delay_s
-        late = [r for r in self.pooled.values() if now - _queued_since(r) >= limit]
-
-        def key(r: Request) -> tuple[int, int]:
-            overdue = int((now - _queued_since(r)) // limit)
-            return (-overdue, abs(r.num_tokens - anchor) if anchor is not None else r.num_tokens)
-
-        return sorted(late, key=key)
-
-    def _advance_batch(self, now: float) -> bool:
-        if not self.candidate and self.pooled and self._wants_new_batch(now):
-            n = len(self.running)
-            full = n >= self.cfg.max_batch  # only asked when someone starves
-            # Members inside the new batch's window stay on with it, so leave them room.
-            picked = self._pick_batch(now, self.cfg.max_batch if full else self.cfg.max_batch - n)
-            if not n or full or len(picked) > n:
-                self.candidate = self._stage(picked)
-        if not self.candidate:
-            return False
-        ready = all(r.kv_ready_seq <= self.swap.done_seq for r in self.candidate)
-        if self.running and not ready:
-            return False
-        self._switch(now)
-        return True
-
-    def _wants_new_batch(self, now: float) -> bool:
-        if len(self.running) < self.cfg.min_batch:
-            return True  # drained below Kmin: a denser batch may be waiting in the pool
-        full = len(self.running) >= self.cfg.max_batch
-        return (full and self._batch_steps >= self.cfg.min_batch_steps
-                and bool(self._starving(now)))
-
-    def _pick_batch(self, now: float, cap: int) -> list[Request]:
-        """The next batch from the pool (nothing moves yet)."""
-        items = self.index.sorted_items()
-        lengths = [n for n, _ in items]
-        reqs = [self.pooled[rid] for _, rid in items]
-        costs = [self._cost(r) for r in reqs]
-        starving = self._starving(now)
-        if starving:
-            return self._around_starving(reqs, lengths, costs, starving)
-        w = densest_window(lengths, costs, min_batch=self.cfg.min_batch,
-                           max_batch=cap, max_spread=self.cfg.max_spread,
-                           budget=self._bmax, slack_tokens=self.cfg.slack_tokens)
-        return reqs[w.lo:w.hi] if w is not None else [min(reqs, key=self._age_key)]
-
-    def _stage(self, picked: list[Request]) -> list[Request]:
-        """Move `picked` into the candidate buffer and start copying their KV in."""
-        self.counters.batches += 1
-        batch = []
-        for r in picked:
-            self._take(r)
-            if self.swap.swap_in(r):
-                batch.append(r)
-            else:
-                self._to_pool(r)  # the device is full: it waits for a later batch
-        return batch
-
-    def _around_starving(self, reqs: list[Request], lengths: list[int], costs: list[int],
-                         starving: list[Request]) -> list[Request]:
-        """The oldest starving request, other starving ones nearest its length, then the rest
-        of the pool nearest its length, within max_batch and Bmax (the anchor always)."""
-        anchor = starving[0]
-        late = {r.request_id for r in starving}
-        first = [i for i, r in enumerate(reqs) if r.request_id in late]
-        rest = [i for i, r in enumerate(reqs) if r.request_id not in late]
-        picked, budget, slots = [], self._bmax, self.cfg.max_batch
-        for group in (first, rest):
-            sub = nearest_fill([lengths[i] for i in group], [costs[i] for i in group],
-                               anchor.num_tokens, slots, budget)
-            picked += [group[j] for j in sub]
-            budget -= sum(costs[group[j]] for j in sub)
-            slots -= len(sub)
-        chosen = [reqs[i] for i in picked]
-        if anchor not in chosen:
-            chosen = [anchor]
-        self.counters.starved += sum(r.request_id in late for r in chosen)
-        return chosen
-
-    def _switch(self, now: float) -> None:
-        new = self.candidate
-        lo, hi = min(r.num_tokens for r in new), max(r.num_tokens for r in new)
-        room = self.cfg.max_batch - len(new)
-        keep = []
-        for r in list(self.running):  # members inside the new window stay; the rest swap out
-            if room > 0 and self._fits(min(lo, r.num_tokens), max(hi, r.num_tokens)):
-                keep.append(r)
-                room -= 1
-            else:
-                self._swap_out(r, now)
-        for r in new:
-            r.status = RequestStatus.RUNNING
-        self.running, self.candidate = keep + new, []
-        self._batch_steps = 0
-        self.counters.switches += 1
-
-    def _refill(self, now: float) -> None:
-        """Fill free slots: starving requests first, then the nearest lengths inside the
-        batch's window; a batch below min_batch takes the nearest whatever their length."""
-        free = self.cfg.max_batch - len(self.running)
-        if free <= 0 or not self.pooled or not self.running:
-            return
+    def _running_band(self) -> Band | None:
+        """The densest aligned range of the running members' lengths; None when the batch
+        is thin (below Kmin), and its band is to move."""
+        if len(self.running) < self._kmin():
+            return None
         lens = sorted(r.num_tokens for r in self.running)
-        starving = self._starving(now, anchor=lens[len(lens) // 2])[:free]
-        late = {r.request_id for r in starving}
-        thin = len(lens) < self.cfg.min_batch
-        inside = [r for r in self.pooled.values() if r.request_id not in late and (
-            thin or self._fits(min(lens[0], r.num_tokens), max(lens[-1], r.num_tokens)))]
-        budget = self._bmax - sum(self._cost(r) for r in self.running)
-        near = nearest_fill([r.num_tokens for r in inside], [self._cost(r) for r in inside],
-                            lens[len(lens) // 2], free - len(starving), max(0, budget))
-        self.counters.starved += len(starving)
-        for r in [*starving, *(inside[i] for i in near)]:
+        w = densest_window(lens, [1] * len(lens), min_batch=1, max_batch=len(lens),
+                           max_spread=self.cfg.max_spread, budget=len(lens),
+                           slack_tokens=self.cfg.slack_tokens)
+        assert w is not None
+        return lens[w.lo], lens[w.hi - 1]
+
+    def _kmin(self) -> int:
+        """Kmin, capped at what fits: how many of the pool's typical requests the device holds."""
+        if not self.pooled:
+            return self.cfg.min_batch
+        sample = [self._cost(r) for r in list(self.pooled.values())[:64]]
+        typical = sorted(sample)[len(sample) // 2]
+        return max(1, min(self.cfg.min_batch, self.device.num_blocks // max(1, typical)))
+
+    def _room(self) -> int:
+        """Device blocks a new member may take: free blocks less the watermark and every
+        running member's lookahead growth."""
+        grow = sum(self._cost(r) - len(r.block_ids) for r in self.running)
+        return self.device.num_free_blocks - self.device.watermark_blocks - max(0, grow)
+
+    def _fill(self) -> bool:
+        """Fill free slots and blocks from the pool (module doc, step 2). True when the band
+        moved (a batch switch)."""
+        slots = self.cfg.max_batch - len(self.running)
+        if slots <= 0 or not self.pooled:
+            return False
+        band, switched = self._running_band(), False
+        if band is None:
+            if self._band is None or not self.running:
+                self._band = self._new_band(slots)
+                switched = True
+            band = self._band
+        else:
+            self._band = None
+        room = self._room()
+        line = self._eligible(band, slots) or (
+            [] if self.running else self._eligible(band, 1, force=True))  # always progress
+        for r in line:
+            cost = self._cost(r)
+            if cost > room and self.running:
+                break  # in order: the next in line waits for room rather than be skipped
+            host_kv = bool(r.num_computed_tokens)
+            hit = r.request_id in self.staged
             self._take(r)
+            self.staged.pop(r.request_id, None)
             if not self.swap.swap_in(r):
                 self._to_pool(r)
-                return
+                break
+            room -= cost
             r.status = RequestStatus.RUNNING
             self.running.append(r)
             self.counters.refills += 1
-            self.counters.refill_hits += self.staged.pop(r.request_id, None) is not None
+            self.counters.host_refills += host_kv
+            self.counters.refill_hits += hit
+            if band_distance(r.num_tokens, *band, self.cfg.max_spread, self.cfg.slack_tokens):
+                self.counters.starved += 1
+        if switched:
+            self.counters.batches += 1
+            self.counters.switches += bool(self.running)
+        return switched
 
-    def _stage_refills(self) -> None:
-        """Candidate-requests buffer: start copying in the KV of the pooled requests nearest
-        the running batch's lengths, so that a freed slot is refilled without waiting on a
-        copy. Staged requests stay in the pool (any batch may still take them); one that
-        falls out of the window gives its device blocks back."""
-        self.staged = {k: r for k, r in self.staged.items() if k in self.pooled}
-        if not self.running or self.cfg.refill_buffer == 0:
+    def _eligible(self, band: Band, limit: int, force: bool = False) -> list[Request]:
+        """Up to `limit` pooled requests with aging score <= 0 (any score if `force`), best
+        first; ties shortest first (more members fit the device, and a burst is swept from
+        short to long), then earlier in the pool."""
+        scored = []
+        for k, (rid, since) in enumerate(self._since.items()):
+            r = self.pooled[rid]
+            d = band_distance(r.num_tokens, *band, self.cfg.max_spread, self.cfg.slack_tokens)
+            s = aging_score(d, self.steps - since, self.cfg.max_wait_steps)
+            if s <= 0 or force:
+                scored.append((s, r.num_tokens, k, r))
+        scored.sort(key=lambda t: t[:3])
+        return [t[3] for t in scored[:limit]]
+
+    def _new_band(self, slots: int) -> Band:
+        """Where a thin batch's band moves: the densest aligned group of the most overdue
+        pooled requests (all of the pool when none is overdue), that fits the device."""
+        horizon = self.cfg.max_wait_steps
+        level = {rid: (self.steps - since) // horizon for rid, since in self._since.items()}
+        top = max(level.values())
+        items = [(n, rid) for n, rid in self.index.sorted_items() if level[rid] == top]
+        lengths = [n for n, _ in items]
+        costs = [self._cost(self.pooled[rid]) for _, rid in items]
+        w = densest_window(lengths, costs, min_batch=self._kmin(), max_batch=slots,
+                           max_spread=self.cfg.max_spread,
+                           budget=max(1, self._room()), slack_tokens=self.cfg.slack_tokens)
+        lo, hi = (w.lo, w.hi) if w is not None else (0, 1)
+        return lengths[lo], lengths[hi - 1]
+
+    def _stage(self) -> None:
+        """Candidate-requests buffer: start copying in the KV of the host-resident pooled
+        requests next in line, within Bmax and the device's spare blocks, so that a freed
+        slot is refilled without waiting on a copy. Staged requests stay in the pool; one
+        that drops out of line gives its device blocks back."""
+        if self.cfg.refill_buffer == 0 or not self.running or not self.pooled:
             self._unstage(list(self.staged))
             return
-        lens = sorted(r.num_tokens for r in self.running)
-        fits = [r for r in self.pooled.values()
-                if self._fits(min(lens[0], r.num_tokens), max(lens[-1], r.num_tokens))]
-        self._unstage([k for k in self.staged if self.staged[k] not in fits])
-        mid = lens[len(lens) // 2]
-        todo = sorted((r for r in fits if r.num_computed_tokens and not r.block_ids),
-                      key=lambda r: abs(r.num_tokens - mid))
-        headroom = len(self.running)  # one new block per member per step, at most
-        for r in todo[: self.cfg.refill_buffer - len(self.staged)]:
-            if self.device.num_free_blocks - self._cost(r) < headroom or not self.swap.swap_in(r):
+        band = self._band or self._running_band()
+        if band is None:
+            return
+        line = [r for r in self._eligible(band, len(self.pooled))
+                if r.num_computed_tokens][: self.cfg.refill_buffer]
+        keep = {r.request_id for r in line}
+        self._unstage([k for k in self.staged if k not in keep])
+        spent = sum(self._cost(r) for r in self.staged.values())
+        room = self._room()
+        for r in line:
+            if r.request_id in self.staged:
+                continue
+            cost = self._cost(r)
+            if spent + cost > self._bmax or cost > room or not self.swap.swap_in(r):
                 return
+            spent += cost
+            room -= cost
             self.staged[r.request_id] = r
 
     def _unstage(self, ids: list[str]) -> None:
@@ -314,7 +286,7 @@ class AlignedScheduler:
 
     # -- one step -----------------------------------------------------------------------------
 
-    def _build_chunks(self, now: float) -> tuple[list[ScheduledChunk], list[str]]:
+    def _build_chunks(self) -> tuple[list[ScheduledChunk], list[str]]:
         budget = TokenBudget(self.cfg.max_num_batched_tokens)
         chunks: list[ScheduledChunk] = []
         preempted: list[str] = []
@@ -333,7 +305,7 @@ class AlignedScheduler:
                     self._unstage(list(self.staged))
                     continue
                 victim = self.running.pop()
-                if not self._swap_out(victim, now):
+                if not self._swap_out(victim):
                     preempted.append(victim.request_id)
                 self.counters.preemptions += 1
                 if victim is req:
@@ -346,7 +318,7 @@ class AlignedScheduler:
         chunks.sort(key=lambda c: not c.is_decode)
         return chunks, preempted
 
-    def _swap_out(self, req: Request, now: float) -> bool:
+    def _swap_out(self, req: Request) -> bool:
         """Send a member back to the pool. False when its KV was dropped (recompute)."""
         if req in self.running:
             self.running.remove(req)
@@ -356,17 +328,16 @@ class AlignedScheduler:
             req.num_computed_tokens = req.num_host_tokens = 0
             req.num_preemptions += 1
             self.counters.recomputes += 1
-        req.queued_since = now
         self._to_pool(req)
         return kept
 
     def _finish(self, req: Request, reason: FinishReason) -> None:
         if req.request_id in self.pooled:
             self._take(req)
+            if req.request_id in self.staged:
+                self.staged.pop(req.request_id)
         elif req in self.waiting:
             self.waiting.remove(req)
-        elif req in self.candidate:
-            self.candidate.remove(req)
         elif req in self.running:
             self.running.remove(req)
         self.swap.release(req)
@@ -374,21 +345,7 @@ class AlignedScheduler:
         req.finish_reason = reason
         del self.requests[req.request_id]
 
-    def _fits(self, shortest: int, longest: int) -> bool:
-        return aligned(shortest, longest, self.cfg.max_spread, self.cfg.slack_tokens)
-
     def _cost(self, req: Request) -> int:
         """Device blocks the request needs now plus its lookahead growth."""
         grow = min(self.cfg.lookahead_tokens, req.params.max_tokens - req.num_output_tokens)
         return blocks_for(req.num_tokens + max(0, grow), self.device.block_size)
-
-    @staticmethod
-    def _age_key(req: Request) -> tuple[float, int]:
-        return (req.queued_since or 0.0, req.num_tokens)
-
-
-def _queued_since(req: Request) -> float:
-    """When a pooled request began waiting (set whenever it enters the pool)."""
-    if req.queued_since is None:
-        raise RuntimeError(f"{req.request_id} is pooled without a queued_since time")
-    return req.queued_since

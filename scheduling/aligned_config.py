@@ -18,9 +18,9 @@ class AlignedKnobs(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     min_batch: int = Field(
-        8, ge=1, description="aligned (the paper's Kmin): a new batch takes at least this many "
-        "requests when that many are in flight (capped at what fits). Higher: bigger, "
-        "better-amortized batches but wider KV spread and longer waits for peers.")
+        8, ge=1, description="aligned (the paper's Kmin): a running batch with fewer members "
+        "is thin, and its band of lengths moves to the pool's densest group (capped at what "
+        "fits the device). Higher: bigger, better-amortized batches but wider KV spread.")
     max_spread: float = Field(
         1.5, ge=1.0, description="aligned: longest / shortest KV length allowed in a batch when "
         "forming or refilling it. Lower: less padding per step, smaller batches.")
@@ -29,16 +29,23 @@ class AlignedKnobs(BaseModel):
         "count as aligned, whatever their ratio (short requests batch freely: their padding "
         "costs little next to the linear layers).")
     batch_kv_fraction: float = Field(
-        0.4, gt=0.0, le=1.0, description="aligned (the paper's Bmax): a new batch's KV, with "
-        "lookahead, fits in this fraction of the device pool, leaving room to copy the next "
-        "batch in while this one runs.")
+        0.4, gt=0.0, le=1.0, description="aligned (the paper's Bmax): the candidate-requests "
+        "buffer (KV prefetched for the next refills) holds at most this fraction of the device "
+        "pool. It bounds only what is staged; the running batch may fill the pool.")
+    max_wait_steps: int = Field(
+        256, ge=1, description="aligned starvation horizon, in engine steps: a pooled request "
+        "one band of lengths away from the running batch joins it after waiting this many "
+        "steps, two bands away after about twice as many. Counted in steps, not seconds, so "
+        "the same workload batches alike on a faster or slower machine. Lower: tighter "
+        "TTFT/ITL tails, less alignment.")
+    lookahead_tokens: int = Field(
+        128, ge=0, description="aligned: growth (up to max_tokens) reserved per running member "
+        "when the batch is filled. 0 fills the device to the brim and swaps members out when "
+        "they outgrow it; higher: fewer swap-outs, a smaller batch.")
     max_queue_delay_s: float = Field(
-        10.0, gt=0.0, description="aligned starvation bound: a request that waited this long "
-        "for a batch joins the next one whatever its length. Lower: tighter TTFT/ITL tails, "
-        "less alignment under load.")
-    min_batch_steps: int = Field(
-        8, ge=1, description="aligned: steps a full batch runs before a starving request may "
-        "displace it; bounds batch switches (and copies) per step.")
+        10.0, gt=0.0, description="aligned, cluster dispatch: the global queue's starvation "
+        "horizon in seconds since arrival (the same aging rule as max_wait_steps, on the "
+        "router's clock).")
 
 
 def knob_flags() -> list[tuple[str, type, str]]:
@@ -58,8 +65,6 @@ class AlignedConfig(AlignedKnobs):
     max_num_batched_tokens: int = Field(1024, ge=1, description="tokens in one step at most")
     host_watermark: float = Field(0.05, ge=0.0, lt=1.0, description="host pool fraction kept "
                                   "free at admission, for KV growth")
-    lookahead_tokens: int = Field(128, ge=0, description="growth per member (up to its "
-                                  "max_tokens) counted against Bmax")
     refill_buffer: int = Field(4, ge=0, description="candidate-requests buffer: pooled "
                                "requests whose KV is prefetched")
 
@@ -73,9 +78,10 @@ class AlignedConfig(AlignedKnobs):
 @dataclass
 class AlignedStats:
     batches: int = 0  # batches formed
-    switches: int = 0  # steps whose running batch was replaced by a candidate
-    starved: int = 0  # requests taken out of length order by the starvation bound
+    switches: int = 0  # times the batch's band moved to a new group of lengths
+    starved: int = 0  # requests that joined from outside the band (the starvation bound)
     preemptions: int = 0  # members swapped out because the device ran short
     recomputes: int = 0  # KV dropped because the host pool could not take it
     refills: int = 0  # requests that joined a running batch in a freed slot
-    refill_hits: int = 0  # ... whose KV the candidate-requests buffer had already prefetched
+    host_refills: int = 0  # ... whose KV had to come from the host pool
+    refill_hits: int = 0  # ... of those, whose KV the candidate-requests buffer had prefetched

@@ -2,10 +2,11 @@
 
 A pure function, so the scheduler leader (over the Redis decode index) and the simulator's
 router run the same policy. Each replica with room gets the densest aligned window of the
-queue (the same density-first search as a replica's own batcher); once the oldest queued
-request has waited `max_queue_delay_s`, the next replica gets the requests nearest to it in
-length instead (the global starvation bound). Clocks come from the requests' arrival times,
-which live in the request records, so a new leader continues the same clocks.
+queue (the same density-first search as a replica's own batcher), and requests outside it
+join by the aligned policy's aging rule (`aging_score`: a request one band away joins after
+`max_queue_delay_s`, two bands away after about twice that): the global starvation bound.
+Clocks come from the requests' arrival times, which live in the request records, so a new
+leader continues the same clocks.
 
 Nodes (multi-node clusters): a request's KV sits in the store of the node whose prefetch
 worker prefilled it (`Queued.node`); a replica on another node must first pull it over the
@@ -27,7 +28,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from alignedserve.scheduling.window_search import densest_window, nearest_fill
+from alignedserve.scheduling.window_search import aging_score, band_distance, densest_window
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,7 @@ class Room:
 class DispatchKnobs:
     max_spread: float  # longest / shortest KV length of an aligned group
     slack_tokens: int  # ... or longest - shortest up to this many tokens
-    max_queue_delay_s: float  # a request queued this long is served whatever its length
+    max_queue_delay_s: float  # aging horizon: one band of distance is forgiven per this wait
     locality_slack: int = 16  # requests a replica may take past its share to keep KV local
 
 
@@ -112,18 +113,28 @@ def water_fill(free: Sequence[int], n: int) -> list[int]:
 
 
 def _pick(items: list[Queued], room: int, knobs: DispatchKnobs, now: float) -> list[int]:
-    """Indices into `items` (ascending) of one replica's group."""
+    """Indices into `items` (ascending) of one replica's group: the densest aligned window,
+    in the aligned policy's `aging_score` order (seconds since arrival over
+    `max_queue_delay_s`). A request outside the window that has waited long enough for its
+    distance comes first, and the group then forms around its length instead; a burst's
+    requests, which wait alike, stay in length order."""
     if len(items) <= room:
         return list(range(len(items)))
     lengths = [q.kv_len for q in items]
     ones = [1] * len(items)
-    oldest = min(range(len(items)), key=lambda i: items[i].arrival_time)
-    if now - items[oldest].arrival_time >= knobs.max_queue_delay_s:
-        near = set(nearest_fill(lengths, ones, lengths[oldest], room, room))
-        if oldest not in near:  # equal lengths queued earlier may crowd it out
-            near.remove(max(near, key=lambda i: (abs(lengths[i] - lengths[oldest]), i)))
-            near.add(oldest)
-        return sorted(near)
     w = densest_window(lengths, ones, min_batch=1, max_batch=room, max_spread=knobs.max_spread,
                        budget=room, slack_tokens=knobs.slack_tokens)
-    return list(range(w.lo, w.hi)) if w is not None else list(range(room))
+    lo, hi = (w.lo, w.hi) if w is not None else (0, 1)
+
+    def ranked(band: tuple[int, int]) -> list[tuple[float, bool, int, int]]:
+        return sorted(
+            (aging_score(band_distance(n, *band, knobs.max_spread, knobs.slack_tokens),
+                         now - q.arrival_time, knobs.max_queue_delay_s),
+             not band[0] <= n <= band[1], n, i)
+            for i, (n, q) in enumerate(zip(lengths, items, strict=True)))
+
+    order = ranked((lengths[lo], lengths[hi - 1]))
+    if order[0][0] <= 0 and order[0][1]:  # an overdue outsider: the group forms around it
+        first = lengths[order[0][3]]
+        order = ranked((first, first))
+    return sorted(i for score, _, _, i in order[:room] if score <= 0)

@@ -5,6 +5,7 @@ Pure functions over plain lists, so the engine, the router and the simulator sha
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import accumulate
@@ -93,19 +94,23 @@ def _narrowest_fixed(
     return None
 
 
-def nearest_fill(
-    lengths: Sequence[int], costs: Sequence[int], anchor: int, slots: int, budget: int
-) -> list[int]:
-    """Indices of up to `slots` requests whose lengths are closest to `anchor`, cheapest
-    budget permitting. Used to refill a running batch's free slots (candidate-requests
-    buffer) and to fill around starving requests."""
-    order = sorted(range(len(lengths)), key=lambda i: (abs(lengths[i] - anchor), i))
-    picked: list[int] = []
-    spent = 0
-    for i in order:
-        if len(picked) == slots:
-            break
-        if spent + costs[i] <= budget:
-            picked.append(i)
-            spent += costs[i]
-    return picked
+def band_distance(length: int, lo: int, hi: int, max_spread: float,
+                  slack_tokens: int = 0) -> float:
+    """How far `length` lies from the aligned band [lo, hi]: 0 when it joins the band still
+    `aligned` (or lies inside it); otherwise 1 plus how many further `max_spread` factors it
+    stretches the band (a request one band away is 1, two bands away about 2)."""
+    a, b = min(lo, length), max(hi, length)
+    if lo <= length <= hi or aligned(a, b, max_spread, slack_tokens):
+        return 0.0
+    excess = b / (max_spread * max(1, a))
+    return 1.0 + max(0.0, math.log(excess) / math.log(max(max_spread, 1.0 + 1e-9)))
+
+
+def aging_score(distance: float, waited: float, horizon: float) -> float:
+    """The aligned policy's order of service: band distance minus wait in units of the
+    starvation horizon. A request is eligible to join at score <= 0: at once inside the
+    band, after `horizon` of waiting one band away, after about 2 x `horizon` two bands away.
+    Requests of one burst wait alike, so among them nearest length goes first (the bound
+    never collapses into oldest-first); a lone old request still gets in within a bounded
+    wait, since band distances are bounded."""
+    return distance - max(0.0, waited) / horizon

@@ -139,7 +139,7 @@ def _device_blocks(cfg: SimConfig, cost: CostModel) -> int:
     return max(1, int(free_hbm * cfg.kv_mem_fraction // cost.kv_bytes(1, cfg.block_size)))
 
 
-def make_scheduler(cfg: SimConfig, cost: CostModel, clock) -> Scheduler:
+def make_scheduler(cfg: SimConfig, cost: CostModel) -> Scheduler:
     """The engine's own policy class for `cfg`, over simulated device and host pools."""
     device = KVBlockManager(_device_blocks(cfg, cost), cfg.block_size)
     if cfg.policy in ("fcfs", "fcfs-sorted"):
@@ -149,8 +149,7 @@ def make_scheduler(cfg: SimConfig, cost: CostModel, clock) -> Scheduler:
     knobs = {name: getattr(cfg, name) for name in AlignedKnobs.model_fields}
     return AlignedScheduler(device, BlockAllocator(host_blocks), AlignedConfig(
         **{**knobs, "min_batch": min(cfg.min_batch, cfg.max_num_seqs)},
-        max_batch=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens),
-        clock=clock)
+        max_batch=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens))
 
 
 class SortedFCFSScheduler(FCFSScheduler):
@@ -170,7 +169,7 @@ class SimPair:
     def __init__(self, cfg: SimConfig, cost: CostModel) -> None:
         self.cfg, self.cost = cfg, cost
         self.now = 0.0
-        self.scheduler = make_scheduler(cfg, cost, clock=lambda: self.now)
+        self.scheduler = make_scheduler(cfg, cost)
         self.block_bytes = cost.kv_bytes(1, cfg.block_size)
         self.links = CopyLinks(cost, cfg.prefetch, self.block_bytes)
         self._side = cfg.side_device  # prefill on the pair's second device

@@ -26,10 +26,10 @@ from alignedserve.sim.workload import sim_workload
 
 # Knob sets searched: the paper's (Kmin 36, Bmax 40%) and variants, and the fcfs baseline.
 KNOBS: tuple[dict[str, Any], ...] = (
-    {"policy": "aligned", "min_batch": 36, "batch_kv_fraction": 0.4, "max_queue_delay_s": 10.0},
-    {"policy": "aligned", "min_batch": 36, "batch_kv_fraction": 0.8, "max_queue_delay_s": 10.0},
-    {"policy": "aligned", "min_batch": 8, "batch_kv_fraction": 0.8, "max_queue_delay_s": 2.0},
-    {"policy": "aligned", "min_batch": 16, "batch_kv_fraction": 0.6, "max_queue_delay_s": 5.0},
+    {"policy": "aligned", "min_batch": 36, "batch_kv_fraction": 0.4, "max_wait_steps": 256},
+    {"policy": "aligned", "min_batch": 36, "batch_kv_fraction": 0.8, "max_wait_steps": 256},
+    {"policy": "aligned", "min_batch": 8, "batch_kv_fraction": 0.8, "max_wait_steps": 64},
+    {"policy": "aligned", "min_batch": 16, "batch_kv_fraction": 0.6, "max_wait_steps": 128},
     {"policy": "fcfs", "max_num_batched_tokens": 8192},
     {"policy": "fcfs", "max_num_batched_tokens": 2048},
 )

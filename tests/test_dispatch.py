@@ -32,15 +32,18 @@ def test_everything_fits_everything_goes_and_full_replicas_get_nothing():
     assert plan_dispatch([], [Room("a", 3)], KNOBS, 0.0) == []
 
 
-def test_a_starving_request_is_served_with_its_nearest_peers():
-    # q6 (2000 tokens) arrived 30 s ago; the densest window would skip it forever.
+def test_a_starving_request_is_served_with_its_aged_peers():
+    # q6 (2000 tokens) is about 4.2 bands above 500-510 and 12.8 above 10-13; the densest
+    # window would skip it forever. Aging forgives one band per max_queue_delay_s (10 s).
     queue = _queue([10, 11, 12, 13, 500, 510, 2000],
-                   [100.0, 100.0, 100.0, 100.0, 100.0, 100.0, 70.0])
+                   [100.0, 100.0, 100.0, 100.0, 55.0, 55.0, -40.0])
     plan = plan_dispatch(queue, [Room("r", 3)], KNOBS, now=100.5)
-    assert plan == [("r", ["q4", "q5", "q6"])]  # around the oldest: the nearest lengths
+    assert plan == [("r", ["q4", "q5", "q6"])]  # around q6: its peers that waited enough
     # Under the bound (a leader that counts from arrival, not from when it saw the request):
     calm = plan_dispatch(queue, [Room("r", 3)], KNOBS, now=75.0)
     assert calm == [("r", ["q1", "q2", "q3"])]
+    # One band per horizon: q6 is not yet due after 100 s, at 12.8 bands from the window.
+    assert "q6" not in plan_dispatch(queue, [Room("r", 3)], KNOBS, now=60.0)[0][1]
 
 
 def test_the_starving_request_is_never_crowded_out_by_equal_lengths():

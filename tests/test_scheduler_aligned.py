@@ -18,16 +18,9 @@ from alignedserve.scheduling.block_manager import BlockAllocator, KVBlockManager
 from alignedserve.scheduling.interface import SchedulerOutput
 from alignedserve.scheduling.request import FinishReason, Request, RequestStatus
 from alignedserve.scheduling.sampling_params import SamplingParams
+from alignedserve.scheduling.window_search import band_distance
 
 BS = 4
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.t = 0.0
-
-    def __call__(self) -> float:
-        return self.t
 
 
 class FakeExecutor:
@@ -88,16 +81,13 @@ class FakeExecutor:
         self._complete(None)
         return done
 
-    def run(self, max_steps: int = 5000, clock: FakeClock | None = None,
-            dt: float = 0.1) -> dict[str, list[int]]:
+    def run(self, max_steps: int = 5000) -> dict[str, list[int]]:
         outputs = {}
         for _ in range(max_steps):
             if not self.s.has_unfinished():
                 break
             for r in self.step():
                 outputs[r.request_id] = r.output_token_ids
-            if clock is not None:
-                clock.t += dt
         assert not self.s.has_unfinished(), "scheduler stalled"
         self._complete(1 << 60)
         return outputs
@@ -109,13 +99,11 @@ def make(rid: str, prompt_len: int, max_tokens: int = 6, arrival: float = 0.0) -
                    arrival_time=arrival)
 
 
-def sched(device_blocks: int = 256, host_blocks: int = 1024, clock=None,
-          **cfg) -> AlignedScheduler:
+def sched(device_blocks: int = 256, host_blocks: int = 1024, **cfg) -> AlignedScheduler:
     cfg = {"max_batch": 8, "min_batch": 2, "max_num_batched_tokens": 64, "slack_tokens": 0,
            **cfg}
     return AlignedScheduler(KVBlockManager(device_blocks, BS, watermark=0.0),
-                            BlockAllocator(host_blocks), AlignedConfig(**cfg),
-                            clock=clock or FakeClock())
+                            BlockAllocator(host_blocks), AlignedConfig(**cfg))
 
 
 def expected(req: Request) -> list[int]:
@@ -134,14 +122,14 @@ def test_first_batch_is_the_densest_length_window():
     assert len(s.pooled) == 3
 
 
-def test_refill_takes_the_nearest_length_inside_the_window():
+def test_refill_takes_lengths_inside_the_band():
     s = sched(max_batch=3, min_batch=2, max_spread=1.5)
     reqs = [make("a", 20, 2), make("b", 22, 8), make("c", 24, 8), make("far", 100, 2),
             make("near", 21, 2)]
     for r in reqs:
         s.add_request(r)
     ex = FakeExecutor(s)
-    ex.step()  # batch {a, near, b} or {a, b, c}: three closest
+    ex.step()  # batch {a, near, b}: inside the band, shortest first
     first = {r.request_id for r in s.running}
     assert "far" not in first
     while "a" in s.requests:
@@ -154,19 +142,18 @@ def test_refill_takes_the_nearest_length_inside_the_window():
 def test_forced_swaps_keep_every_kv_block_exact(lag):
     """A device pool too small for the in-flight set: batches rotate through the host pool."""
     rng = random.Random(lag)
-    clock = FakeClock()
-    s = sched(device_blocks=40, host_blocks=600, clock=clock, max_batch=4, min_batch=2,
-              max_queue_delay_s=0.5, min_batch_steps=2, max_num_batched_tokens=32)
-    reqs = [make(f"r{i}", rng.choice([3, 9, 14, 30, 41]), rng.randint(3, 14))
+    s = sched(device_blocks=30, host_blocks=600, max_batch=4, min_batch=2, max_wait_steps=5,
+              max_num_batched_tokens=32, lookahead_tokens=0)
+    reqs = [make(f"r{i}", rng.choice([3, 9, 14, 30, 41]), rng.randint(8, 30))
             for i in range(24)]
     for r in reqs:
         s.add_request(r)
     ex = FakeExecutor(s, lag_steps=lag)
-    outputs = ex.run(clock=clock, dt=0.1)
+    outputs = ex.run()
     assert outputs == {r.request_id: expected(r) for r in reqs}
     assert s.swap.stats.swap_outs > 0 and s.swap.stats.swap_ins > 0, "no swaps were forced"
     assert s.stats().counters["switches"] > 1
-    assert s.device.num_free_blocks == 40 and s.swap.host.num_free == 600, "blocks leaked"
+    assert s.device.num_free_blocks == 30 and s.swap.host.num_free == 600, "blocks leaked"
 
 
 def test_swap_out_writes_back_only_new_blocks():
@@ -186,37 +173,35 @@ def test_swap_out_writes_back_only_new_blocks():
     assert s.swap.stats.blocks_out == 3 + 2, "only the partial block and the new one"
 
 
-def test_starvation_bound_puts_an_outlier_into_the_next_batch():
+def test_starvation_bound_lets_an_outlier_in_after_a_bounded_number_of_steps():
     """A steady stream of short requests never makes room for one long request by length
-    alone; the bound must bring it in within max_queue_delay plus min_batch_steps steps."""
-    clock = FakeClock()
-    delay, dt = 1.0, 0.05
-    s = sched(clock=clock, max_batch=4, min_batch=2, max_spread=1.3, max_queue_delay_s=delay,
-              min_batch_steps=3, device_blocks=512, host_blocks=2048)
+    alone; the bound brings it in once it has waited max_wait_steps per band of distance
+    (counted in engine steps), plus at most one short request's lifetime for a free slot."""
+    horizon, short_life = 4, 31
+    s = sched(max_batch=4, min_batch=2, max_spread=1.3, max_wait_steps=horizon,
+              device_blocks=512, host_blocks=2048)
     ex = FakeExecutor(s)
-    s.add_request(make("long", 120, 4, arrival=0.0))
-    n = 0
-    joined_at = None
+    s.add_request(make("long", 120, 4))
+    n, joined_at = 0, None
     for step in range(400):
         while len(s.pooled) + len(s.waiting) < 6:  # keep short peers plentiful
-            s.add_request(make(f"s{n}", 10 + n % 3, 30, arrival=clock.t))
+            s.add_request(make(f"s{n}", 10 + n % 3, short_life - 1))
             n += 1
         ex.step()
         if joined_at is None and s.requests.get("long") and s.requests["long"].status is (
                 RequestStatus.RUNNING):
-            joined_at = clock.t
-        clock.t += dt
+            joined_at = s.steps
         if "long" not in s.requests and step > 5:
             break
+    farthest = band_distance(120, 10, 10, 1.3)  # the shorts' band never starts below 10
     assert joined_at is not None
-    assert delay <= joined_at <= delay + (3 + 1) * dt + 1e-9, joined_at
+    assert horizon <= joined_at <= farthest * horizon + short_life, (joined_at, farthest)
     assert s.stats().counters["starved"] >= 1
 
 
 def test_without_pressure_the_outlier_waits_for_peers():
     """Control for the test above: before the bound, length order decides."""
-    clock = FakeClock()
-    s = sched(clock=clock, max_batch=4, min_batch=2, max_spread=1.3, max_queue_delay_s=1e9)
+    s = sched(max_batch=4, min_batch=2, max_spread=1.3, max_wait_steps=10**6)
     ex = FakeExecutor(s)
     s.add_request(make("long", 120, 4))
     for i in range(6):
@@ -224,6 +209,26 @@ def test_without_pressure_the_outlier_waits_for_peers():
     for _ in range(10):
         ex.step()
     assert s.requests["long"].status is RequestStatus.WAITING
+
+
+def test_a_burst_is_served_nearest_first_even_past_the_bound():
+    """Requests of one burst age alike, so the bound never turns them into oldest-first:
+    with every request overdue, the batch still takes the lengths nearest its band."""
+    s = sched(max_batch=3, min_batch=1, max_spread=1.3, max_wait_steps=1,
+              device_blocks=512, host_blocks=2048)
+    ex = FakeExecutor(s)
+    lengths = [100, 12, 400, 11, 13, 200, 10, 14]
+    for i, n in enumerate(lengths):
+        s.add_request(make(f"r{i}", n, 60))
+    order = []
+    for _ in range(200):
+        before = {r.request_id for r in s.running}
+        ex.step()
+        order += [r.request_id for r in s.running if r.request_id not in before]
+        if len(order) == len(lengths):
+            break
+    firsts = [lengths[int(rid[1:])] for rid in order[:5]]
+    assert sorted(firsts) == [10, 11, 12, 13, 14], order
 
 
 def test_full_host_pool_makes_new_requests_wait_not_drop():
@@ -237,7 +242,7 @@ def test_full_host_pool_makes_new_requests_wait_not_drop():
     assert outputs == {r.request_id: expected(r) for r in reqs}
 
 
-@pytest.mark.parametrize("where", ["waiting", "pooled", "running", "candidate"])
+@pytest.mark.parametrize("where", ["waiting", "pooled", "running", "staged"])
 def test_abort_frees_device_and_host_blocks_in_every_state(where):
     s = sched(device_blocks=64, host_blocks=24, max_batch=2, min_batch=1, host_watermark=0.0)
     reqs = [make(f"r{i}", 12, 5) for i in range(12)]
@@ -246,12 +251,11 @@ def test_abort_frees_device_and_host_blocks_in_every_state(where):
     ex = FakeExecutor(s, lag_steps=2)
     ex.step()
     ex.step()
-    if where == "candidate":
+    if where == "staged":
         victim = s.running[0]
-        s._swap_out(victim, 0.0)  # back to the pool (or recompute if the host is full)
-        s._take(victim)
-        assert s.swap.swap_in(victim)
-        s.candidate = [victim]
+        s._swap_out(victim)  # back to the pool (or recompute if the host is full)
+        assert s.swap.swap_in(victim)  # its KV on its way back: the candidate buffer
+        s.staged[victim.request_id] = victim
     else:
         pools = {"waiting": list(s.waiting), "pooled": list(s.pooled.values()),
                  "running": s.running}
@@ -294,7 +298,7 @@ def test_staged_requests_join_without_a_fence():
     ex.step()
     ex.step()
     y = s.requests["y"]
-    s._swap_out(y, 0.0)  # y waits in the pool, its KV in the host pool
+    s._swap_out(y)  # y waits in the pool, its KV in the host pool
     s.add_request(make("z", 33, 40))  # fresh, and nearer the batch: it takes the free slot
     ex.step()
     assert s.requests["z"].status is RequestStatus.RUNNING

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 
 from alignedserve.scheduling.length_index import InMemoryLengthIndex
-from alignedserve.scheduling.window_search import densest_window, nearest_fill
+from alignedserve.scheduling.window_search import aging_score, band_distance, densest_window
 
 
 def search(lengths, costs=None, **kw):
@@ -67,10 +67,23 @@ def test_window_is_optimal_against_brute_force():
             assert sum(costs[w.lo:w.hi]) <= kw["budget"] and w.size <= kw["max_batch"]
 
 
-def test_nearest_fill_prefers_close_lengths_within_budget():
-    lengths = [10, 95, 100, 104, 300]
-    assert nearest_fill(lengths, [1] * 5, anchor=100, slots=2, budget=10) == [2, 3]
-    assert nearest_fill(lengths, [1, 1, 9, 1, 1], anchor=100, slots=2, budget=5) == [3, 1]
+def test_band_distance_counts_bands_beyond_the_aligned_range():
+    assert band_distance(120, 100, 140, max_spread=1.5) == 0.0  # joins still aligned
+    assert band_distance(300, 100, 300, max_spread=1.5) == 0.0  # inside, even if wide
+    one = band_distance(160, 100, 140, max_spread=1.5)  # 1.6x: just past the band
+    two = band_distance(225, 100, 140, max_spread=1.5)  # one more 1.5x factor out
+    assert 1.0 <= one < 1.2 and 1.9 < two < 2.1
+    assert band_distance(50, 100, 140, max_spread=1.5) >= 1.0  # shorter counts the same way
+    assert band_distance(200, 100, 140, max_spread=1.5, slack_tokens=128) == 0.0
+
+
+def test_aging_score_lets_a_far_request_in_after_a_bounded_wait():
+    near, far = 0.0, band_distance(4000, 100, 140, max_spread=1.5)
+    assert aging_score(near, 0, 256) <= 0 < aging_score(far, 0, 256)
+    wait = far * 256  # one horizon per band of distance
+    assert aging_score(far, wait, 256) <= 0
+    # a burst waits alike: the nearer of two equally old requests goes first
+    assert aging_score(1.0, 600, 256) < aging_score(2.0, 600, 256)
 
 
 def test_length_index_orders_moves_and_removes():
