@@ -31,7 +31,9 @@ The running batch has a *band*: the densest aligned range of its members' KV len
 
 from __future__ import annotations
 
+import heapq
 from collections import deque
+from collections.abc import Iterable
 
 from alignedserve.scheduling.aligned_config import AlignedConfig, AlignedStats
 from alignedserve.scheduling.block_manager import KVBlockManager, blocks_for
@@ -66,6 +68,7 @@ class AlignedScheduler:
         self.counters = AlignedStats()
         self.steps = 0  # engine steps run: the starvation clock
         self._since: dict[str, int] = {}  # pooled id -> step it entered the pool (oldest first)
+        self._hosted: dict[str, None] = {}  # pooled ids whose KV is in the host pool, in order
         self._band: Band | None = None  # the band a thin batch is being filled toward
         self._bmax = max(1, int(self.cfg.batch_kv_fraction * device.num_blocks))
         self._host_reserve = int(self.cfg.host_watermark * host.num_blocks)
@@ -148,11 +151,14 @@ class AlignedScheduler:
         req.status = RequestStatus.WAITING
         self.pooled[req.request_id] = req
         self._since[req.request_id] = self.steps
+        if req.num_computed_tokens:
+            self._hosted[req.request_id] = None
         self.index.put(req.request_id, req.num_tokens)
 
     def _take(self, req: Request) -> None:
         del self.pooled[req.request_id]
         del self._since[req.request_id]
+        self._hosted.pop(req.request_id, None)
         self.index.remove(req.request_id)
 
     # -- batch level --------------------------------------------------------------------------
@@ -198,6 +204,8 @@ class AlignedScheduler:
         else:
             self._band = None
         room = self._room()
+        if room <= 0 and self.running:
+            return switched  # the device is full: nothing to rank
         line = self._eligible(band, slots) or (
             [] if self.running else self._eligible(band, 1, force=True))  # always progress
         for r in line:
@@ -217,26 +225,30 @@ class AlignedScheduler:
             self.counters.refills += 1
             self.counters.host_refills += host_kv
             self.counters.refill_hits += hit
-            if band_distance(r.num_tokens, *band, self.cfg.max_spread, self.cfg.slack_tokens):
+            if self._distance(r.num_tokens, band):
                 self.counters.starved += 1
         if switched:
             self.counters.batches += 1
             self.counters.switches += bool(self.running)
         return switched
 
-    def _eligible(self, band: Band, limit: int, force: bool = False) -> list[Request]:
-        """Up to `limit` pooled requests with aging score <= 0 (any score if `force`), best
-        first; ties shortest first (more members fit the device, and a burst is swept from
-        short to long), then earlier in the pool."""
+    def _eligible(self, band: Band, limit: int, force: bool = False,
+                  among: Iterable[str] | None = None) -> list[Request]:
+        """Up to `limit` pooled requests (of `among`, default all) with aging score <= 0
+        (any score if `force`), best first; ties shortest first (more members fit the
+        device, and a burst is swept from short to long), then earlier in the pool."""
         scored = []
-        for k, (rid, since) in enumerate(self._since.items()):
-            r = self.pooled[rid]
-            d = band_distance(r.num_tokens, *band, self.cfg.max_spread, self.cfg.slack_tokens)
+        for k, rid in enumerate(self._since if among is None else among):
+            r, since = self.pooled[rid], self._since[rid]
+            d = self._distance(r.num_tokens, band)
             s = aging_score(d, self.steps - since, self.cfg.max_wait_steps)
             if s <= 0 or force:
                 scored.append((s, r.num_tokens, k, r))
-        scored.sort(key=lambda t: t[:3])
-        return [t[3] for t in scored[:limit]]
+        return [t[3] for t in heapq.nsmallest(limit, scored, key=lambda t: t[:3])]
+
+    def _distance(self, length: int, band: Band) -> float:
+        c = self.cfg
+        return band_distance(length, *band, c.max_spread, c.slack_tokens, c.align_by)
 
     def _new_band(self, slots: int) -> Band:
         """Where a thin batch's band moves: the densest aligned group of the most overdue
@@ -258,14 +270,13 @@ class AlignedScheduler:
         requests next in line, within Bmax and the device's spare blocks, so that a freed
         slot is refilled without waiting on a copy. Staged requests stay in the pool; one
         that drops out of line gives its device blocks back."""
-        if self.cfg.refill_buffer == 0 or not self.running or not self.pooled:
+        if self.cfg.refill_buffer == 0 or not self.running or not self._hosted:
             self._unstage(list(self.staged))
             return
         band = self._band or self._running_band()
         if band is None:
             return
-        line = [r for r in self._eligible(band, len(self.pooled))
-                if r.num_computed_tokens][: self.cfg.refill_buffer]
+        line = self._eligible(band, self.cfg.refill_buffer, among=list(self._hosted))
         keep = {r.request_id for r in line}
         self._unstage([k for k in self.staged if k not in keep])
         spent = sum(self._cost(r) for r in self.staged.values())

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from typing import Literal, get_origin
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
@@ -28,6 +30,12 @@ class AlignedKnobs(BaseModel):
         128, ge=0, description="aligned: KV lengths within this many tokens of each other also "
         "count as aligned, whatever their ratio (short requests batch freely: their padding "
         "costs little next to the linear layers).")
+    align_by: Literal["spread", "longest"] = Field(
+        "spread", description="aligned: what a misaligned member costs the decode kernel. "
+        "spread: padded attention (the CPU engine's dense path), every member pays for the "
+        "longest, so lengths must be close both ways. longest: per-sequence GPU kernels "
+        "(PagedAttention V1, the simulator's default), only the longest member stalls a "
+        "step, so shorter requests join a batch freely.")
     batch_kv_fraction: float = Field(
         0.4, gt=0.0, le=1.0, description="aligned (the paper's Bmax): the candidate-requests "
         "buffer (KV prefetched for the next refills) holds at most this fraction of the device "
@@ -52,7 +60,8 @@ def knob_flags() -> list[tuple[str, type, str]]:
     """(--flag, type, help) for every knob, for argparse; flags default to None (unset)."""
     out = []
     for name, f in AlignedKnobs.model_fields.items():
-        kind = f.annotation if isinstance(f.annotation, type) else float
+        kind = (str if get_origin(f.annotation) is Literal
+                else f.annotation if isinstance(f.annotation, type) else float)
         out.append((f"--{name.replace('_', '-')}", kind,
                     f"{f.description} (default {f.default})"))
     return out

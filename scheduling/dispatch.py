@@ -56,6 +56,7 @@ class DispatchKnobs:
     slack_tokens: int  # ... or longest - shortest up to this many tokens
     max_queue_delay_s: float  # aging horizon: one band of distance is forgiven per this wait
     locality_slack: int = 16  # requests a replica may take past its share to keep KV local
+    align_by: str = "spread"  # AlignedKnobs.align_by: what a misaligned member costs
 
 
 def plan_dispatch(queued: Sequence[Queued], rooms: Sequence[Room], knobs: DispatchKnobs,
@@ -126,15 +127,18 @@ def _pick(items: list[Queued], room: int, knobs: DispatchKnobs, now: float) -> l
                        budget=room, slack_tokens=knobs.slack_tokens)
     lo, hi = (w.lo, w.hi) if w is not None else (0, 1)
 
-    def ranked(band: tuple[int, int]) -> list[tuple[float, bool, int, int]]:
-        return sorted(
-            (aging_score(band_distance(n, *band, knobs.max_spread, knobs.slack_tokens),
-                         now - q.arrival_time, knobs.max_queue_delay_s),
-             not band[0] <= n <= band[1], n, i)
-            for i, (n, q) in enumerate(zip(lengths, items, strict=True)))
+    def ranked(band: tuple[int, int]) -> list[tuple[bool, float, int, int, float]]:
+        """(outside the band, score, length, index, band distance), members first."""
+        out = []
+        for i, (n, q) in enumerate(zip(lengths, items, strict=True)):
+            d = band_distance(n, *band, knobs.max_spread, knobs.slack_tokens, knobs.align_by)
+            score = aging_score(d, now - q.arrival_time, knobs.max_queue_delay_s)
+            out.append((not band[0] <= n <= band[1], score, n, i, d))
+        return sorted(out)
 
     order = ranked((lengths[lo], lengths[hi - 1]))
-    if order[0][0] <= 0 and order[0][1]:  # an overdue outsider: the group forms around it
-        first = lengths[order[0][3]]
-        order = ranked((first, first))
-    return sorted(i for score, _, _, i in order[:room] if score <= 0)
+    due = [t for t in order if t[4] > 0 and t[1] <= 0]
+    if due:  # an overdue misaligned request: the group forms around the most overdue
+        first = lengths[min(due, key=lambda t: t[1])[3]]
+        order = sorted(ranked((first, first)), key=lambda t: (t[1], t[2]))
+    return sorted(t[3] for t in order[:room] if t[1] <= 0)

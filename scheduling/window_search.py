@@ -95,10 +95,18 @@ def _narrowest_fixed(
 
 
 def band_distance(length: int, lo: int, hi: int, max_spread: float,
-                  slack_tokens: int = 0) -> float:
+                  slack_tokens: int = 0, by: str = "spread") -> float:
     """How far `length` lies from the aligned band [lo, hi]: 0 when it joins the band still
     `aligned` (or lies inside it); otherwise 1 plus how many further `max_spread` factors it
-    stretches the band (a request one band away is 1, two bands away about 2)."""
+    stretches the band (a request one band away is 1, two bands away about 2).
+
+    `by` is what a misaligned member costs the decode kernel (`AlignedKnobs.align_by`):
+    "spread" (padded attention: every member pays for the longest, so lengths must be
+    close both ways), or "longest" (per-sequence kernels: only the longest member stalls a
+    step, so a request no longer than the band's top joins freely; a longer one still
+    counts from the band's bottom, which keeps a short band from creeping upward)."""
+    if by == "longest" and length <= hi:
+        return 0.0
     a, b = min(lo, length), max(hi, length)
     if lo <= length <= hi or aligned(a, b, max_spread, slack_tokens):
         return 0.0

@@ -13,9 +13,13 @@ Per pair:
   device beside it, like the aligned pair's prefetch device (DistServe-style).
 - `fcfs-sorted`: FCFS whose waiting queue is kept sorted by prompt length: an oracle of
   cheap alignment (it needs every request in the queue at once to mean much).
-- `aligned`: the compute device decodes; the paired prefetch device runs the prefill chunks
-  of the same step in lock-step beside it (their KV crosses NVLink) and carries KV swaps
-  (`links.CopyLinks`), overlapping compute; the scheduler's fences decide when a step waits.
+- `aligned`: the compute device decodes; the paired prefetch device runs prefill and
+  carries KV swaps (`links.CopyLinks`), overlapping compute; the scheduler's fences decide
+  when a step waits on a copy.
+- With a second device (`aligned`, `fcfs` with `disagg`), prefill runs asynchronously on
+  its own timeline (`_split_side`): the decode device does not wait for it; a request
+  decodes once its prompt's KV has crossed NVLink, and the prefill device takes the
+  scheduler's next chunks as soon as it is free.
 - `aligned` with `prefetch=False` (the paper's ablation): no prefetch device. KV goes
   host <-> compute over the compute device's PCIe, synchronously (a step waits for the
   copies it issued, as vLLM's swap-in does), and prefill shares the compute device.
@@ -53,8 +57,12 @@ from alignedserve.sim.workload import TOKEN, SimWorkload, make_request
 
 class SimConfig(AlignedKnobs):
     """One simulated system: hardware, model, topology and the policy's knobs (the aligned
-    batching knobs are inherited from `AlignedKnobs`; their clocks run in simulated s)."""
+    batching knobs are inherited from `AlignedKnobs`; the dispatch's clock runs in
+    simulated seconds, a device's in its steps)."""
 
+    align_by: Literal["spread", "longest"] = Field(
+        "longest", description="aligned: GPU decode kernels run one work unit per sequence "
+        "(every kernel model here), so only the longest member stalls a step")
     hardware: str = Field("h100-sxm", description="sim/profiles/hardware.json entry")
     model: str = Field("opt-13b", description="sim/profiles/models.json entry")
     policy: Literal["aligned", "fcfs", "fcfs-sorted"] = "aligned"
@@ -68,7 +76,8 @@ class SimConfig(AlignedKnobs):
     block_size: int = Field(16, ge=1, description="tokens per KV block")
     kv_mem_fraction: float = Field(0.9, gt=0, le=1, description="of HBM left after the "
                                    "weights, for the device KV pool")
-    host_pool_gib: float = Field(100.0, gt=0, description="host KV pool per pair, GiB")
+    host_pool_gib: float = Field(512.0, gt=0, description="host KV pool per pair, GiB (a "
+                                 "DGX H100 has 2 TiB of host memory for 8 GPUs: 512 per pair)")
     max_num_seqs: int = Field(256, ge=1, description="requests in one step at most "
                               "(aligned: max_batch)")
     max_num_batched_tokens: int = Field(8192, ge=1, description="decode + prefill tokens in "
@@ -175,8 +184,8 @@ class SimPair:
         self._side = cfg.side_device  # prefill on the pair's second device
 
     def _step_time(self, out: SchedulerOutput) -> tuple[float, int, list[str]]:
-        """(seconds, decode sequences, ids of the requests that sample) of one step; one
-        pass over the chunks, as this runs once per simulated step."""
+        """(seconds, decode sequences, ids of the requests that sample) of one colocated
+        step; one pass over the chunks, as this runs once per simulated step."""
         decode, prefill, sampled = [], [], []
         for c in out.chunks:
             start, n, req = c.start, c.num_new_tokens, c.request
@@ -186,11 +195,47 @@ class SimPair:
                 prefill.append((start, n))
             if start + n == len(req.token_ids):
                 sampled.append(req.request_id)
-        if self._side and prefill:
-            kv = sum(n for _, n in prefill) * self.cost.m.kv_bytes_per_token
-            side = self.cost.step([], prefill) + self.cost.nvlink(kv)
-            return max(self.cost.step(decode, []), side), len(decode), sampled
         return self.cost.step(decode, prefill), len(decode), sampled
+
+    def _split_side(self, out: SchedulerOutput) -> tuple[SchedulerOutput, float, int, list[str]]:
+        """A step of a pair whose second device runs prefill asynchronously: (the chunks
+        that run, decode device seconds, decode sequences, ids that sample now).
+
+        Decodes run on the decode device; a decode whose prefill KV has not landed yet (the
+        prefill device is still on it) sits this step out. Prefill chunks go to the prefill
+        device's own timeline, back to back, while it will be free by the end of this step;
+        the rest sit out (the scheduler offers them again). A prompt's first token exists
+        when its last chunk and the KV copy over NVLink have landed."""
+        run, decode, sampled, prefill = [], [], [], []
+        for c in out.chunks:
+            rid = c.request.request_id
+            if c.num_new_tokens == 1 and c.start > 0:
+                if self._ready.get(rid, 0.0) > self.now:
+                    continue
+                self._ready.pop(rid, None)
+                run.append(c)
+                decode.append(c.start + 1)
+                if c.end == len(c.request.token_ids):
+                    sampled.append(rid)
+            else:
+                prefill.append(c)
+        dt = self.cost.step(decode, [])
+        for c in prefill:
+            if self._prefill_free > self.now + dt:
+                break  # the prefill device is busy past this step: the chunk waits
+            kv = c.num_new_tokens * self.cost.m.kv_bytes_per_token
+            begin = max(self.now, self._prefill_free)
+            self._prefill_free = begin + self.cost.step([], [(c.start, c.num_new_tokens)]) \
+                + self.cost.nvlink(kv)
+            self._ready[c.request.request_id] = self._prefill_free
+            run.append(c)
+            if c.end == len(c.request.token_ids):
+                k = self._pos[c.request.request_id]
+                if math.isnan(self._first[k]):
+                    self._first[k] = self._prefill_free
+        kept = SchedulerOutput(tuple(run), out.preempted, out.batch_switch, out.transfers,
+                               out.fence)
+        return kept, dt, len(decode), sampled
 
     def _wait(self, seq: int, res: PairResult) -> None:
         if seq <= self.links.done_seq:
@@ -228,6 +273,8 @@ class SimPair:
         self._pulling: list[tuple[float, int, Request]] = []  # heap: (landed s, k, request)
         self._step_s: list[float] = []
         self._idle = 0  # consecutive empty schedules that moved no KV
+        self._prefill_free = 0.0  # side device: its prefill timeline is busy until then
+        self._ready: dict[str, float] = {}  # side device: prompt KV lands on the decode device
         self._res = PairResult(np.empty(0), np.empty(0), np.empty(0), np.empty(0))
 
     @property
@@ -293,19 +340,33 @@ class SimPair:
             elif self._idle > 1 and sched.has_unfinished():
                 raise RuntimeError("simulated pair stalled with work left")
             return
+        if self._side:
+            out, dt, ndec, ids = self._split_side(out)
+            if not out.chunks:  # everything waits on the prefill device: jump to it
+                later = [t for t in (self._prefill_free, *self._ready.values()) if t > self.now]
+                if not later:
+                    raise RuntimeError("simulated pair: chunks held with nothing pending")
+                self.now = min(later)
+                return
+        else:
+            dt, ndec, ids = self._step_time(out)
         self._idle = 0
-        dt, ndec, ids = self._step_time(out)
         self.now += dt
-        self._step_s.append(dt)
+        if dt:
+            self._step_s.append(dt)
         res.busy_s += dt
         res.decode_seqs += ndec
         res.switches += out.batch_switch
         sampled = dict.fromkeys(ids, TOKEN)
+        for c in out.chunks:  # prefill chunks that finish a prompt sample too
+            if c.end == len(c.request.token_ids):
+                sampled[c.request.request_id] = TOKEN
         for rid in ids:
             k = self._pos[rid]
             if math.isnan(self._first[k]):  # this is its first token
                 self._first[k] = self.now
         for r in sched.update(out, sampled):
+            self._ready.pop(r.request_id, None)
             self._finish[self._pos.pop(r.request_id)] = self.now
         self._track_host(res)
 

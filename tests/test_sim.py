@@ -138,7 +138,7 @@ def test_the_baselines_bracket_what_alignment_can_win():
     assert res["ceiling"]["decode_tps"] >= res["fcfs-disagg"]["decode_tps"]
     assert res["ceiling"]["step_p50_ms"] <= res["fcfs-disagg"]["step_p50_ms"]
     cfg = base.but(policy="fcfs-sorted")
-    sched = make_scheduler(cfg, CostModel(hardware(cfg.hardware), model(cfg.model)), clock=None)
+    sched = make_scheduler(cfg, CostModel(hardware(cfg.hardware), model(cfg.model)))
     assert isinstance(sched, SortedFCFSScheduler)
     for k, n in enumerate([30, 10, 20, 10]):
         sched.add_request(make_request(k, n, 4, 0.0))

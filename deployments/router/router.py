@@ -58,7 +58,8 @@ class Router(GrpcApiMixin):
                                        FrontendMetrics(cfg.model_name),
                                        cfg.api_key.get_secret_value() if cfg.api_key else None)
         e = cfg.engine
-        knobs = DispatchKnobs(e.max_spread, e.slack_tokens, e.max_queue_delay_s)
+        knobs = DispatchKnobs(e.max_spread, e.slack_tokens, e.max_queue_delay_s,
+                              align_by=e.align_by)
         self.leader = LeaderLoop(cfg.redis_url, keys, cfg.leader_ttl_s, knobs, stores.free,
                                  outage_s=cfg.redis_outage_s,
                                  router_id=self.backend.router_id).start()
