@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import heapq
 from collections import deque
+from itertools import islice
 from collections.abc import Iterable
 
 from alignedserve.scheduling.aligned_config import AlignedConfig, AlignedStats
@@ -70,6 +71,8 @@ class AlignedScheduler:
         self._since: dict[str, int] = {}  # pooled id -> step it entered the pool (oldest first)
         self._hosted: dict[str, None] = {}  # pooled ids whose KV is in the host pool, in order
         self._band: Band | None = None  # the band a thin batch is being filled toward
+        self._band_cache: tuple[tuple[int, int, int], tuple[int, int, int]] | None = None
+        self.requests_done = 0  # finished or aborted
         self._bmax = max(1, int(self.cfg.batch_kv_fraction * device.num_blocks))
         self._host_reserve = int(self.cfg.host_watermark * host.num_blocks)
 
@@ -163,11 +166,18 @@ class AlignedScheduler:
 
     # -- batch level --------------------------------------------------------------------------
 
-    def _running_band(self) -> Band | None:
-        """The densest aligned range of the running members' lengths; None when the batch
-        is thin (below Kmin), and its band is to move."""
-        if len(self.running) < self._kmin():
-            return None
+    def _running_band(self) -> Band:
+        """The densest aligned range of the running members' lengths. Searched again when
+        the membership changed; in between, every member grew by one token per step."""
+        members = len(self.running), self.counters.refills, self.requests_done
+        if self._band_cache is not None and self._band_cache[0] == members:
+            lo, hi, at = self._band_cache[1]
+            return lo + self.steps - at, hi + self.steps - at
+        band = self._search_band()
+        self._band_cache = members, (*band, self.steps)
+        return band
+
+    def _search_band(self) -> Band:
         lens = sorted(r.num_tokens for r in self.running)
         w = densest_window(lens, [1] * len(lens), min_batch=1, max_batch=len(lens),
                            max_spread=self.cfg.max_spread, budget=len(lens),
@@ -179,7 +189,7 @@ class AlignedScheduler:
         """Kmin, capped at what fits: how many of the pool's typical requests the device holds."""
         if not self.pooled:
             return self.cfg.min_batch
-        sample = [self._cost(r) for r in list(self.pooled.values())[:64]]
+        sample = [self._cost(r) for r in islice(self.pooled.values(), 16)]
         typical = sorted(sample)[len(sample) // 2]
         return max(1, min(self.cfg.min_batch, self.device.num_blocks // max(1, typical)))
 
@@ -195,17 +205,19 @@ class AlignedScheduler:
         slots = self.cfg.max_batch - len(self.running)
         if slots <= 0 or not self.pooled:
             return False
-        band, switched = self._running_band(), False
+        n = len(self.running)
+        thin = n < self.cfg.min_batch and n < self._kmin()
+        if not thin:
+            self._band = None
+        room = self._room()
+        if room <= 0 and self.running:
+            return False  # the device is full: nothing to rank
+        band, switched = None if thin else self._running_band(), False
         if band is None:
             if self._band is None or not self.running:
                 self._band = self._new_band(slots)
                 switched = True
             band = self._band
-        else:
-            self._band = None
-        room = self._room()
-        if room <= 0 and self.running:
-            return switched  # the device is full: nothing to rank
         line = self._eligible(band, slots) or (
             [] if self.running else self._eligible(band, 1, force=True))  # always progress
         for r in line:
@@ -274,8 +286,6 @@ class AlignedScheduler:
             self._unstage(list(self.staged))
             return
         band = self._band or self._running_band()
-        if band is None:
-            return
         line = self._eligible(band, self.cfg.refill_buffer, among=list(self._hosted))
         keep = {r.request_id for r in line}
         self._unstage([k for k in self.staged if k not in keep])
@@ -354,6 +364,7 @@ class AlignedScheduler:
         self.swap.release(req)
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
+        self.requests_done += 1
         del self.requests[req.request_id]
 
     def _cost(self, req: Request) -> int:
