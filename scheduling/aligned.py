@@ -221,7 +221,7 @@ class AlignedScheduler:
         line = self._eligible(band, slots) or (
             [] if self.running else self._eligible(band, 1, force=True))  # always progress
         for r in line:
-            cost = self._cost(r)
+            cost = self._cost(r) - len(r.block_ids)  # a staged request holds its blocks
             if cost > room and self.running:
                 break  # in order: the next in line waits for room rather than be skipped
             host_kv = bool(r.num_computed_tokens)

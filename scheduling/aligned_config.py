@@ -41,7 +41,7 @@ class AlignedKnobs(BaseModel):
         "buffer (KV prefetched for the next refills) holds at most this fraction of the device "
         "pool. It bounds only what is staged; the running batch may fill the pool.")
     max_wait_steps: int = Field(
-        256, ge=1, description="aligned starvation horizon, in engine steps: a pooled request "
+        64, ge=1, description="aligned starvation horizon, in engine steps: a pooled request "
         "one band of lengths away from the running batch joins it after waiting this many "
         "steps, two bands away after about twice as many. Counted in steps, not seconds, so "
         "the same workload batches alike on a faster or slower machine. Lower: tighter "
