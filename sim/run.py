@@ -64,6 +64,10 @@ def summarize(results: list[PairResult]) -> dict[str, Any]:
     nsteps = sum(r.steps for r in results)
     pull = np.concatenate([r.pull_s for r in results])
     pull = pull[~np.isnan(pull)]  # the requests whose KV came from another node
+    counters: dict[str, int] = {}  # the policy's and the swapper's counters, all pairs
+    for r in results:
+        for k, v in r.stats.items():
+            counters[k] = counters.get(k, 0) + v
     return {
         "completed": int(np.sum(~np.isnan(ttft))), "makespan_s": end,
         "decode_tps": gen / end if end else 0.0,
@@ -80,6 +84,7 @@ def summarize(results: list[PairResult]) -> dict[str, Any]:
         "cross_node_gb": sum(r.pull_bytes for r in results) / 1e9,
         "pull_sum_s": float(pull.sum()),
         "pull_mean_ms": float(pull.mean()) * 1e3 if len(pull) else 0.0,
+        "counters": counters,
     }
 
 
