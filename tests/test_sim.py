@@ -332,3 +332,39 @@ def test_internode_links_are_full_duplex_fifo_per_nic():
     assert out.wait_s == 1.0 and into.nbytes == 500_000_000
     with pytest.raises(ValueError):
         links.pull(1, 1, 10, now=0.0)
+
+
+def test_prefill_on_the_second_device_runs_beside_decode_not_in_lock_step():
+    """A long prompt arriving while others decode: the disaggregated pair keeps decoding
+    during its prefill (each decode step costs what its decodes cost), and the prompt's
+    first token comes when the prefill device and the NVLink copy are done."""
+    cost = CostModel(hardware("h100-sxm"), model("opt-13b"), "vllm")
+    cfg = SimConfig(model="opt-13b", kernel="vllm").but(policy="fcfs", disagg=True)
+    pair = SimPair(cfg, cost)
+    pair.begin()
+    for k in range(4):
+        pair.admit(100, 400, 0.0)
+    for _ in range(5):  # their prefill, then decoding
+        pair.step(None)
+    pair.admit(6000, 4, pair.now)  # one long prompt: 6,000 tokens of prefill
+    t0, steps0 = pair.now, len(pair._step_s)
+    prefill = sum(cost.step([], [(s, min(8192, 6000 - s))]) for s in range(0, 6000, 8192))
+    while math.isnan(pair._first[4]) or pair.now < pair._first[4]:
+        pair.step(None)  # the first token's time is known once its last chunk is placed
+    decode_only = pair._step_s[steps0:]
+    assert len(decode_only) > 1, "decode went on while the prompt was prefilled"
+    assert max(decode_only) < prefill / 2, "no decode step waited for the prefill"
+    nvlink = cost.nvlink(6000 * cost.m.kv_bytes_per_token)
+    assert pair._first[4] == pytest.approx(t0 + prefill + nvlink, rel=0.05)
+
+
+def test_align_by_longest_lets_shorter_requests_ride_free():
+    from alignedserve.scheduling.window_search import band_distance
+
+    assert band_distance(100, 4000, 5000, 1.5, 0, by="spread") > 1
+    assert band_distance(100, 4000, 5000, 1.5, 0, by="longest") == 0
+    assert band_distance(9000, 4000, 5000, 1.5, 0, by="longest") == band_distance(
+        9000, 4000, 5000, 1.5, 0, by="spread") > 0
+    assert SimConfig().align_by == "longest"  # the simulator models GPU kernels
+    from alignedserve.scheduling.aligned_config import AlignedKnobs
+    assert AlignedKnobs().align_by == "spread"  # the CPU engine pads its dense attention
