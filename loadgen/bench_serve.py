@@ -111,7 +111,7 @@ def run_serve_path(cfg: ServeBenchConfig, requests: list[WorkloadRequest]) -> tu
         num_replicas=cfg.num_replicas, host_kv_gib=cfg.host_kv_gib, replica_cpus=0.5,
         worker_cpus=0.5, replica_threads=cfg.replica_threads,
         worker_threads=cfg.worker_threads,
-        engine={"kv_cache_gib": cfg.kv_cache_gib, "max_queue_delay_s": 60},
+        engine={"kv_cache_gib": cfg.kv_cache_gib},
     )
     itl: list[float] = []
     with LocalRedis(url):
@@ -139,8 +139,8 @@ def run_in_process(cfg: ServeBenchConfig, requests: list[WorkloadRequest]) -> Sy
     from alignedserve.loadgen.bench_offline import run_engine
 
     engine = LLMEngine(EngineConfig(model=cfg.model, policy="aligned", num_threads=cfg.threads,
-                                    kv_cache_gib=cfg.kv_cache_gib, host_kv_gib=cfg.host_kv_gib,
-                                    max_queue_delay_s=60), record_stats=True)
+                                    kv_cache_gib=cfg.kv_cache_gib, host_kv_gib=cfg.host_kv_gib),
+                     record_stats=True)
     run = run_engine(engine, "aligned", requests, cfg.progress)
     return SystemRun(**{**run.__dict__, "name": "in-process", "decode_s": None,
                         "notes": "in-process LLMEngine, aligned policy, same knobs"})

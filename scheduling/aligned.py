@@ -218,8 +218,13 @@ class AlignedScheduler:
                 self._band = self._new_band(slots)
                 switched = True
             band = self._band
-        line = self._eligible(band, slots) or (
-            [] if self.running else self._eligible(band, 1, force=True))  # always progress
+        line = self._eligible(band, slots)
+        if not line and thin and not switched:  # the thin batch's band ran dry: move it
+            self._band = band = self._new_band(slots)
+            switched = True
+            line = self._eligible(band, slots)
+        if not line and not self.running:
+            line = self._eligible(band, 1, force=True)  # an idle device always takes one
         for r in line:
             cost = self._cost(r) - len(r.block_ids)  # a staged request holds its blocks
             if cost > room and self.running:

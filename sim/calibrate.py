@@ -62,7 +62,7 @@ def collect(model_dir: str, workload: str, policy: str, seed: int, num_requests:
     vocab = ModelConfig.from_pretrained(model_dir).vocab_size
     reqs = make_workload(workload, num_requests, vocab, seed=seed)
     engine = LLMEngine(EngineConfig(model=model_dir, policy=policy, num_threads=threads,
-                                    kv_cache_gib=kv_cache_gib, max_queue_delay_s=60),
+                                    kv_cache_gib=kv_cache_gib),
                        record_stats=True)
     run_engine(engine, policy, reqs, progress=True)
     rows = [features(s.num_decode, s.kv_lens, s.num_prefill_tokens, s.backend)

@@ -202,10 +202,11 @@ class SimPair:
         that run, decode device seconds, decode sequences, ids that sample now).
 
         Decodes run on the decode device; a decode whose prefill KV has not landed yet (the
-        prefill device is still on it) sits this step out. Prefill chunks go to the prefill
-        device's own timeline, back to back, while it will be free by the end of this step;
-        the rest sit out (the scheduler offers them again). A prompt's first token exists
-        when its last chunk and the KV copy over NVLink have landed."""
+        prefill device is still on it) sits this step out. The step's prefill chunks run as
+        one prefill step on the prefill device's own timeline when it will be free by the
+        end of this decode step; otherwise they sit out (the scheduler offers them again).
+        A prompt's first token exists when its last chunk and the KV copy over NVLink have
+        landed."""
         run, decode, sampled, prefill = [], [], [], []
         for c in out.chunks:
             rid = c.request.request_id
@@ -220,19 +221,18 @@ class SimPair:
             else:
                 prefill.append(c)
         dt = self.cost.step(decode, [])
-        for c in prefill:
-            if self._prefill_free > self.now + dt:
-                break  # the prefill device is busy past this step: the chunk waits
-            kv = c.num_new_tokens * self.cost.m.kv_bytes_per_token
+        if prefill and self._prefill_free <= self.now + dt:  # else the chunks wait a step
+            kv = sum(c.num_new_tokens for c in prefill) * self.cost.m.kv_bytes_per_token
             begin = max(self.now, self._prefill_free)
-            self._prefill_free = begin + self.cost.step([], [(c.start, c.num_new_tokens)]) \
-                + self.cost.nvlink(kv)
-            self._ready[c.request.request_id] = self._prefill_free
-            run.append(c)
-            if c.end == len(c.request.token_ids):
-                k = self._pos[c.request.request_id]
-                if math.isnan(self._first[k]):
-                    self._first[k] = self._prefill_free
+            self._prefill_free = begin + self.cost.nvlink(kv) + self.cost.step(
+                [], [(c.start, c.num_new_tokens) for c in prefill])
+            for c in prefill:  # one prefill step on the second device, as the engine runs it
+                self._ready[c.request.request_id] = self._prefill_free
+                run.append(c)
+                if c.end == len(c.request.token_ids):
+                    k = self._pos[c.request.request_id]
+                    if math.isnan(self._first[k]):
+                        self._first[k] = self._prefill_free
         kept = SchedulerOutput(tuple(run), out.preempted, out.batch_switch, out.transfers,
                                out.fence)
         return kept, dt, len(decode), sampled
