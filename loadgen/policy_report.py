@@ -127,7 +127,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     ax.set_xticks(x + 0.4 - width / 2, [f"{r['model']}\n{r['workload']}" for r in rows],
                   fontsize=8)
     ax.set_ylabel("decode tok/s / fcfs-disagg")
-    ax.set_ylim(0.6, None)
+    ax.set_ylim(0.3, None)
     ax.set_title("Offline decode throughput vs fcfs-disagg (vllm kernel model, 8 pairs)")
     ax.legend(fontsize=8, ncol=len(shown))
     fig.tight_layout()

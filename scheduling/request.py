@@ -44,7 +44,6 @@ class Request:
     host_block_ids: list[int] = field(default_factory=list)  # host pool blocks, position order
     num_host_tokens: int = 0  # leading tokens whose KV in the host pool is up to date
     kv_ready_seq: int = 0  # KVTransfer seq that must finish before this request computes
-    queued_since: float | None = None  # monotonic s; when it last began waiting for a batch
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
