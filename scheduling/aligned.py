@@ -33,8 +33,8 @@ from __future__ import annotations
 
 import heapq
 from collections import deque
-from itertools import islice
 from collections.abc import Iterable
+from itertools import islice
 
 from alignedserve.scheduling.aligned_config import AlignedConfig, AlignedStats
 from alignedserve.scheduling.block_manager import KVBlockManager, blocks_for

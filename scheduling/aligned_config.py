@@ -8,7 +8,6 @@ description). The engine's `EngineConfig`, the serving `EngineKnobs` and the sim
 from __future__ import annotations
 
 from dataclasses import dataclass
-
 from typing import Literal, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator

@@ -342,7 +342,7 @@ def test_prefill_on_the_second_device_runs_beside_decode_not_in_lock_step():
     cfg = SimConfig(model="opt-13b", kernel="vllm").but(policy="fcfs", disagg=True)
     pair = SimPair(cfg, cost)
     pair.begin()
-    for k in range(4):
+    for _ in range(4):
         pair.admit(100, 400, 0.0)
     for _ in range(5):  # their prefill, then decoding
         pair.step(None)
