@@ -207,6 +207,7 @@ class AlignedScheduler:
             return False
         n = len(self.running)
         thin = n < self.cfg.min_batch and n < self._kmin()
+        had_members = n > 0
         if not thin:
             self._band = None
         room = self._room()
@@ -231,10 +232,12 @@ class AlignedScheduler:
                 break  # in order: the next in line waits for room rather than be skipped
             host_kv = bool(r.num_computed_tokens)
             hit = r.request_id in self.staged
+            since = self._since[r.request_id]
             self._take(r)
             self.staged.pop(r.request_id, None)
             if not self.swap.swap_in(r):
                 self._to_pool(r)
+                self._since[r.request_id] = since  # it keeps its place in the aging order
                 break
             room -= cost
             r.status = RequestStatus.RUNNING
@@ -246,7 +249,7 @@ class AlignedScheduler:
                 self.counters.starved += 1
         if switched:
             self.counters.batches += 1
-            self.counters.switches += bool(self.running)
+            self.counters.switches += had_members
         return switched
 
     def _eligible(self, band: Band, limit: int, force: bool = False,
