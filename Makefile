@@ -50,7 +50,7 @@ bench-kv-pull: install
 		--out bench-results/kv-pull $(KV_PULL_ARGS)
 
 # The aligned policy beside every baseline and the ceiling in the GPU simulator (issue 11):
-# offline tables, kernel models, online capacity; about 15 minutes on 2 cores.
+# offline tables, kernel models, online capacity; about 2 minutes on 2 cores.
 bench-policy: install
 	$(BIN)/python -m alignedserve.loadgen.policy_report --out bench-results/policy $(POLICY_ARGS)
 
