@@ -52,7 +52,7 @@ bench-kv-pull: install
 # The aligned policy beside every baseline and the ceiling in the GPU simulator (issue 11):
 # offline tables, kernel models, online capacity; about 2 minutes on 2 cores.
 bench-policy: install
-	$(BIN)/python -m alignedserve.loadgen.policy_report --out bench-results/policy $(POLICY_ARGS)
+	$(BIN)/python -m alignedserve.sim.policy_report --out bench-results/policy $(POLICY_ARGS)
 
 # vLLM's CPU build as a benchmark peer, in its own venv (it pins torch==2.13.0+cpu). Not part
 # of install/test: it is large and only `bench offline --peers vllm,vllm-reserved` needs it.

@@ -1,10 +1,10 @@
-"""The policy benchmark's report (loadgen/policy_report.py), on a tiny simulated run."""
+"""The policy benchmark's report (sim/policy_report.py), on a tiny simulated run."""
 
 from __future__ import annotations
 
 import json
 
-from alignedserve.loadgen.policy_report import KERNELS, SYSTEMS, main
+from alignedserve.sim.policy_report import KERNELS, SYSTEMS, main
 
 
 def test_policy_report_writes_every_system_beside_the_ceiling(tmp_path):

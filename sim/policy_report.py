@@ -9,7 +9,7 @@ One command writes what the policy's BENCHMARKS section shows:
 - online capacity at a P99 TPOT SLO (`sim capacity`'s search) per system;
 as `results.json`, `table.md` and `results.png` under `--out`.
 
-    python -m alignedserve.loadgen.policy_report --out docs/sim/policy-v2   # make bench-policy
+    python -m alignedserve.sim.policy_report --out docs/sim/policy-v2   # make bench-policy
 """
 
 from __future__ import annotations
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(
         {"offline": rows, "capacity": caps, "wall_s": time.perf_counter() - t0,
-         "command": "python -m alignedserve.loadgen.policy_report " + " ".join(argv or [])},
+         "command": "python -m alignedserve.sim.policy_report " + " ".join(argv or [])},
         indent=1))
     table = markdown(rows, caps)
     (args.out / "table.md").write_text(table)
