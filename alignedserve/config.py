@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import ConfigDict, Field, SecretStr
+from pydantic import ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, YamlConfigSettingsSource
 
+from alignedserve.engine.config import preferred_dtype
 from alignedserve.scheduling.aligned_config import AlignedKnobs
 
 
@@ -28,7 +29,16 @@ class EngineKnobs(AlignedKnobs):
         "aligned", description="The cluster runs the aligned policy: prefilled KV lives in the "
         "KV store and replicas swap it in. The fcfs baseline runs in-process "
         "(`alignedserve bench`).")
-    dtype: str = Field("float32", description="float32 or bfloat16.")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", validate_default=True, description="auto: bfloat16 on CPUs with native bf16 "
+        "math (AVX512-BF16, AMX), else float32; resolved where the config is built, so the "
+        "routers, replicas and KV stores agree.")
+
+    @field_validator("dtype", mode="after")
+    @classmethod
+    def _resolve_dtype(cls, value: str) -> str:
+        return preferred_dtype() if value == "auto" else value
+
     kv_cache_gib: float = Field(0.5, gt=0, description="Device KV pool per compute replica.")
     max_num_seqs: int = Field(64, ge=1, description="Requests per decode step at most.")
     max_num_batched_tokens: int = Field(1024, ge=16, description="Tokens per step at most.")

@@ -21,6 +21,7 @@ from alignedserve.engine.attention import (
 from alignedserve.engine.config import EngineConfig, ModelConfig
 from alignedserve.engine.kv_cache import PagedKVCache
 from alignedserve.engine.models import load_model
+from alignedserve.engine.native import kernels
 from alignedserve.engine.sampler import sample
 from alignedserve.engine.sizing import pool_sizes
 from alignedserve.scheduling.interface import ScheduledChunk, SchedulerOutput
@@ -62,11 +63,15 @@ class ModelRunner:
         storage = kv_storage(blocks) if kv_storage is not None else None
         self.cache = PagedKVCache(self.model_cfg, blocks, cfg.block_size, self.dtype, storage)
         self.max_model_len = self.sizes.max_model_len
+        # auto decode attention: the C++ paged kernel where it builds (CPU), else dense/varlen.
+        self._paged = self.cache.kv.device.type == "cpu" and kernels() is not None
         self._generators: dict[str, torch.Generator] = {}
 
     def choose_backend(self, kv_lens: list[int]) -> DecodeBackend:
         name = self.cfg.attention_backend
-        if name == "auto":
+        if name == "auto" and self._paged:
+            name = "paged"
+        elif name == "auto":
             pad = padding_fraction(kv_lens)
             per_seq = pad * sum(kv_lens) / len(kv_lens)  # mean padded tokens per sequence
             fits = pad <= self.cfg.dense_max_padding or per_seq <= self.cfg.dense_max_pad_tokens
@@ -95,7 +100,8 @@ class ModelRunner:
         if decodes:
             backend = self.choose_backend(kv_lens)
             tables = [c.request.block_ids[: -(-c.end // bs)] for c in decodes]
-            decode = build_decode_batch(tables, kv_lens, bs, window, backend.name != "varlen")
+            dense = backend.name in ("dense", "flash")  # padded [seqs, max_blocks] tables
+            decode = build_decode_batch(tables, kv_lens, bs, window, dense)
         return AttentionStep(
             self.cache, torch.tensor(blks), torch.tensor(offs), len(decodes), decode, backend,
             prefills,
@@ -138,7 +144,7 @@ class ModelRunner:
             num_prefill_tokens=sum(p.q_len for p in attn.prefills),
             backend=attn.backend.name if attn.num_decode else "",
             kv_lens=kv_lens,
-            padding=padding_fraction(list(kv_lens)) if attn.backend.name != "varlen" else 0.0,
+            padding=padding_fraction(list(kv_lens)) if attn.backend.name == "dense" else 0.0,
             batch_switch=out.batch_switch,
         )
         return StepResult(sampled, logprobs, stats)

@@ -52,7 +52,8 @@ def assert_same(outs, refs) -> None:
 @pytest.mark.parametrize("name", ["tiny", "tiny-qwen2", "tiny-mistral", "opt-like"])
 def test_greedy_matches_transformers(model_dirs, name):
     d = model_dirs(name)
-    llm = LLM(str(d), max_num_batched_tokens=512)  # 512 < 1,500: long prompts are chunked
+    # 512 < 1,500: long prompts are chunked
+    llm = LLM(str(d), dtype="float32", max_num_batched_tokens=512)
     prompts = random_prompts(llm.engine.model_cfg.vocab_size)
     outs = llm.generate(prompts, GREEDY, use_tqdm=False)
     assert_same(outs, hf_greedy(str(d), tuple(map(tuple, prompts))))
@@ -60,9 +61,9 @@ def test_greedy_matches_transformers(model_dirs, name):
     assert sum(len(o.token_ids) for o in outs) > NEW_TOKENS * len(prompts) // 2
 
 
-@pytest.mark.parametrize("backend", ["dense", "varlen"])
+@pytest.mark.parametrize("backend", ["paged", "dense", "varlen"])
 def test_each_decode_backend_is_exact(tiny_dir, backend):
-    llm = LLM(str(tiny_dir), attention_backend=backend)
+    llm = LLM(str(tiny_dir), dtype="float32", attention_backend=backend)
     prompts = random_prompts(llm.engine.model_cfg.vocab_size, seed=1)
     outs = llm.generate(prompts, GREEDY, use_tqdm=False)
     assert_same(outs, hf_greedy(str(tiny_dir), tuple(map(tuple, prompts))))
@@ -72,7 +73,7 @@ def test_each_decode_backend_is_exact(tiny_dir, backend):
 def test_preemption_keeps_outputs_exact(model_dirs, name):
     d = model_dirs(name)
     # 110 blocks x 16 = 1,760 tokens: the longest prompt fits, all 16 together do not.
-    llm = LLM(str(d), num_kv_blocks=110, max_num_batched_tokens=256)
+    llm = LLM(str(d), dtype="float32", num_kv_blocks=110, max_num_batched_tokens=256)
     prompts = random_prompts(llm.engine.model_cfg.vocab_size)
     outs = llm.generate(prompts, GREEDY, use_tqdm=False)
     assert sum(o.num_preemptions for o in outs) > 0, "the pool was meant to force preemption"
@@ -84,7 +85,7 @@ def test_preemption_keeps_outputs_exact(model_dirs, name):
 def test_a_resumed_request_continues_exactly(tiny_dir):
     """What a worker does for a request whose holder died: recompute prompt + the output
     already streamed, then continue; the whole output equals transformers'."""
-    llm = LLM(str(tiny_dir), max_num_batched_tokens=256)
+    llm = LLM(str(tiny_dir), dtype="float32", max_num_batched_tokens=256)
     prompts = random_prompts(llm.engine.model_cfg.vocab_size, seed=2)[:8]
     refs = hf_greedy(str(tiny_dir), tuple(map(tuple, prompts)))
     eng = llm.engine
@@ -99,7 +100,7 @@ def test_a_resumed_request_continues_exactly(tiny_dir):
 @pytest.mark.slow
 def test_smollm2_greedy_matches_transformers(model_dirs):
     d = model_dirs("smollm2-135m")
-    llm = LLM(str(d), max_num_batched_tokens=512)
+    llm = LLM(str(d), dtype="float32", max_num_batched_tokens=512)
     tok = llm.tokenizer
     import inspect
     import json
@@ -122,7 +123,8 @@ def test_aligned_policy_matches_fcfs_and_transformers(model_dirs, name):
     d = model_dirs(name)
     refs = None
     for policy in ("aligned", "fcfs"):
-        llm = LLM(str(d), policy=policy, max_num_batched_tokens=512, min_batch=4)
+        llm = LLM(str(d), dtype="float32", policy=policy, max_num_batched_tokens=512,
+                  min_batch=4)
         prompts = random_prompts(llm.engine.model_cfg.vocab_size)
         outs = llm.generate(prompts, GREEDY, use_tqdm=False)
         refs = refs or hf_greedy(str(d), tuple(map(tuple, prompts)))
@@ -135,7 +137,8 @@ def test_aligned_exact_under_forced_swaps_and_starvation(model_dirs, name):
     (lookahead 0), forces members out to the host pool and back; a 4-step starvation
     horizon makes the bound fire."""
     d = model_dirs(name)
-    llm = LLM(str(d), policy="aligned", num_kv_blocks=100, max_num_batched_tokens=256,
+    llm = LLM(str(d), dtype="float32", policy="aligned", num_kv_blocks=100,
+              max_num_batched_tokens=256,
               max_num_seqs=6, min_batch=3, max_wait_steps=4, lookahead_tokens=0,
               batch_kv_fraction=0.5)
     prompts = random_prompts(llm.engine.model_cfg.vocab_size)

@@ -1,0 +1,81 @@
+"""The engine's C++ kernels (`engine/csrc/`), compiled once per machine with torch's
+extension builder and cached.
+
+`make install` builds them (`python -m alignedserve.engine.native`); a process that finds no
+cached build compiles it on first use (about a minute). Where no compiler is available the
+engine falls back to its pure-torch paths, logging why once.
+
+The build is tuned for the CPU it runs on (`-march=native`), so the cache key includes the
+CPU's model and feature flags: a cache copied to another machine is rebuilt, not reused.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import platform
+import sys
+from pathlib import Path
+from types import ModuleType
+
+log = logging.getLogger(__name__)
+
+SOURCES = [Path(__file__).resolve().parent / "csrc" / "paged_attention.cpp"]
+# -fopenmp: at::parallel_for runs on OpenMP; the module links libgomp.so.1, which resolves to
+# the copy torch has already loaded (same soname), so torch and the kernels share one pool.
+# -ffast-math lets the reductions and exp vectorize; finite-math stays off (-inf is used).
+CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffast-math", "-fno-finite-math-only"]
+
+
+def _cpu_key() -> str:
+    """Model name and feature flags of this CPU (Linux), else the platform string."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        keep = [ln for ln in lines if ln.startswith(("model name", "flags"))][:2]
+        text = "\n".join(keep)
+    except OSError:
+        text = platform.processor() + platform.machine()
+    return hashlib.sha1(text.encode()).hexdigest()[:10]
+
+
+def build_dir() -> Path:
+    """$ALIGNEDSERVE_EXT_DIR, else ~/.cache/alignedserve/ext, one folder per torch + CPU."""
+    import torch
+
+    root = os.environ.get("ALIGNEDSERVE_EXT_DIR")
+    base = Path(root) if root else Path.home() / ".cache" / "alignedserve" / "ext"
+    return base / f"torch{torch.__version__.replace('+', '-')}-{_cpu_key()}"
+
+
+@functools.cache
+def kernels() -> ModuleType | None:
+    """The compiled module, or None (with one warning) when it cannot be built here."""
+    if os.environ.get("ALIGNEDSERVE_NO_NATIVE") == "1":
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        # torch runs `ninja`; it sits beside this interpreter in a venv that is not activated.
+        bindir = str(Path(sys.executable).parent)
+        if bindir not in os.environ.get("PATH", "").split(os.pathsep):
+            os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
+        out = build_dir()
+        out.mkdir(parents=True, exist_ok=True)
+        return load(name="alignedserve_kernels", sources=[str(s) for s in SOURCES],
+                    extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
+                    build_directory=str(out), verbose=False)
+    except Exception as exc:
+        log.warning("C++ kernels unavailable, using the torch attention paths: %s", exc)
+        return None
+
+
+if __name__ == "__main__":
+    import time
+
+    t0 = time.perf_counter()
+    mod = kernels()
+    if mod is None:
+        raise SystemExit("building the C++ kernels failed (see the warning above)")
+    print(f"C++ kernels ready in {build_dir()} ({time.perf_counter() - t0:.0f} s)")

@@ -1,0 +1,97 @@
+"""The C++ paged decode kernel against the torch reference (one SDPA call per sequence over
+exactly its KV), on the engine's own pool layout: strided per-layer views, shuffled block
+tables, GQA and MHA, sliding windows that start mid-block, fp32 and bf16."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from alignedserve.engine import config as engine_config
+from alignedserve.engine.attention import DECODE_BACKENDS, build_decode_batch
+from alignedserve.engine.config import EngineConfig, preferred_dtype
+from alignedserve.engine.native import kernels
+
+BLOCK = 16
+
+
+def _case(heads: int, kv_heads: int, lens: list[int], dtype: torch.dtype, seed: int = 0):
+    """A 3-layer pool [blocks, layers, K|V, slot, kv_heads, dim] and a batch on layer 1."""
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    num_blocks = sum(-(-n // BLOCK) for n in lens) + 5
+    pool = torch.randn(num_blocks, 3, 2, BLOCK, kv_heads, 32, dtype=dtype)
+    order = list(range(num_blocks))
+    rng.shuffle(order)
+    tables, i = [], 0
+    for n in lens:
+        need = -(-n // BLOCK)
+        tables.append(order[i : i + need])
+        i += need
+    q = torch.randn(len(lens), heads, 32, dtype=dtype)
+    return q, pool[:, 1, 0], pool[:, 1, 1], tables
+
+
+def test_the_kernels_build_here():
+    """CI machines have a compiler: the engine must not silently run the slow fallback."""
+    assert kernels() is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("heads", "kv_heads"), [(9, 3), (4, 4), (8, 1)])
+@pytest.mark.parametrize("window", [None, 40])
+def test_paged_matches_per_sequence_sdpa(dtype, heads, kv_heads, window):
+    lens = [1, 15, 16, 17, 90, 333, 5, 1000]  # block edges, one token, one long sequence
+    q, k, v, tables = _case(heads, kv_heads, lens, dtype)
+    ref = DECODE_BACKENDS["varlen"].forward(
+        q, k, v, build_decode_batch(tables, lens, BLOCK, window, False), 0.17)
+    out = DECODE_BACKENDS["paged"].forward(
+        q, k, v, build_decode_batch(tables, lens, BLOCK, window, False), 0.17)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert out.dtype == dtype and out.shape == q.shape
+    torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_few_and_many_sequences_agree_across_thread_counts(threads):
+    """Below 2 sequences per thread the kernel splits work by KV head, above by sequence."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for lens in ([700], [50, 1200, 3, 64, 64, 900]):
+            q, k, v, tables = _case(6, 2, lens, torch.float32, seed=len(lens))
+            batch = build_decode_batch(tables, lens, BLOCK, None, False)
+            ref = DECODE_BACKENDS["varlen"].forward(q, k, v, batch, 0.2)
+            out = DECODE_BACKENDS["paged"].forward(q, k, v, batch, 0.2)
+            torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_bad_inputs_are_refused_with_a_message():
+    q, k, v, tables = _case(4, 2, [20], torch.float32)
+    batch = build_decode_batch(tables, [20], BLOCK, None, False)
+    with pytest.raises(RuntimeError, match="dtype"):
+        DECODE_BACKENDS["paged"].forward(q.bfloat16(), k, v, batch, 1.0)
+    with pytest.raises(RuntimeError, match="head shapes"):
+        DECODE_BACKENDS["paged"].forward(q[:, :3], k, v, batch, 1.0)
+
+
+@pytest.mark.parametrize(("flags", "want"), [
+    ({"avx2", "avx512f"}, "float32"),
+    ({"avx2", "avx512f", "avx512_bf16"}, "bfloat16"),
+    ({"avx2", "amx_bf16", "amx_tile"}, "bfloat16"),
+])
+def test_auto_dtype_is_bf16_only_with_native_bf16_math(monkeypatch, flags, want):
+    monkeypatch.setattr(engine_config, "cpu_flags", lambda: frozenset(flags))
+    assert preferred_dtype() == want
+    assert EngineConfig(model="m").dtype == want
+
+
+def test_explicit_dtype_wins_and_the_resolved_one_travels():
+    assert EngineConfig(model="m", dtype="float32").dtype == "float32"
+    # the resolved value travels: a config rebuilt from a dump keeps it
+    cfg = EngineConfig(model="m", dtype="bfloat16")
+    assert EngineConfig.model_validate(cfg.model_dump()).dtype == "bfloat16"
