@@ -96,8 +96,19 @@ class ServeConfig(BaseSettings):
                                "paper's prefetch GPU; 0 on CPU-only nodes).")
     replica_threads: int = Field(1, ge=1, description="torch threads of a compute replica.")
     worker_threads: int = Field(1, ge=1, description="torch threads of a prefetch worker.")
+    pair_threads: int | None = Field(None, ge=1, description="torch threads a compute replica "
+                                     "(or its prefetch worker) takes while the other side is "
+                                     "idle: the replica in the decode tail with no prompt to "
+                                     "prefill, the worker in a burst with nothing to decode. "
+                                     "None: the node's Ray CPUs when one replica runs, else no "
+                                     "sharing (replica_threads / worker_threads always).")
     host_kv_gib: float = Field(2.0, gt=0, description="KV store (host pool) size per node.")
     prefill_token_budget: int = Field(1024, ge=16, description="Prefill tokens per worker step.")
+    prefill_chunk_tokens: int | None = Field(256, ge=1, description="A prompt already in "
+                                             "prefill takes at most this many tokens of a "
+                                             "worker step, so a new request's first chunk "
+                                             "does not wait behind long prompts "
+                                             "(`long_prefill_token_threshold`); None: no cap.")
     replica_inflight: int = Field(256, ge=1, description="Requests the leader keeps assigned "
                                   "to each compute replica (its local pool to batch from).")
     leader_ttl_s: float = Field(3.0, gt=0, description="Scheduler leader lock TTL; a new "

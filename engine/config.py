@@ -169,6 +169,11 @@ class EngineConfig(AlignedKnobs):
     max_num_batched_tokens: int = Field(
         1024, ge=16, description="Tokens (prefill chunk + decodes) in one step at most."
     )
+    long_prefill_token_threshold: int | None = Field(
+        None, ge=1, description="fcfs: a running request's prefill takes at most this many "
+        "tokens per step, leaving the rest of the budget to newer requests' first chunks "
+        "(vLLM's knob). None: a chunk may take the whole budget.",
+    )
     max_model_len: int | None = Field(
         None, ge=2, description="Context length cap; default min(model limit, KV pool tokens)."
     )

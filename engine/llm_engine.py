@@ -87,7 +87,8 @@ def make_scheduler(cfg: EngineConfig, num_blocks: int,
         if host is None:
             raise ValueError("the aligned policy needs a host KV pool")
         return AlignedScheduler(kv, host, aligned_config(cfg))
-    limits = SchedulerLimits(cfg.max_num_seqs, cfg.max_num_batched_tokens)
+    limits = SchedulerLimits(cfg.max_num_seqs, cfg.max_num_batched_tokens,
+                             cfg.long_prefill_token_threshold)
     return FCFSScheduler(kv, limits)
 
 

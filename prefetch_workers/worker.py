@@ -2,7 +2,8 @@
 node's KV store, and moves KV between the store and its replica's device pool ahead of the
 replica's batch schedule (GPU-Prefetch-For-GPU; on the CPU both pools are shared memory).
 
-Two loops, each on its own thread:
+Two loops, each on its own thread (the prefill loop shares the node's cores with the
+replica's decode loop, `cores.py`):
 - prefill: FCFS over the Redis prefill queue under a token budget (the engine's FCFS policy
   with `max_num_batched_tokens`). After a request's first token it copies the prompt's KV
   into store blocks owned by the request id, then publishes the token and puts the request
@@ -51,6 +52,7 @@ from alignedserve.kv_store.shm_arena import ArenaSpec, ShmArena
 from alignedserve.kv_store.store import allocate_wait
 from alignedserve.logs import configure_logging
 from alignedserve.logs import rid as log_rid
+from alignedserve.prefetch_workers.cores import HEADER_REPLICA_BUSY, HEADER_WORKER_BUSY, CoreShare
 from alignedserve.scheduling.block_manager import blocks_for
 from alignedserve.scheduling.interface import KVTransfer
 
@@ -71,6 +73,7 @@ class PrefetchConfig:
     pull_timeout_s: float = 60.0  # a cross-node KV pull that takes longer has failed
     redis_outage_s: float = 60.0  # ServeConfig.redis_outage_s
     log_level: str = "INFO"  # ServeConfig.log_level
+    pair_threads: int = 1  # torch threads while the replica is idle (cores.CoreShare)
 
 
 @dataclass
@@ -111,6 +114,8 @@ class PrefetchWorker:
         self._pending: dict[int, KVTransfer] = {}
         self._cv = threading.Condition()
         self._next_seq = int(self.device.header[HEADER_DONE_SEQ]) + 1
+        self.cores = CoreShare(self.device.header, HEADER_WORKER_BUSY, HEADER_REPLICA_BUSY,
+                               cfg.engine.num_threads or 1, cfg.pair_threads)
         self._error: BaseException | None = None
         self._threads = [threading.Thread(target=self._guard, args=(f,), daemon=True, name=n)
                          for f, n in ((self._prefill_loop, "prefill"),
@@ -223,8 +228,6 @@ class PrefetchWorker:
     # -- prefill ------------------------------------------------------------------------------
 
     def _prefill_loop(self) -> None:
-        # Per-thread OpenMP setting (see ComputeReplica._run).
-        torch.set_num_threads(self.cfg.engine.num_threads or 1)
         budget = self.cfg.engine.max_num_batched_tokens
         keys, me = self.cfg.keys, self.cfg.worker_id
         cordon_at, closed = 0.0, False
@@ -240,8 +243,10 @@ class PrefetchWorker:
             if room > 0 and not closed:
                 self._admit(claim_prefill(self.r, keys, me, room))
             if not self.engine.has_unfinished():
+                self.cores.set_busy(False)
                 self._stop.wait(_IDLE_POLL_S)
                 continue
+            self.cores.before_step()  # threads: worker_threads, or the pair's if decode idles
             t0 = time.perf_counter()
             out = self.engine.step()
             self.stats.prefill_s += time.perf_counter() - t0

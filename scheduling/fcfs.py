@@ -1,7 +1,8 @@
 """The FCFS baseline: vLLM-style continuous batching.
 
-Each step: running requests first (decode, or the rest of a chunked prefill), then waiting
-requests in arrival order while the token budget, `max_num_seqs` and free blocks allow.
+Each step: running requests first (decode, or the rest of a chunked prefill, at most
+`long_prefill_token_threshold` tokens of it), then waiting requests in arrival order while
+the token budget, `max_num_seqs` and free blocks allow.
 When a running request cannot grow, the most recently admitted running request is
 preempted by recompute: its blocks are freed and it re-enters the front of the queue.
 No length awareness.
@@ -27,10 +28,16 @@ from alignedserve.scheduling.request import FinishReason, Request, RequestStatus
 class SchedulerLimits:
     max_num_seqs: int = 256  # requests in one step at most
     max_num_batched_tokens: int = 2048  # tokens (prefill + decode) in one step at most
+    # A running request's prefill chunk is at most this many tokens per step (vLLM's knob of
+    # the same name), so a long prompt leaves room in every step for the first chunks of
+    # newer requests; None: a chunk may take the whole budget.
+    long_prefill_token_threshold: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+        if self.long_prefill_token_threshold is not None and self.long_prefill_token_threshold < 1:
+            raise ValueError("long_prefill_token_threshold must be >= 1")
 
 
 class FCFSScheduler:
@@ -77,7 +84,7 @@ class FCFSScheduler:
         i = 0
         while i < len(self.running) and budget.remaining > 0:
             req = self.running[i]
-            n = budget.take(req.num_uncomputed_tokens)
+            n = budget.take(self._chunk(req))
             while not self.kv.try_grow(req, n):
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -93,6 +100,12 @@ class FCFSScheduler:
             self._admit(budget, chunks)
         chunks.sort(key=lambda c: not c.is_decode)
         return SchedulerOutput(tuple(chunks), tuple(preempted))
+
+    def _chunk(self, req: Request) -> int:
+        """Tokens a running request asks for this step: its rest, a long prefill capped."""
+        cap = self.limits.long_prefill_token_threshold
+        n = req.num_uncomputed_tokens
+        return min(n, cap) if cap is not None else n
 
     def _admit(self, budget: TokenBudget, chunks: list[ScheduledChunk]) -> None:
         while self.waiting and len(self.running) < self.limits.max_num_seqs:

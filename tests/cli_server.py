@@ -57,7 +57,7 @@ def start_cli_server(model_dir: Path, workdir: Path, prefix: str, *extra: str,
     cfg.write_text("served_model_name: tiny\nhost_kv_gib: 0.05\n"
                    f"redis_prefix: \"{prefix}\"\n{config}")
     if "engine:" not in config:
-        cfg.write_text(cfg.read_text() + "engine:\n  kv_cache_gib: 0.02\n")
+        cfg.write_text(cfg.read_text() + "engine:\n  kv_cache_gib: 0.02\n  dtype: float32\n")
     proc = subprocess.Popen(
         [sys.executable, "-m", "alignedserve.cluster.cli", "serve", "--config", str(cfg),
          "--model", str(model_dir), "--http-port", str(http), "--grpc-port", str(grpc_port),

@@ -120,7 +120,7 @@ def server(tiny_dir, tmp_path_factory):
         config=(f"replica_cpus: 0.25\nworker_cpus: 0.25\ndrain_timeout_s: {DRAIN_S}\n"
                 f"max_queued_requests: {MAX_QUEUED}\nreplica_timeout_s: 20\n"
                 "replica_inflight: 8\n"
-                "engine:\n  kv_cache_gib: 0.02\n  min_batch: 4\n"))
+                "engine:\n  kv_cache_gib: 0.02\n  min_batch: 4\n  dtype: float32\n"))
     yield srv
     if srv.proc.poll() is None:
         os.killpg(srv.proc.pid, signal.SIGKILL)

@@ -50,11 +50,12 @@ def nodes(tiny_dir, redis_url, tmp_path_factory):
                 f"replica_resources: {{{DECODE}: 1}}\n"
                 "router_resources: {'node:__internal_head__': 0.01}\n"
                 "kv_grpc_host: 127.0.0.1\ndrain_timeout_s: 5\nreplica_timeout_s: 8\n"
-                "engine:\n  kv_cache_gib: 0.02\n  min_batch: 4\n  max_num_seqs: 32\n"))
+                "engine:\n  kv_cache_gib: 0.02\n  min_batch: 4\n  max_num_seqs: 32\n"
+                "  dtype: float32\n"))
         cfg = ServeConfig(model=str(tiny_dir), served_model_name="tiny",
                           http_port=int(server.base.rsplit(":", 1)[1]), redis_url=redis_url,
                           redis_prefix=prefix, start_redis=False, host_kv_gib=0.05,
-                          engine={"kv_cache_gib": 0.02})
+                          engine={"kv_cache_gib": 0.02, "dtype": "float32"})
         yield cfg, cluster, workers
         assert server.stop() == 0, server.output()[-3000:]
     finally:
@@ -71,7 +72,8 @@ def _status(cfg) -> dict:
 
 def _reference(tiny_dir, max_tokens: int) -> list[str]:
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-    return [o.text for o in LLM(str(tiny_dir)).generate(PROMPTS, params, use_tqdm=False)]
+    llm = LLM(str(tiny_dir), dtype="float32")
+    return [o.text for o in llm.generate(PROMPTS, params, use_tqdm=False)]
 
 
 async def _complete_all(cfg, prompts: list[str], max_tokens: int) -> list[dict]:

@@ -120,10 +120,9 @@ def test_bad_inputs_raise_clear_errors(llm):
 
 
 def test_bfloat16_runs_and_mostly_agrees_with_fp32(tiny_dir):
-    fp32 = LLM(str(tiny_dir)).generate(PROMPTS, SamplingParams(temperature=0, max_tokens=8,
-                                                               ignore_eos=True), use_tqdm=False)
-    bf16 = LLM(str(tiny_dir), dtype="bfloat16").generate(
-        PROMPTS, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+    greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    fp32 = LLM(str(tiny_dir), dtype="float32").generate(PROMPTS, greedy, use_tqdm=False)
+    bf16 = LLM(str(tiny_dir), dtype="bfloat16").generate(PROMPTS, greedy, use_tqdm=False)
     assert all(len(o.token_ids) == 8 for o in bf16)
     first = sum(a.token_ids[0] == b.token_ids[0] for a, b in zip(fp32, bf16, strict=True))
     assert first >= 2, "bf16 should usually pick the same first token as fp32"

@@ -53,6 +53,23 @@ def test_fcfs_admits_in_arrival_order_under_token_budget():
         ("r0", 1), ("r1", 2), ("r2", 3)]
 
 
+def test_long_prefill_threshold_leaves_room_for_a_new_requests_first_chunk():
+    limits = SchedulerLimits(8, max_num_batched_tokens=12, long_prefill_token_threshold=4)
+    s = FCFSScheduler(KVBlockManager(64, 4), limits)
+    s.add_request(make("long", 40))
+    run_step(s)  # long: its first chunk (12 tokens: admission is not capped)
+    s.add_request(make("new", 5))
+    out, _ = run_step(s)
+    assert [(c.request.request_id, c.num_new_tokens) for c in out.chunks] == [
+        ("long", 4), ("new", 5)], "the running prompt is capped; the newcomer's prompt goes"
+    assert s.requests["new"].num_output_tokens == 1, "the newcomer got its first token"
+    out, _ = run_step(s)
+    assert [(c.request.request_id, c.num_new_tokens) for c in out.chunks] == [
+        ("new", 1), ("long", 4)], "decodes are never capped below one token"
+    with pytest.raises(ValueError):
+        SchedulerLimits(long_prefill_token_threshold=0)
+
+
 def test_max_num_seqs_caps_running():
     s = FCFSScheduler(KVBlockManager(64, 4), SchedulerLimits(max_num_seqs=2))
     for i in range(3):

@@ -42,7 +42,8 @@ def cluster(tiny_dir, redis_url):
                 redis_prefix=f"t{uuid.uuid4().hex[:6]}:", start_redis=False,
                 num_replicas=2, replica_cpus=0.25, worker_cpus=0.25, host_kv_gib=0.05,
                 drain_timeout_s=5, replica_timeout_s=6,
-                engine={"kv_cache_gib": 0.02, "min_batch": 4, "max_num_seqs": 32},
+                engine={"kv_cache_gib": 0.02, "min_batch": 4, "max_num_seqs": 32,
+                        "dtype": "float32"},
             )
             try:
                 cli_serve.start(cfg, str(tiny_dir))
@@ -105,7 +106,7 @@ def _store_used(ray) -> int:
 
 def test_greedy_completions_equal_the_in_process_engine(cluster, tiny_dir):
     client = _client(cluster)
-    llm = LLM(str(tiny_dir), policy="aligned")
+    llm = LLM(str(tiny_dir), dtype="float32", policy="aligned")
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
     want = llm.generate(PROMPTS, params, use_tqdm=False)
     for prompt, ref in zip(PROMPTS, want, strict=True):
@@ -205,7 +206,7 @@ def test_grpc_generate_abort_health_and_info(cluster, tiny_dir):
     from alignedserve.deployments.protos import alignedserve_pb2 as pb
     from alignedserve.deployments.protos import alignedserve_pb2_grpc as pbg
 
-    llm = LLM(str(tiny_dir), policy="aligned")
+    llm = LLM(str(tiny_dir), dtype="float32", policy="aligned")
     ref = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=12,
                                                   ignore_eos=True), use_tqdm=False)[0]
     meta = (("application", "alignedserve"),)
@@ -269,7 +270,7 @@ def test_a_request_survives_the_death_of_every_replica(cluster, tiny_dir):
     r = redis.Redis.from_url(cluster.redis_url)
     body = {"model": "tiny", "prompt": "resumed", "max_tokens": 160, "temperature": 0,
             "ignore_eos": True, "stream": True, "logprobs": 1}
-    ref = LLM(str(tiny_dir)).generate([body["prompt"]], SamplingParams(
+    ref = LLM(str(tiny_dir), dtype="float32").generate([body["prompt"]], SamplingParams(
         max_tokens=160, temperature=0.0, ignore_eos=True), use_tqdm=False)[0]
     text, errors, killed = [], [], False
     with httpx.stream("POST", f"{_base(cluster)}/v1/completions", json=body,

@@ -56,6 +56,7 @@ from alignedserve.kv_store.shm_arena import ShmArena, remove_orphans
 from alignedserve.kv_store.store import get_or_create_store
 from alignedserve.logs import configure_logging
 from alignedserve.logs import rid as log_rid
+from alignedserve.prefetch_workers.cores import HEADER_REPLICA_BUSY, HEADER_WORKER_BUSY, CoreShare
 from alignedserve.prefetch_workers.transfer_client import PrefetchTransferQueue
 from alignedserve.prefetch_workers.worker import PULL_THREADS, PrefetchConfig, PrefetchWorker
 
@@ -89,9 +90,11 @@ class ComputeReplica:
         pcfg = PrefetchConfig(
             engine=engine_config(cfg, model_dir, cfg.worker_threads, policy="fcfs",
                                  kv_cache_gib=0.25,
-                                 max_num_batched_tokens=cfg.prefill_token_budget),
+                                 max_num_batched_tokens=cfg.prefill_token_budget,
+                                 long_prefill_token_threshold=cfg.prefill_chunk_tokens),
             redis_url=cfg.redis_url, keys=self.keys, worker_id=self.replica_id,
-            log_level=cfg.log_level, redis_outage_s=cfg.redis_outage_s)
+            log_level=cfg.log_level, redis_outage_s=cfg.redis_outage_s,
+            pair_threads=self._pair_threads(cfg))
         ctx = ray.get_runtime_context()
         worker_name = f"alignedserve-prefetch-{self.replica_id}"
         self._actors = (ctx.get_actor_name() or "", worker_name)
@@ -118,6 +121,8 @@ class ComputeReplica:
         self.arena.unlink()
         self.host = StoreHostAllocator(self.store, lim.host_blocks)
         self.transfers = PrefetchTransferQueue(self.worker, self.arena.header, lim.block_bytes)
+        self.cores = CoreShare(self.arena.header, HEADER_REPLICA_BUSY, HEADER_WORKER_BUSY,
+                               cfg.replica_threads, pcfg.pair_threads)
         self.engine = LLMEngine(ecfg, parts=EngineParts(self._device_pool, self.host,
                                                         self.transfers))
         self.counts: dict[str, int] = {}  # request id -> output tokens so far
@@ -231,12 +236,21 @@ class ComputeReplica:
         except Exception:  # Redis down too: the routers see the state go stale instead
             log.exception("replica %s: could not withdraw its state", self.replica_id)
 
+    def _pair_threads(self, cfg: ServeConfig) -> int:
+        """ServeConfig.pair_threads, else this node's Ray CPUs when one replica runs."""
+        if cfg.pair_threads is not None:
+            return cfg.pair_threads
+        if cfg.num_replicas > 1:
+            return max(cfg.replica_threads, cfg.worker_threads)
+        node = next((n for n in ray.nodes() if n["NodeID"] == self.node), None)
+        cpus = int(node["Resources"].get("CPU", 1)) if node else 1
+        return max(cpus, cfg.replica_threads, cfg.worker_threads)
+
     # -- the loop -----------------------------------------------------------------------------
 
     def _run(self) -> None:
-        # torch's OpenMP thread count is per thread: set it on the thread that computes
-        # (Ray starts actors with OMP_NUM_THREADS=1, which new threads inherit).
-        torch.set_num_threads(self.cfg.replica_threads)
+        # torch's OpenMP thread count is per thread: `cores` sets it on this thread before
+        # each step (Ray starts actors with OMP_NUM_THREADS=1, which new threads inherit).
         try:
             while not self._stop.is_set():
                 if not self._draining.is_set():
@@ -247,8 +261,10 @@ class ComputeReplica:
                 q = self.transfers
                 self.host.flush(q.submitted, q.poll())  # frees whose copies have all run
                 if self.engine.has_unfinished():
+                    self.cores.before_step()  # replica_threads, or the pair's if prefill idles
                     self._step()
                 else:
+                    self.cores.set_busy(False)
                     self._publish_state()
                     time.sleep(_IDLE_WAIT_S)
         except BaseException as e:
