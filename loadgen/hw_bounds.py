@@ -108,7 +108,8 @@ def model_weight_bytes(model: object) -> tuple[int, int, int]:
     seen: dict[int, tuple[str, torch.Tensor]] = {}
     _collect(model, "", seen)
     lm_head = getattr(model, "lm_head", None)
-    head_ptr = lm_head.data_ptr() if isinstance(lm_head, torch.Tensor) else None
+    head = getattr(lm_head, "weight", lm_head)  # an engine Linear's (maybe prepacked) weight
+    head_ptr = head.data_ptr() if isinstance(head, torch.Tensor) else None
     total = read = params = 0
     for ptr, (attr, t) in seen.items():
         if attr in ("cos", "sin"):

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from alignedserve.engine.attention import AttentionStep
 from alignedserve.engine.config import ModelConfig
+from alignedserve.engine.linear import Linear
 from alignedserve.engine.weights import load_state_dict, take
 
 
@@ -52,12 +53,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 @dataclass
 class LlamaLayer:
     in_norm: torch.Tensor  # [hidden]
-    qkv: torch.Tensor  # [(heads + 2*kv_heads) * head_dim, hidden]
-    qkv_bias: torch.Tensor | None
-    o: torch.Tensor  # [hidden, heads*head_dim]
+    qkv: Linear  # [(heads + 2*kv_heads) * head_dim, hidden], with the qkv bias if any
+    o: Linear  # [hidden, heads*head_dim]
     post_norm: torch.Tensor  # [hidden]
-    gate_up: torch.Tensor  # [2*intermediate, hidden]
-    down: torch.Tensor  # [hidden, intermediate]
+    gate_up: Linear  # [2*intermediate, hidden]
+    down: Linear  # [hidden, intermediate]
 
 
 class LlamaForCausalLM:
@@ -69,7 +69,7 @@ class LlamaForCausalLM:
         self.embed = embed  # [vocab, hidden]
         self.layers = layers
         self.norm = norm
-        self.lm_head = lm_head  # [vocab, hidden], may be the same tensor as embed
+        self.lm_head = Linear(lm_head)  # [vocab, hidden], may be the same tensor as embed
         self.cos, self.sin = cos, sin  # [max_pos, head_dim] fp32
         self.scale = cfg.head_dim**-0.5
 
@@ -88,11 +88,11 @@ class LlamaForCausalLM:
             gate, up = take(sd, f"{p}mlp.gate_proj.weight"), take(sd, f"{p}mlp.up_proj.weight")
             layers.append(LlamaLayer(
                 in_norm=take(sd, f"{p}input_layernorm.weight"),
-                qkv=torch.cat(qkv).contiguous(), qkv_bias=bias,
-                o=take(sd, f"{p}self_attn.o_proj.weight"),
+                qkv=Linear(torch.cat(qkv).contiguous(), bias),
+                o=Linear(take(sd, f"{p}self_attn.o_proj.weight")),
                 post_norm=take(sd, f"{p}post_attention_layernorm.weight"),
-                gate_up=torch.cat([gate, up]).contiguous(),
-                down=take(sd, f"{p}mlp.down_proj.weight"),
+                gate_up=Linear(torch.cat([gate, up]).contiguous()),
+                down=Linear(take(sd, f"{p}mlp.down_proj.weight")),
             ))
         embed = take(sd, "model.embed_tokens.weight")
         lm_head = sd.pop("lm_head.weight", None)
@@ -111,16 +111,16 @@ class LlamaForCausalLM:
         nq, nkv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         for i, layer in enumerate(self.layers):
             x = rms_norm(h, layer.in_norm, cfg.norm_eps)
-            qkv = F.linear(x, layer.qkv, layer.qkv_bias)
+            qkv = layer.qkv(x)
             q = qkv[:, :nq].view(-1, cfg.num_heads, cfg.head_dim)
             k = qkv[:, nq : nq + nkv].view(-1, cfg.num_kv_heads, cfg.head_dim)
             v = qkv[:, nq + nkv :].view(-1, cfg.num_kv_heads, cfg.head_dim)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            h = h + F.linear(attn.forward(i, q, k, v, self.scale), layer.o)
+            h = h + layer.o(attn.forward(i, q, k, v, self.scale))
             x = rms_norm(h, layer.post_norm, cfg.norm_eps)
-            gate, up = F.linear(x, layer.gate_up).chunk(2, dim=-1)
-            h = h + F.linear(F.silu(gate) * up, layer.down)
+            gate, up = layer.gate_up(x).chunk(2, dim=-1)
+            h = h + layer.down(F.silu(gate) * up)
         return rms_norm(h, self.norm, cfg.norm_eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.lm_head).float()
+        return self.lm_head(hidden).float()

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from alignedserve.engine.attention import AttentionStep
 from alignedserve.engine.config import ModelConfig
+from alignedserve.engine.linear import Linear
 from alignedserve.engine.weights import load_state_dict, take
 
 POSITION_OFFSET = 2  # OPT's learned position table starts at index 2
@@ -22,12 +23,11 @@ POSITION_OFFSET = 2  # OPT's learned position table starts at index 2
 @dataclass
 class OPTLayer:
     attn_norm: tuple[torch.Tensor, torch.Tensor]  # LayerNorm (weight, bias), [hidden] each
-    qkv: torch.Tensor  # [3*hidden, hidden]
-    qkv_bias: torch.Tensor  # [3*hidden]
-    out: tuple[torch.Tensor, torch.Tensor]  # [hidden, hidden], [hidden]
+    qkv: Linear  # [3*hidden, hidden] + [3*hidden]
+    out: Linear  # [hidden, hidden] + [hidden]
     ffn_norm: tuple[torch.Tensor, torch.Tensor]
-    fc1: tuple[torch.Tensor, torch.Tensor]  # [ffn, hidden], [ffn]
-    fc2: tuple[torch.Tensor, torch.Tensor]  # [hidden, ffn], [hidden]
+    fc1: Linear  # [ffn, hidden] + [ffn]
+    fc2: Linear  # [hidden, ffn] + [hidden]
 
 
 def _pair(sd: dict[str, torch.Tensor], prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,6 +41,7 @@ class OPTForCausalLM:
     ) -> None:
         self.cfg = cfg
         self.embed = embed  # [vocab, hidden], also the LM head
+        self.lm_head = Linear(embed)
         self.pos_embed = pos_embed  # [max_pos + 2, hidden]
         self.layers = layers
         self.final_norm = final_norm
@@ -57,12 +58,12 @@ class OPTForCausalLM:
             qkv = [_pair(sd, f"{p}self_attn.{n}_proj") for n in "qkv"]
             layers.append(OPTLayer(
                 attn_norm=_pair(sd, p + "self_attn_layer_norm"),
-                qkv=torch.cat([w for w, _ in qkv]).contiguous(),
-                qkv_bias=torch.cat([b for _, b in qkv]),
-                out=_pair(sd, p + "self_attn.out_proj"),
+                qkv=Linear(torch.cat([w for w, _ in qkv]).contiguous(),
+                           torch.cat([b for _, b in qkv])),
+                out=Linear(*_pair(sd, p + "self_attn.out_proj")),
                 ffn_norm=_pair(sd, p + "final_layer_norm"),
-                fc1=_pair(sd, p + "fc1"),
-                fc2=_pair(sd, p + "fc2"),
+                fc1=Linear(*_pair(sd, p + "fc1")),
+                fc2=Linear(*_pair(sd, p + "fc2")),
             ))
         return cls(
             cfg, take(sd, "model.decoder.embed_tokens.weight"),
@@ -81,14 +82,14 @@ class OPTForCausalLM:
         h = self.embed[input_ids] + self.pos_embed[positions + POSITION_OFFSET]
         for i, layer in enumerate(self.layers):
             x = self._norm(h, layer.attn_norm)
-            qkv = F.linear(x, layer.qkv, layer.qkv_bias)
+            qkv = layer.qkv(x)
             q = (qkv[:, :hid] * self.q_scale).view(-1, cfg.num_heads, cfg.head_dim)
             k = qkv[:, hid : 2 * hid].view(-1, cfg.num_heads, cfg.head_dim)
             v = qkv[:, 2 * hid :].view(-1, cfg.num_heads, cfg.head_dim)
-            h = h + F.linear(attn.forward(i, q, k, v, 1.0), *layer.out)
+            h = h + layer.out(attn.forward(i, q, k, v, 1.0))
             x = self._norm(h, layer.ffn_norm)
-            h = h + F.linear(F.relu(F.linear(x, *layer.fc1)), *layer.fc2)
+            h = h + layer.fc2(F.relu(layer.fc1(x)))
         return self._norm(h, self.final_norm)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.embed).float()
+        return self.lm_head(hidden).float()
