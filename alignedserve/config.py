@@ -102,6 +102,12 @@ class ServeConfig(BaseSettings):
                                      "prefill, the worker in a burst with nothing to decode. "
                                      "None: the node's Ray CPUs when one replica runs, else no "
                                      "sharing (replica_threads / worker_threads always).")
+    core_sharing: Literal["split", "alternate"] = Field(
+        "split", description="While a compute replica and its prefetch worker are both "
+        "busy: `split` runs both at once on replica_threads / worker_threads; `alternate` "
+        "takes turns, one step each on pair_threads (prefill and decode steps interleave on "
+        "the whole node, as a colocated engine's would: lower TTFT, but lower throughput "
+        "and higher TPOT on 2 cores, BENCHMARKS.md).")
     host_kv_gib: float = Field(2.0, gt=0, description="KV store (host pool) size per node.")
     prefill_token_budget: int = Field(1024, ge=16, description="Prefill tokens per worker step.")
     prefill_chunk_tokens: int | None = Field(256, ge=1, description="A prompt already in "

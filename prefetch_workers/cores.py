@@ -1,32 +1,48 @@
-"""Core sharing inside a pair: a compute replica and its prefetch worker each take the cores
-the other leaves idle.
+"""Core sharing inside a pair: a compute replica and its prefetch worker share the node's
+cores instead of each owning a fixed part.
 
-On a small node the pair has the whole machine (2 cores here): while the worker prefills,
-each side computes on its own thread count (`replica_threads`, `worker_threads`); in the
-decode tail, with the prefill queue empty, the replica takes `pair_threads`, and during a
-burst with nothing to decode the worker does. Each side says whether it is busy in the
-device arena's shared header (one int64 slot each, no RPC) and reads the other's before
-every step. A side that turns busy mid-step overlaps the other's wider step for at most
-that one step.
+Each side says whether it is busy in the device arena's shared header (one int64 slot each,
+no RPC) and reads the other's before every step. A side whose partner is idle computes on
+`pair_threads` (the decode tail with no prompt to prefill; a burst with nothing to decode
+yet). While both are busy, `mode` decides:
+- "split" (default): both compute at once, each on its own thread count
+  (`replica_threads`, `worker_threads`).
+- "alternate": the two take turns, one step each, every step on `pair_threads` (a turn
+  slot in the header says whose step is next). A prefill step and a decode step then run
+  one after the other on the whole machine, as in a colocated engine that mixes both in
+  one step (vLLM), but each step's batch stays pure. On 2 cores shared with the router,
+  the proxy and Redis this halves TTFT but loses throughput and doubles TPOT (two-thread
+  steps stall whenever another process takes a core), so it is not the default.
+A side that turns busy while the other is mid-step overlaps that one step at most; a side
+that waits longer than `max_wait_s` for its turn (its partner died mid-turn) goes ahead.
 """
 
 from __future__ import annotations
+
+import time
+from typing import Literal
 
 import torch
 
 HEADER_REPLICA_BUSY = 1  # device-arena header slot: the replica has requests to decode
 HEADER_WORKER_BUSY = 2  # device-arena header slot: the worker has prompts to prefill
+HEADER_TURN = 3  # device-arena header slot: the busy slot of the side whose step is next
+_POLL_S = 0.0002  # header poll while waiting for the turn
 
 
 class CoreShare:
     def __init__(self, header: torch.Tensor, mine: int, other: int, own_threads: int,
-                 pair_threads: int) -> None:
+                 pair_threads: int, mode: Literal["split", "alternate"] = "split",
+                 max_wait_s: float = 5.0) -> None:
         self.header = header  # int64 view over the device arena's header
         self.mine, self.other = mine, other
-        self.own_threads = own_threads  # while the other side is busy
+        self.own_threads = own_threads  # split: while the other side is busy
         self.pair_threads = max(pair_threads, own_threads)  # while it is idle
+        self.mode = mode
+        self.max_wait_s = max_wait_s
         self._busy: bool | None = None
         self.threads = 0  # torch threads set on the calling thread, 0 before the first step
+        self.waited_s = 0.0  # time spent waiting for the turn
 
     def set_busy(self, busy: bool) -> None:
         if busy != self._busy:
@@ -34,11 +50,27 @@ class CoreShare:
             self.header[self.mine] = int(busy)
 
     def before_step(self) -> int:
-        """Mark this side busy and size torch's thread pool to what the other leaves free;
+        """Mark this side busy, wait for its turn (alternate), and size torch's thread pool;
         call on the thread that computes (torch's OpenMP setting is per thread)."""
         self.set_busy(True)
-        want = self.own_threads if int(self.header[self.other]) else self.pair_threads
+        if self.mode == "alternate":
+            self._wait_turn()
+            want = self.pair_threads
+        else:
+            want = self.own_threads if int(self.header[self.other]) else self.pair_threads
         if want != self.threads:
             torch.set_num_threads(want)
             self.threads = want
         return want
+
+    def after_step(self) -> None:
+        """Hand the turn to the other side (alternate)."""
+        if self.mode == "alternate":
+            self.header[HEADER_TURN] = self.other
+
+    def _wait_turn(self) -> None:
+        t0 = time.monotonic()
+        while (int(self.header[self.other]) and int(self.header[HEADER_TURN]) == self.other
+               and time.monotonic() - t0 < self.max_wait_s):
+            time.sleep(_POLL_S)
+        self.waited_s += time.monotonic() - t0

@@ -28,6 +28,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import ray
 import torch
@@ -74,6 +75,7 @@ class PrefetchConfig:
     redis_outage_s: float = 60.0  # ServeConfig.redis_outage_s
     log_level: str = "INFO"  # ServeConfig.log_level
     pair_threads: int = 1  # torch threads while the replica is idle (cores.CoreShare)
+    core_sharing: Literal["split", "alternate"] = "split"  # ServeConfig.core_sharing
 
 
 @dataclass
@@ -115,7 +117,7 @@ class PrefetchWorker:
         self._cv = threading.Condition()
         self._next_seq = int(self.device.header[HEADER_DONE_SEQ]) + 1
         self.cores = CoreShare(self.device.header, HEADER_WORKER_BUSY, HEADER_REPLICA_BUSY,
-                               cfg.engine.num_threads or 1, cfg.pair_threads)
+                               cfg.engine.num_threads or 1, cfg.pair_threads, cfg.core_sharing)
         self._error: BaseException | None = None
         self._threads = [threading.Thread(target=self._guard, args=(f,), daemon=True, name=n)
                          for f, n in ((self._prefill_loop, "prefill"),
@@ -249,6 +251,7 @@ class PrefetchWorker:
             self.cores.before_step()  # threads: worker_threads, or the pair's if decode idles
             t0 = time.perf_counter()
             out = self.engine.step()
+            self.cores.after_step()
             self.stats.prefill_s += time.perf_counter() - t0
             self._hand_off(out)
 

@@ -1,18 +1,31 @@
 """A compute replica and its prefetch worker share the node's cores through the device
-arena's header: each takes the whole pair's threads only while the other is idle."""
+arena's header: split widens a side only while the other idles; alternate takes turns."""
 
 from __future__ import annotations
 
+import threading
+import time
+
 import torch
 
-from alignedserve.prefetch_workers.cores import HEADER_REPLICA_BUSY, HEADER_WORKER_BUSY, CoreShare
+from alignedserve.prefetch_workers.cores import (
+    HEADER_REPLICA_BUSY,
+    HEADER_TURN,
+    HEADER_WORKER_BUSY,
+    CoreShare,
+)
 
 
-def test_each_side_widens_only_while_the_other_idles():
-    before = torch.get_num_threads()
+def _pair(mode: str, max_wait_s: float = 5.0) -> tuple[torch.Tensor, CoreShare, CoreShare]:
     header = torch.zeros(8, dtype=torch.int64)  # the arena header (slot 0: transfer fence)
-    replica = CoreShare(header, HEADER_REPLICA_BUSY, HEADER_WORKER_BUSY, 1, 2)
-    worker = CoreShare(header, HEADER_WORKER_BUSY, HEADER_REPLICA_BUSY, 1, 2)
+    replica = CoreShare(header, HEADER_REPLICA_BUSY, HEADER_WORKER_BUSY, 1, 2, mode, max_wait_s)
+    worker = CoreShare(header, HEADER_WORKER_BUSY, HEADER_REPLICA_BUSY, 1, 2, mode, max_wait_s)
+    return header, replica, worker
+
+
+def test_split_each_side_widens_only_while_the_other_idles():
+    before = torch.get_num_threads()
+    header, replica, worker = _pair("split")
     try:
         assert replica.before_step() == 2, "decode tail: no prompt to prefill"
         assert torch.get_num_threads() == 2 and header[HEADER_REPLICA_BUSY] == 1
@@ -27,11 +40,54 @@ def test_each_side_widens_only_while_the_other_idles():
         torch.set_num_threads(before)
 
 
+def test_alternate_takes_turns_while_both_are_busy():
+    before = torch.get_num_threads()
+    header, replica, worker = _pair("alternate")
+    order: list[str] = []
+    try:
+        replica.set_busy(True)
+        worker.set_busy(True)
+        header[HEADER_TURN] = HEADER_WORKER_BUSY  # the worker's step is next
+
+        def run(side: CoreShare, name: str) -> None:
+            for _ in range(3):
+                assert side.before_step() == 2, "a turn gets every thread"
+                order.append(name)
+                time.sleep(0.01)
+                side.after_step()
+            side.set_busy(False)
+
+        threads = [threading.Thread(target=run, args=(s, n))
+                   for s, n in ((replica, "replica"), (worker, "worker"))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        assert order == ["worker", "replica"] * 3, order
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_alternate_goes_ahead_when_the_partner_idles_or_hangs():
+    before = torch.get_num_threads()
+    header, replica, worker = _pair("alternate", max_wait_s=0.2)
+    try:
+        header[HEADER_TURN] = HEADER_WORKER_BUSY
+        t0 = time.monotonic()
+        assert replica.before_step() == 2 and time.monotonic() - t0 < 0.1, "worker idle"
+        worker.set_busy(True)  # ... and then never steps: a partner that died mid-turn
+        t0 = time.monotonic()
+        replica.before_step()
+        assert 0.15 < time.monotonic() - t0 < 2.0 and replica.waited_s >= 0.15
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_pair_threads_never_shrink_a_side_below_its_own():
     header = torch.zeros(8, dtype=torch.int64)
     before = torch.get_num_threads()
     try:
-        side = CoreShare(header, HEADER_REPLICA_BUSY, HEADER_WORKER_BUSY, 2, 1)
+        side = CoreShare(header, HEADER_REPLICA_BUSY, HEADER_WORKER_BUSY, 2, 1, "split")
         assert side.before_step() == 2
     finally:
         torch.set_num_threads(before)

@@ -94,7 +94,7 @@ class ComputeReplica:
                                  long_prefill_token_threshold=cfg.prefill_chunk_tokens),
             redis_url=cfg.redis_url, keys=self.keys, worker_id=self.replica_id,
             log_level=cfg.log_level, redis_outage_s=cfg.redis_outage_s,
-            pair_threads=self._pair_threads(cfg))
+            pair_threads=self._pair_threads(cfg), core_sharing=cfg.core_sharing)
         ctx = ray.get_runtime_context()
         worker_name = f"alignedserve-prefetch-{self.replica_id}"
         self._actors = (ctx.get_actor_name() or "", worker_name)
@@ -122,7 +122,7 @@ class ComputeReplica:
         self.host = StoreHostAllocator(self.store, lim.host_blocks)
         self.transfers = PrefetchTransferQueue(self.worker, self.arena.header, lim.block_bytes)
         self.cores = CoreShare(self.arena.header, HEADER_REPLICA_BUSY, HEADER_WORKER_BUSY,
-                               cfg.replica_threads, pcfg.pair_threads)
+                               cfg.replica_threads, pcfg.pair_threads, cfg.core_sharing)
         self.engine = LLMEngine(ecfg, parts=EngineParts(self._device_pool, self.host,
                                                         self.transfers))
         self.counts: dict[str, int] = {}  # request id -> output tokens so far
@@ -261,8 +261,9 @@ class ComputeReplica:
                 q = self.transfers
                 self.host.flush(q.submitted, q.poll())  # frees whose copies have all run
                 if self.engine.has_unfinished():
-                    self.cores.before_step()  # replica_threads, or the pair's if prefill idles
+                    self.cores.before_step()  # our turn (alternate), threads as CoreShare says
                     self._step()
+                    self.cores.after_step()
                 else:
                     self.cores.set_busy(False)
                     self._publish_state()
