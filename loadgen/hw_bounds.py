@@ -109,7 +109,7 @@ def model_weight_bytes(model: object) -> tuple[int, int, int]:
     _collect(model, "", seen)
     lm_head = getattr(model, "lm_head", None)
     head = getattr(lm_head, "weight", lm_head)  # an engine Linear's (maybe prepacked) weight
-    head_ptr = head.data_ptr() if isinstance(head, torch.Tensor) else None
+    head_ptr = _key(head) if isinstance(head, torch.Tensor) else None
     total = read = params = 0
     for ptr, (attr, t) in seen.items():
         if attr in ("cos", "sin"):
@@ -125,9 +125,15 @@ def model_weight_bytes(model: object) -> tuple[int, int, int]:
     return read, total, params
 
 
+def _key(t: torch.Tensor) -> int:
+    """Storage address, or the object's id for an opaque oneDNN tensor (a prepacked fp32
+    weight has no storage pointer)."""
+    return id(t) if t.is_mkldnn else t.data_ptr()
+
+
 def _collect(obj: object, attr: str, seen: dict[int, tuple[str, torch.Tensor]]) -> None:
     if isinstance(obj, torch.Tensor):
-        seen.setdefault(obj.data_ptr(), (attr, obj))
+        seen.setdefault(_key(obj), (attr, obj))
     elif isinstance(obj, list | tuple):
         for item in obj:
             _collect(item, attr, seen)
