@@ -30,10 +30,13 @@ CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffast-math", "-fno-finite-math-o
 
 
 def _cpu_key() -> str:
-    """This CPU's feature flags (what -march=native compiles for), else the platform."""
-    from alignedserve.engine.config import cpu_flags
-
-    text = " ".join(sorted(cpu_flags())) or platform.processor() + platform.machine()
+    """Model name and feature flags of this CPU (Linux), else the platform string."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        keep = [ln for ln in lines if ln.startswith(("model name", "flags"))][:2]
+        text = "\n".join(keep)
+    except OSError:
+        text = platform.processor() + platform.machine()
     return hashlib.sha1(text.encode()).hexdigest()[:10]
 
 

@@ -183,9 +183,12 @@ def decode_bound(
 
 
 def _simd_flags() -> set[str]:
-    from alignedserve.engine.config import cpu_flags
-
-    return {f for f in cpu_flags() if f.startswith(("avx", "amx"))}
+    try:
+        with open("/proc/cpuinfo") as f:
+            line = next((ln for ln in f if ln.startswith("flags")), "")
+    except OSError:
+        return set()
+    return {f for f in line.split(":", 1)[-1].split() if f.startswith(("avx", "amx"))}
 
 
 def machine_info() -> dict[str, object]:

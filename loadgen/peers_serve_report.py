@@ -20,8 +20,6 @@ from typing import Any
 
 import numpy as np
 
-from alignedserve.engine.config import cpu_flags
-
 BASELINE, OURS = "vllm", "alignedserve"
 # The serving targets, AlignedServe against vLLM on the same machine and dataset.
 MIN_OUTPUT_TPS_RATIO = 1.0  # output tok/s >= 1.0x vLLM
@@ -196,7 +194,7 @@ def machine_info(peer_python: Path) -> dict[str, Any]:
     except (OSError, subprocess.CalledProcessError) as e:
         lscpu = f"lscpu failed: {e}"
     fields = dict(line.split(":", 1) for line in lscpu.splitlines() if ":" in line)
-    flags = cpu_flags()
+    flags = set(fields.get("Flags", "").split())
     versions = {d: metadata.version(d) for d in ("alignedserve", "torch", "transformers")}
     return {
         "cpu_model": fields.get("Model name", "?").strip(),
