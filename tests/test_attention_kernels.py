@@ -17,20 +17,21 @@ from alignedserve.engine.native import kernels
 BLOCK = 16
 
 
-def _case(heads: int, kv_heads: int, lens: list[int], dtype: torch.dtype, seed: int = 0):
+def _case(heads: int, kv_heads: int, lens: list[int], dtype: torch.dtype, seed: int = 0,
+          dim: int = 32, block: int = BLOCK):
     """A 3-layer pool [blocks, layers, K|V, slot, kv_heads, dim] and a batch on layer 1."""
     rng = random.Random(seed)
     torch.manual_seed(seed)
-    num_blocks = sum(-(-n // BLOCK) for n in lens) + 5
-    pool = torch.randn(num_blocks, 3, 2, BLOCK, kv_heads, 32, dtype=dtype)
+    num_blocks = sum(-(-n // block) for n in lens) + 5
+    pool = torch.randn(num_blocks, 3, 2, block, kv_heads, dim, dtype=dtype)
     order = list(range(num_blocks))
     rng.shuffle(order)
     tables, i = [], 0
     for n in lens:
-        need = -(-n // BLOCK)
+        need = -(-n // block)
         tables.append(order[i : i + need])
         i += need
-    q = torch.randn(len(lens), heads, 32, dtype=dtype)
+    q = torch.randn(len(lens), heads, dim, dtype=dtype)
     return q, pool[:, 1, 0], pool[:, 1, 1], tables
 
 
@@ -45,10 +46,25 @@ def test_the_kernels_build_here():
 def test_paged_matches_per_sequence_sdpa(dtype, heads, kv_heads, window):
     lens = [1, 15, 16, 17, 90, 333, 5, 1000]  # block edges, one token, one long sequence
     q, k, v, tables = _case(heads, kv_heads, lens, dtype)
+    _assert_matches_reference(q, k, v, tables, lens, window, BLOCK)
+
+
+# Head dims: whole SIMD vectors (the 16-row score path on AVX-512), a vector and a tail,
+# and less than one vector; a 32-slot block holds two 16-row groups.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("dim", "block"), [(64, 32), (24, 16), (8, 32)])
+def test_head_dims_and_block_sizes(dtype, dim, block):
+    lens = [1, 31, 32, 33, 100, 700]
+    q, k, v, tables = _case(9, 3, lens, dtype, dim=dim, block=block)
+    _assert_matches_reference(q, k, v, tables, lens, None, block)
+
+
+def _assert_matches_reference(q, k, v, tables, lens, window, block):
+    dtype = q.dtype
     ref = DECODE_BACKENDS["varlen"].forward(
-        q, k, v, build_decode_batch(tables, lens, BLOCK, window, False), 0.17)
+        q, k, v, build_decode_batch(tables, lens, block, window, False), 0.17)
     out = DECODE_BACKENDS["paged"].forward(
-        q, k, v, build_decode_batch(tables, lens, BLOCK, window, False), 0.17)
+        q, k, v, build_decode_batch(tables, lens, block, window, False), 0.17)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert out.dtype == dtype and out.shape == q.shape
     torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)

@@ -1,11 +1,27 @@
 // Paged decode attention on the CPU: one query token per sequence against its KV blocks,
 // read in place from the paged pool (no gather copy, no padding to the batch's longest).
 //
-// Work items are (sequence, KV head) pairs, balanced over torch's intra-op threads (the
+// Work items are (sequence, KV heads) pairs, balanced over torch's intra-op threads (the
 // same OpenMP pool as torch's own ops); the query heads that share a KV head (GQA) are
 // handled together, so each K/V row is read once.
+// Each item walks its blocks once with an online softmax (running max and sum per query
+// head), so a block's scores stay in L1 and K and V of a block are read back to back.
 // Numerics: scores, softmax and the weighted sum run in fp32 whatever the storage dtype
 // (fp32 or bf16), the way SDPA's CPU kernels accumulate.
+//
+// Vector code uses ATen's portable SIMD types (at::vec::Vectorized), compiled for the
+// widest instruction set the build machine has (the build is -march=native).
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
+#define CPU_CAPABILITY AVX512
+#define CPU_CAPABILITY_AVX512
+#elif defined(__AVX2__) && defined(__FMA__)
+#define CPU_CAPABILITY AVX2
+#define CPU_CAPABILITY_AVX2
+#else
+#define CPU_CAPABILITY DEFAULT
+#endif
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -16,35 +32,60 @@
 
 namespace {
 
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kLanes = Vec::size();
+
+inline Vec load_f(const float* p) { return Vec::loadu(p); }
+inline Vec load_f(const c10::BFloat16* p) {
+  Vec out;
+  at::vec::load_to_float(p, out);
+  return out;
+}
 inline float to_float(float x) { return x; }
 inline float to_float(c10::BFloat16 x) { return static_cast<float>(x); }
 
+// q . k over dim; q is fp32, k the cache's dtype. `vdim` = dim rounded down to whole vectors.
 template <typename T>
-inline float dot(const float* q, const T* k, int64_t dim) {
-  float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-  for (int64_t d = 0; d < dim; ++d) acc += q[d] * to_float(k[d]);
-  return acc;
+inline float dot(const float* q, const T* k, int64_t vdim, int64_t dim) {
+  Vec acc(0.f);
+  for (int64_t d = 0; d < vdim; d += kLanes) acc = at::vec::fmadd(Vec::loadu(q + d), load_f(k + d), acc);
+  float s = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, acc);
+  for (int64_t d = vdim; d < dim; ++d) s += q[d] * to_float(k[d]);
+  return s;
+}
+
+#if defined(CPU_CAPABILITY_AVX512)
+// Scores of 16 consecutive K rows (row stride `row`) against q, dim a multiple of 16: one
+// accumulator per row, then a transpose-and-add tree instead of 16 horizontal sums
+// (about 3 shuffle/add ops per score instead of 8). Lane i of the result is row i's score.
+inline __m512 hsum4(__m512 a, __m512 b, __m512 c, __m512 d) {
+  // Per 128-bit lane L: [sum of a's four floats in L, same for b, c, d].
+  const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+  const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+  const __m512d abd = _mm512_castps_pd(ab), cdd = _mm512_castps_pd(cd);
+  return _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(abd, cdd)),
+                       _mm512_castpd_ps(_mm512_unpackhi_pd(abd, cdd)));
 }
 
 template <typename T>
-inline void axpy(float a, const T* v, float* out, int64_t dim) {
-#pragma omp simd
-  for (int64_t d = 0; d < dim; ++d) out[d] += a * to_float(v[d]);
-}
-
-// Calls fn(token index t in [0, n), row pointer into the cache) for positions [lo, lo + n)
-// of one sequence, walking its block table block by block (no division per token).
-template <typename T, typename Fn>
-inline void for_each_row(const int64_t* blocks, int64_t lo, int64_t n, int64_t block_size,
-                         const T* base, int64_t block_stride, int64_t row_stride, Fn&& fn) {
-  int64_t t = 0;
-  for (int64_t b = lo / block_size; t < n; ++b) {
-    const int64_t first = b == lo / block_size ? lo % block_size : 0;
-    const T* blk = base + blocks[b] * block_stride;
-    for (int64_t o = first; o < block_size && t < n; ++o, ++t) fn(t, blk + o * row_stride);
+inline Vec scores16(const float* q, const T* k, int64_t row, int64_t dim) {
+  __m512 a[16];
+#pragma GCC unroll 16
+  for (int i = 0; i < 16; ++i) a[i] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < dim; d += 16) {
+    const __m512 qv = _mm512_loadu_ps(q + d);
+#pragma GCC unroll 16
+    for (int i = 0; i < 16; ++i) a[i] = _mm512_fmadd_ps(qv, load_f(k + i * row + d), a[i]);
   }
+  // r[g] holds, per 128-bit lane L, the partial sums of rows 4g..4g+3 over lane L.
+  const __m512 r0 = hsum4(a[0], a[1], a[2], a[3]), r1 = hsum4(a[4], a[5], a[6], a[7]);
+  const __m512 r2 = hsum4(a[8], a[9], a[10], a[11]), r3 = hsum4(a[12], a[13], a[14], a[15]);
+  // Sum the four 128-bit lanes of each r[g] into lane g of the result.
+  const __m512 y01 = _mm512_add_ps(_mm512_shuffle_f32x4(r0, r1, 0x44), _mm512_shuffle_f32x4(r0, r1, 0xEE));
+  const __m512 y23 = _mm512_add_ps(_mm512_shuffle_f32x4(r2, r3, 0x44), _mm512_shuffle_f32x4(r2, r3, 0xEE));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(y01, y23, 0x88), _mm512_shuffle_f32x4(y01, y23, 0xDD));
 }
+#endif
 
 // Splits work items over the intra-op threads, longest first onto the least-loaded thread
 // (LPT), so one long sequence does not leave the other threads idle at the end of a layer.
@@ -70,6 +111,77 @@ std::vector<std::vector<int64_t>> balance(const int64_t* lens, int64_t num_seqs,
   return bins;
 }
 
+// Shapes and strides shared by every item of one call.
+template <typename T>
+struct Problem {
+  const T* k;         // k_cache base; [blocks, block_size, kv_heads, dim], block stride kb
+  const T* v;         // v_cache base, same layout, block stride vb
+  int64_t kb, vb;     // block strides (elements)
+  int64_t row, dim;   // row = kv_heads * dim (token stride inside a block), head dim
+  int64_t vdim;       // dim rounded down to whole vectors
+  int64_t block_size, group;
+};
+
+// Attention of `hq` query heads (fp32, pre-scaled, [hq, dim]) that read KV heads h0.. of
+// positions [lo, lo + n) of one sequence. Online softmax block by block.
+// scratch: [hq, block_size] scores; acc: [hq, dim]; m, l: [hq] running max and sum.
+template <typename T>
+void attend(const Problem<T>& p, const int64_t* blocks, int64_t lo, int64_t n, int64_t h0,
+            int64_t hq, const float* qf, float* scratch, float* acc, float* m, float* l) {
+  const int64_t bs = p.block_size, dim = p.dim;
+  std::fill(acc, acc + hq * dim, 0.f);
+  std::fill(m, m + hq, -std::numeric_limits<float>::infinity());
+  std::fill(l, l + hq, 0.f);
+  for (int64_t pos = lo; pos < lo + n;) {
+    const int64_t b = pos / bs, first = pos % bs;
+    const int64_t cnt = std::min(bs - first, lo + n - pos);  // tokens of this block
+    const T* kblk = p.k + blocks[b] * p.kb + first * p.row + h0 * dim;
+    const T* vblk = p.v + blocks[b] * p.vb + first * p.row + h0 * dim;
+    // Scores [hq, cnt]: head by head over the block's rows (L1-resident after the first).
+    for (int64_t j = 0; j < hq; ++j) {
+      const T* kh = kblk + (j / p.group) * dim;
+      float* sj = scratch + j * bs;
+      int64_t t = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+      if (p.vdim == dim)
+        for (; t + 16 <= cnt; t += 16) Vec(scores16(qf + j * dim, kh + t * p.row, p.row, dim)).store(sj + t);
+#endif
+      for (; t < cnt; ++t) sj[t] = dot(qf + j * dim, kh + t * p.row, p.vdim, dim);
+    }
+    for (int64_t j = 0; j < hq; ++j) {
+      float* sj = scratch + j * bs;
+      const float bmax = at::vec::reduce_all<float>(
+          [](Vec& a, Vec& c) { return at::vec::maximum(a, c); }, sj, cnt);
+      const float mnew = std::max(m[j], bmax);
+      const float alpha = std::exp(m[j] - mnew);  // 0 on the first block (m = -inf)
+      at::vec::map([mnew](Vec x) { return (x - Vec(mnew)).exp_u20(); }, sj, sj, cnt);
+      const float bsum = at::vec::reduce_all<float>([](Vec& a, Vec& c) { return a + c; }, sj, cnt);
+      l[j] = l[j] * alpha + bsum;
+      m[j] = mnew;
+      if (alpha != 1.f)
+        at::vec::map([alpha](Vec x) { return x * Vec(alpha); }, acc + j * dim, acc + j * dim, dim);
+    }
+    // acc[j] += p[j, :cnt] @ V[:cnt, head of j], one vector of dim at a time, the sum over
+    // the block's tokens kept in a register.
+    for (int64_t j = 0; j < hq; ++j) {
+      const T* vh = vblk + (j / p.group) * dim;
+      const float* pj = scratch + j * bs;
+      float* aj = acc + j * dim;
+      for (int64_t d = 0; d < p.vdim; d += kLanes) {
+        Vec sum(0.f);
+        for (int64_t t = 0; t < cnt; ++t) sum = at::vec::fmadd(Vec(pj[t]), load_f(vh + t * p.row + d), sum);
+        (Vec::loadu(aj + d) + sum).store(aj + d);
+      }
+      for (int64_t d = p.vdim; d < dim; ++d) {
+        float sum = 0.f;
+        for (int64_t t = 0; t < cnt; ++t) sum += pj[t] * to_float(vh[t * p.row + d]);
+        aj[d] += sum;
+      }
+    }
+    pos += cnt;
+  }
+}
+
 template <typename T>
 void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                    const at::Tensor& tables, const at::Tensor& table_starts,
@@ -77,12 +189,11 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
   const int64_t num_seqs = q.size(0), heads = q.size(1), dim = q.size(2);
   const int64_t block_size = k_cache.size(1), kv_heads = k_cache.size(2);
   const int64_t group = heads / kv_heads;
-  // Strides of the pool views [blocks, block_size, kv_heads, dim] (only the block stride
-  // may differ from a contiguous layout: the views are slices of the whole pool).
-  const int64_t kb = k_cache.stride(0), ks = k_cache.stride(1), kh = k_cache.stride(2);
-  const int64_t vb = v_cache.stride(0);
-  const T* kp = k_cache.data_ptr<T>();
-  const T* vp = v_cache.data_ptr<T>();
+  // Only the block stride may differ from a contiguous layout: the views are slices of the
+  // whole pool.
+  const Problem<T> prob{k_cache.data_ptr<T>(), v_cache.data_ptr<T>(), k_cache.stride(0),
+                        v_cache.stride(0), kv_heads * dim, dim, dim - dim % kLanes,
+                        block_size, group};
   const T* qp = q.data_ptr<T>();
   T* op = out.data_ptr<T>();
   const int64_t* tab = tables.data_ptr<int64_t>();
@@ -99,43 +210,22 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
   const int64_t hq = heads_per_item * group;  // query heads per item
 
   at::parallel_for(0, nbins, 1, [&](int64_t bin_begin, int64_t bin_end) {
-    std::vector<float> qf(hq * dim), acc(hq * dim), scores, inv(hq);
+    std::vector<float> qf(hq * dim), acc(hq * dim), scratch(hq * block_size), m(hq), l(hq);
     for (int64_t bin = bin_begin; bin < bin_end; ++bin) {
       for (const int64_t item : bins[bin]) {
         const int64_t s = item / split, h0 = (item % split) * heads_per_item;
         const int64_t len = lens[s];
         const int64_t lo = window > 0 ? std::max<int64_t>(0, len - window) : 0;
-        const int64_t n = len - lo;
-        const int64_t* blocks = tab + tstart[s];
         // Query heads h0*group .. (h0+heads_per_item)*group, scaled, as fp32.
         const T* src = qp + (s * heads + h0 * group) * dim;
         for (int64_t i = 0; i < hq * dim; ++i) qf[i] = to_float(src[i]) * sc;
-        scores.resize(hq * n);
-        float* sp = scores.data();
-        const float* qv = qf.data();
-        for_each_row(blocks, lo, n, block_size, kp + h0 * kh, kb, ks, [&](int64_t t, const T* kr) {
-          for (int64_t j = 0; j < hq; ++j) sp[j * n + t] = dot(qv + j * dim, kr + (j / group) * kh, dim);
-        });
-        for (int64_t j = 0; j < hq; ++j) {
-          float* sg = sp + j * n;
-          float m = sg[0];
-          for (int64_t t = 1; t < n; ++t) m = std::max(m, sg[t]);
-          float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-          for (int64_t t = 0; t < n; ++t) {
-            sg[t] = std::exp(sg[t] - m);
-            sum += sg[t];
-          }
-          inv[j] = 1.f / sum;
-        }
-        std::fill(acc.begin(), acc.end(), 0.f);
-        float* av = acc.data();
-        for_each_row(blocks, lo, n, block_size, vp + h0 * kh, vb, ks, [&](int64_t t, const T* vr) {
-          for (int64_t j = 0; j < hq; ++j) axpy(sp[j * n + t], vr + (j / group) * kh, av + j * dim, dim);
-        });
+        attend(prob, tab + tstart[s], lo, len - lo, h0, hq, qf.data(), scratch.data(),
+               acc.data(), m.data(), l.data());
         T* dst = op + (s * heads + h0 * group) * dim;
-        for (int64_t j = 0; j < hq; ++j)
-          for (int64_t d = 0; d < dim; ++d) dst[j * dim + d] = static_cast<T>(av[j * dim + d] * inv[j]);
+        for (int64_t j = 0; j < hq; ++j) {
+          const float inv = 1.f / l[j];
+          for (int64_t d = 0; d < dim; ++d) dst[j * dim + d] = static_cast<T>(acc[j * dim + d] * inv);
+        }
       }
     }
   });
@@ -143,7 +233,7 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
 
 // q [seqs, heads, dim]; k_cache, v_cache [blocks, block_size, kv_heads, dim] (inner three
 // dims contiguous); tables [sum of blocks] int64, table_starts [seqs] int64 (offset of each
-// sequence's block ids in tables); kv_lens [seqs] int64; window <= 0: none.
+// sequence's block ids in tables); kv_lens [seqs] int64, each >= 1; window <= 0: none.
 at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                         const at::Tensor& tables, const at::Tensor& table_starts,
                         const at::Tensor& kv_lens, int64_t window, double scale) {
@@ -161,8 +251,11 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at
               "tables, table_starts and kv_lens must be int64");
   TORCH_CHECK(table_starts.numel() == q.size(0) && kv_lens.numel() == q.size(0),
               "one table start and one length per sequence");
-  at::Tensor out = at::empty_like(q);
   auto t = tables.contiguous(), ts = table_starts.contiguous(), kl = kv_lens.contiguous();
+  const int64_t* lp = kl.data_ptr<int64_t>();
+  TORCH_CHECK(std::all_of(lp, lp + kl.numel(), [](int64_t n) { return n >= 1; }),
+              "every kv_len must be >= 1");
+  at::Tensor out = at::empty_like(q);
   if (q.scalar_type() == at::kFloat) {
     decode_kernel<float>(q, k_cache, v_cache, t, ts, kl, window, scale, out);
   } else if (q.scalar_type() == at::kBFloat16) {
