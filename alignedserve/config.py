@@ -108,6 +108,14 @@ class ServeConfig(BaseSettings):
         "takes turns, one step each on pair_threads (prefill and decode steps interleave on "
         "the whole node, as a colocated engine's would: lower TTFT, but lower throughput "
         "and higher TPOT on 2 cores, BENCHMARKS.md).")
+    prefill_on: Literal["auto", "worker", "replica"] = Field(
+        "auto", description="Who runs prefill. `worker`: each compute replica's prefetch "
+        "worker (the paper's design: prefilled KV goes through the KV store and the decode "
+        "index to any replica). `replica`: each compute replica claims prompts from the "
+        "prefill queue itself and mixes their chunks into its decode steps, on all its "
+        "threads (a colocated engine, as vLLM runs; the worker then only moves KV). `auto`: "
+        "`replica` when one CPU replica serves the app (a small node, where a worker's "
+        "prefill and the replica's decode would split its few cores), else `worker`.")
     host_kv_gib: float = Field(2.0, gt=0, description="KV store (host pool) size per node.")
     prefill_token_budget: int = Field(1024, ge=16, description="Prefill tokens per worker step.")
     prefill_chunk_tokens: int | None = Field(256, ge=1, description="A prompt already in "
@@ -148,6 +156,13 @@ class ServeConfig(BaseSettings):
     @property
     def model_name(self) -> str:
         return self.served_model_name or Path(self.model).name
+
+    @property
+    def replica_prefills(self) -> bool:
+        """`prefill_on` resolved: True when compute replicas run prefill themselves."""
+        if self.prefill_on == "auto":
+            return self.num_replicas == 1 and self.replica_gpus == 0
+        return self.prefill_on == "replica"
 
 
 def load_config(path: str | Path | None = None, **flags: Any) -> ServeConfig:

@@ -258,11 +258,11 @@ def _cmd_status(args: argparse.Namespace) -> int:
                       ", ".join(st["replicas"]) or "-", st["cordoned"] or "-",
                       str(st["age_s"]))
     console.print(nodes)
-    table = Table("replica", "node", "requests", "running", "pooled", "KV usage",
+    table = Table("replica", "node", "prefill", "requests", "running", "pooled", "KV usage",
                   "prefetch hits", "batch switches", "state age s")
     for rep in snap["replicas"]:
         hit = rep.get("prefetch_hit_rate")
-        table.add_row(rep["replica"], rep["node"][:12], str(rep["requests"]),
+        table.add_row(rep["replica"], rep["node"][:12], rep["prefill"], str(rep["requests"]),
                       str(rep["running"]),
                       str(rep["pooled"]), f"{rep['kv_usage']:.0%}",
                       "-" if hit is None else f"{hit:.0%}", str(rep["switches"]),

@@ -228,6 +228,7 @@ class ReplicaState:
     kv_usage: float = 0.0  # device KV pool in use, 0..1
     prefetch_hit_rate: float | None = None  # steps whose KV had already landed
     switches: int = 0  # batch switches so far
+    prefill: str = "worker"  # who prefills its requests: "worker" or "replica" (prefill_on)
     node: str = ""  # Ray node id it runs on (its prefetch worker uses that node's store)
     # Ray actors whose death ends this replica (itself, its prefetch worker): the router
     # asks Ray about them when the state stops refreshing (`deployments/liveness.py`).

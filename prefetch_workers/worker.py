@@ -3,7 +3,8 @@ node's KV store, and moves KV between the store and its replica's device pool ah
 replica's batch schedule (GPU-Prefetch-For-GPU; on the CPU both pools are shared memory).
 
 Two loops, each on its own thread (the prefill loop shares the node's cores with the
-replica's decode loop, `cores.py`):
+replica's decode loop, `cores.py`; with `prefill_on: replica` the replica prefills and only
+the transfer loop runs):
 - prefill: FCFS over the Redis prefill queue under a token budget (the engine's FCFS policy
   with `max_num_batched_tokens`). After a request's first token it copies the prompt's KV
   into store blocks owned by the request id, then publishes the token and puts the request
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import ray
+import redis
 import torch
 from ray.actor import ActorHandle
 
@@ -42,6 +44,7 @@ from alignedserve.global_queue.index import RedisQueueIndex
 from alignedserve.global_queue.keys import RedisKeys
 from alignedserve.global_queue.nodes import cordoned, store_address
 from alignedserve.global_queue.records import (
+    RequestRecord,
     claim_prefill,
     is_aborted,
     load_records,
@@ -76,6 +79,7 @@ class PrefetchConfig:
     log_level: str = "INFO"  # ServeConfig.log_level
     pair_threads: int = 1  # torch threads while the replica is idle (cores.CoreShare)
     core_sharing: Literal["split", "alternate"] = "split"  # ServeConfig.core_sharing
+    run_prefill: bool = True  # False: the replica prefills (ServeConfig.prefill_on); KV only
 
 
 @dataclass
@@ -119,9 +123,11 @@ class PrefetchWorker:
         self.cores = CoreShare(self.device.header, HEADER_WORKER_BUSY, HEADER_REPLICA_BUSY,
                                cfg.engine.num_threads or 1, cfg.pair_threads, cfg.core_sharing)
         self._error: BaseException | None = None
+        loops = [(self._transfer_loop, "transfers")]
+        if cfg.run_prefill:
+            loops.append((self._prefill_loop, "prefill"))
         self._threads = [threading.Thread(target=self._guard, args=(f,), daemon=True, name=n)
-                         for f, n in ((self._prefill_loop, "prefill"),
-                                      (self._transfer_loop, "transfers"))]
+                         for f, n in loops]
         for t in self._threads:
             t.start()
 
@@ -257,22 +263,8 @@ class PrefetchWorker:
 
     def _admit(self, rids: list[str]) -> None:
         """Requests this worker now holds (`claim_prefill` made it their holder)."""
-        if not rids:
-            return
-        pipe = self.r.pipeline(transaction=False)
-        for rec in load_records(self.r, self.cfg.keys, rids):
-            if rec.output_token_ids:
-                log.info("resumed after %d tokens: recomputing", len(rec.output_token_ids),
-                         extra=log_rid(rec.request_id))
-            try:
-                self.engine.add_request(list(rec.prompt_token_ids), rec.params,
-                                        rec.request_id, arrived_at=rec.arrival_time,
-                                        output_ids=rec.output_token_ids)
-                self._arrivals[rec.request_id] = rec.arrival_time
-            except ValueError as e:
-                log.warning("rejected at prefill: %s", e, extra=log_rid(rec.request_id))
-                publish(pipe, self.cfg.keys, rec.request_id, TokenEvent((), 0, error=str(e)))
-        pipe.execute()
+        for rec in admit_claimed(self.engine, self.r, self.cfg.keys, rids):
+            self._arrivals[rec.request_id] = rec.arrival_time
 
     def _hand_off(self, out: StepOutput) -> None:
         """Requests that just sampled their first token leave for the decode index."""
@@ -324,3 +316,27 @@ class PrefetchWorker:
         self.host.arena.blocks.index_copy_(0, torch.tensor(slots[:n]),
                                            self.engine.read_kv(device_blocks[:n]))
         return slots
+
+
+def admit_claimed(engine: LLMEngine, r: redis.Redis, keys: RedisKeys,
+                  rids: list[str]) -> list[RequestRecord]:
+    """Queue the requests `claim_prefill` just gave this process in `engine`: a resumed one
+    with the output its client already has (prompt + output are recomputed). A request the
+    engine cannot serve gets an error event instead. Returns the records admitted."""
+    if not rids:
+        return []
+    admitted: list[RequestRecord] = []
+    pipe = r.pipeline(transaction=False)
+    for rec in load_records(r, keys, rids):
+        if rec.output_token_ids:
+            log.info("resumed after %d tokens: recomputing", len(rec.output_token_ids),
+                     extra=log_rid(rec.request_id))
+        try:
+            engine.add_request(list(rec.prompt_token_ids), rec.params, rec.request_id,
+                               arrived_at=rec.arrival_time, output_ids=rec.output_token_ids)
+            admitted.append(rec)
+        except ValueError as e:
+            log.warning("rejected at prefill: %s", e, extra=log_rid(rec.request_id))
+            publish(pipe, keys, rec.request_id, TokenEvent((), 0, error=str(e)))
+    pipe.execute()
+    return admitted

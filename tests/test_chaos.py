@@ -134,6 +134,9 @@ def server(tiny_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(server) -> dict[str, str]:
     """The fault-free outputs, from the same server."""
+    # Two replicas: prefill_on=auto leaves prefill to the prefetch workers, whose deaths
+    # and their KV hand-offs these tests exercise.
+    assert {rep["prefill"] for rep in _replicas(server)} == {"worker"}
     streams = Load(server.base, PROMPTS).finish()
     assert all(s.error is None and s.finish == "length" for s in streams), streams
     return {s.prompt: s.text for s in streams}

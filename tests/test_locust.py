@@ -29,8 +29,11 @@ BIN = Path(sys.executable).parent
 @pytest.fixture(scope="module")
 def server(tiny_dir, tmp_path_factory):
     """(HTTP base URL, gRPC target) of a served tiny model; drained and stopped after."""
+    # Prefill on the prefetch worker: every request's KV then moves through the prefetch
+    # path, so the dashboard's prefetch panels have data (with prefill on the replica, the
+    # default for one CPU replica, KV moves only when memory forces a swap).
     srv = start_cli_server(tiny_dir, tmp_path_factory.mktemp("locust-serve"), "locust-test:",
-                           "--drain-timeout-s", "5")
+                           "--drain-timeout-s", "5", config="prefill_on: worker\n")
     try:
         yield srv.base, srv.grpc
         assert srv.stop() == 0  # drains, stops Serve, Ray and its Redis

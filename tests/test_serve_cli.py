@@ -19,6 +19,11 @@ def test_serve_cli_answers_and_drains_on_sigterm(tiny_dir, tmp_path):
                               env={"ALIGNEDSERVE_DRAIN_TIMEOUT_S": "30"})
     proc, base = server.proc, server.base
     try:
+        from alignedserve.cluster.serve import status_snapshot
+
+        # One CPU replica: prefill_on=auto has the replica prefill (no worker prefill).
+        snap = status_snapshot(server.redis_url, "cli-test:")
+        assert [rep["prefill"] for rep in snap["replicas"]] == ["replica"]
         body = {"model": "tiny", "prompt": "drain me", "max_tokens": 120, "temperature": 0,
                 "ignore_eos": True, "stream": True}
         chunks, reason = 0, None

@@ -9,6 +9,8 @@ node's store serves gRPC to other nodes, and register in Redis. Then one thread 
    prefetch worker (gRPC, while decoding goes on) and joins when the pull returns, or, if
    that node is gone, goes back to the prefill queue to be recomputed;
 2. abort requests the router abandoned (Redis pub/sub);
+   with `prefill_on: replica`, also take prompts off the prefill queue (as a worker would)
+   and prefill them in its own steps, mixed with decode;
 3. run one step of the engine's batch-level scheduler (aligned batches, candidate buffers,
    swaps) whose KV copies the prefetch worker performs ahead of time;
 4. publish every new token to its request's Redis stream, in one pipeline per step;
@@ -42,10 +44,11 @@ from alignedserve.engine.llm_engine import EngineParts, LLMEngine
 from alignedserve.global_queue.connection import connect
 from alignedserve.global_queue.events import TokenEvent, publish
 from alignedserve.global_queue.keys import RedisKeys
-from alignedserve.global_queue.nodes import StoreInfo, publish_store
+from alignedserve.global_queue.nodes import StoreInfo, cordoned, publish_store
 from alignedserve.global_queue.records import (
     ReplicaState,
     RequestRecord,
+    claim_prefill,
     is_aborted,
     load_records,
     publish_state,
@@ -58,13 +61,19 @@ from alignedserve.logs import configure_logging
 from alignedserve.logs import rid as log_rid
 from alignedserve.prefetch_workers.cores import HEADER_REPLICA_BUSY, HEADER_WORKER_BUSY, CoreShare
 from alignedserve.prefetch_workers.transfer_client import PrefetchTransferQueue
-from alignedserve.prefetch_workers.worker import PULL_THREADS, PrefetchConfig, PrefetchWorker
+from alignedserve.prefetch_workers.worker import (
+    PULL_THREADS,
+    PrefetchConfig,
+    PrefetchWorker,
+    admit_claimed,
+)
 
 log = logging.getLogger("alignedserve.replica")
 _STATE_EVERY_S = 0.1
 _PING_WORKER_EVERY_S = 0.5
 _IDLE_WAIT_S = 0.02
 _STORE_EVERY_S = 1.0  # how often the node's store info is refreshed in Redis
+_CORDON_EVERY_S = 1.0  # prefill_on=replica: how often it checks whether its node is cordoned
 _WORKER_START_S = 180.0  # a paired worker not up by then cannot be placed (or is stuck)
 
 
@@ -94,7 +103,8 @@ class ComputeReplica:
                                  long_prefill_token_threshold=cfg.prefill_chunk_tokens),
             redis_url=cfg.redis_url, keys=self.keys, worker_id=self.replica_id,
             log_level=cfg.log_level, redis_outage_s=cfg.redis_outage_s,
-            pair_threads=self._pair_threads(cfg), core_sharing=cfg.core_sharing)
+            pair_threads=self._pair_threads(cfg), core_sharing=cfg.core_sharing,
+            run_prefill=not cfg.replica_prefills)
         ctx = ray.get_runtime_context()
         worker_name = f"alignedserve-prefetch-{self.replica_id}"
         self._actors = (ctx.get_actor_name() or "", worker_name)
@@ -126,6 +136,10 @@ class ComputeReplica:
         self.engine = LLMEngine(ecfg, parts=EngineParts(self._device_pool, self.host,
                                                         self.transfers))
         self.counts: dict[str, int] = {}  # request id -> output tokens so far
+        # prefill_on=replica: requests claimed off the prefill queue, no token sampled yet.
+        self.prefilling: set[str] = set()
+        self._claim_window = max(1, ecfg.max_num_batched_tokens // 64)  # as the worker's
+        self._cordon_at, self._cordoned = 0.0, False
         # Requests whose KV the worker is pulling from another node: id -> (pull, record).
         self.pulling: dict[str, tuple[ray.ObjectRef, RequestRecord]] = {}
         self.metrics = EngineMetrics(cfg.model_name, self.replica_id)
@@ -255,6 +269,8 @@ class ComputeReplica:
             while not self._stop.is_set():
                 if not self._draining.is_set():
                     self._pull_inbox()
+                    if self.cfg.replica_prefills:
+                        self._claim_prefill()
                 if self.pulling:
                     self._finish_pulls()
                 self._apply_aborts()
@@ -293,6 +309,25 @@ class ComputeReplica:
             else:
                 self._add(rec, list(rec.slots))
 
+    def _claim_prefill(self) -> None:
+        """prefill_on=replica: take prompts off the prefill queue into this engine (FCFS),
+        about a step's worth beyond those still waiting for their first token, as a
+        prefetch worker does; the rest stays in the global queue, where admission control
+        sees it. This replica becomes their holder."""
+        now = time.monotonic()
+        if now - self._cordon_at > _CORDON_EVERY_S:
+            self._cordon_at = now
+            self._cordoned = self.node in cordoned(self.r, self.keys, "prefill")
+        room = min(self._claim_window - len(self.prefilling),
+                   self.cfg.replica_inflight - self.engine.num_requests - len(self.pulling))
+        if room <= 0 or self._cordoned:
+            return
+        rids = claim_prefill(self.r, self.keys, self.replica_id, room)
+        for rec in admit_claimed(self.engine, self.r, self.keys, rids):
+            self.metrics.record_queue_time(max(0.0, time.time() - rec.arrival_time))
+            self.counts[rec.request_id] = len(rec.output_token_ids)
+            self.prefilling.add(rec.request_id)
+
     def _add(self, rec: RequestRecord, slots: list[int]) -> None:
         self.metrics.record_queue_time(max(0.0, time.time() - rec.arrival_time))
         self.engine.add_prefilled(rec.request_id, list(rec.prompt_token_ids), rec.params,
@@ -330,6 +365,7 @@ class ComputeReplica:
                 log.info("aborted after %d tokens", self.counts[rid], extra=log_rid(rid))
                 self.engine.abort(rid)
                 self.counts.pop(rid, None)
+                self.prefilling.discard(rid)
 
     def _step(self) -> None:
         out = self.engine.step()
@@ -337,6 +373,7 @@ class ComputeReplica:
         if out.sampled:
             pipe = self.r.pipeline(transaction=False)
             for rid, tok in out.sampled.items():
+                self.prefilling.discard(rid)
                 n = self.counts[rid] = self.counts[rid] + 1
                 lp = out.logprobs.get(rid)
                 reason = finished[rid].finish_reason if rid in finished else None
@@ -366,7 +403,9 @@ class ComputeReplica:
             free=0 if self._draining.is_set() else max(
                 0, self.cfg.replica_inflight - self.engine.num_requests - len(self.pulling)),
             kv_usage=st.device_usage, prefetch_hit_rate=self.transfers.hit_rate,
-            switches=st.counters["switches"], node=self.node, actors=self._actors,
+            switches=st.counters["switches"],
+            prefill="replica" if self.cfg.replica_prefills else "worker",
+            node=self.node, actors=self._actors,
             namespace=self._namespace, pids=self._pids,
         )
 
