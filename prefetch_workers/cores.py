@@ -15,10 +15,20 @@ yet). While both are busy, `mode` decides:
   steps stall whenever another process takes a core), so it is not the default.
 A side that turns busy while the other is mid-step overlaps that one step at most; a side
 that waits longer than `max_wait_s` for its turn (its partner died mid-turn) goes ahead.
+
+Priority: Ray starts its workers at nice 15, below Redis, the GCS and the dashboard agent
+(nice 0). A multi-threaded step waits at every op's barrier for its slowest thread, so each
+time one of those preempts a compute thread the whole step stalls. Before its first step a
+side sets its computing thread to `nice` (ServeConfig.compute_nice), so the OpenMP threads
+that thread starts inherit it; lowering nice needs CAP_SYS_NICE, and without it the side
+keeps Ray's and logs why once.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import threading
 import time
 from typing import Literal
 
@@ -28,12 +38,13 @@ HEADER_REPLICA_BUSY = 1  # device-arena header slot: the replica has requests to
 HEADER_WORKER_BUSY = 2  # device-arena header slot: the worker has prompts to prefill
 HEADER_TURN = 3  # device-arena header slot: the busy slot of the side whose step is next
 _POLL_S = 0.0002  # header poll while waiting for the turn
+log = logging.getLogger(__name__)
 
 
 class CoreShare:
     def __init__(self, header: torch.Tensor, mine: int, other: int, own_threads: int,
                  pair_threads: int, mode: Literal["split", "alternate"] = "split",
-                 max_wait_s: float = 5.0) -> None:
+                 max_wait_s: float = 5.0, nice: int | None = None) -> None:
         self.header = header  # int64 view over the device arena's header
         self.mine, self.other = mine, other
         self.own_threads = own_threads  # split: while the other side is busy
@@ -43,6 +54,7 @@ class CoreShare:
         self._busy: bool | None = None
         self.threads = 0  # torch threads set on the calling thread, 0 before the first step
         self.waited_s = 0.0  # time spent waiting for the turn
+        self.nice = nice  # the computing thread's niceness; None: leave it as it is
 
     def set_busy(self, busy: bool) -> None:
         if busy != self._busy:
@@ -58,10 +70,21 @@ class CoreShare:
             want = self.pair_threads
         else:
             want = self.own_threads if int(self.header[self.other]) else self.pair_threads
+        if self.threads == 0 and self.nice is not None:
+            self._set_nice(self.nice)
         if want != self.threads:
             torch.set_num_threads(want)
             self.threads = want
         return want
+
+    @staticmethod
+    def _set_nice(nice: int) -> None:
+        """This thread's niceness (Linux: per thread; threads it starts inherit it)."""
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+        except (OSError, AttributeError) as e:  # no CAP_SYS_NICE, or not Linux
+            log.warning("compute thread keeps nice %s (could not set %d: %s)",
+                        os.getpriority(os.PRIO_PROCESS, 0), nice, e)
 
     def after_step(self) -> None:
         """Hand the turn to the other side (alternate)."""

@@ -80,6 +80,7 @@ class PrefetchConfig:
     pair_threads: int = 1  # torch threads while the replica is idle (cores.CoreShare)
     core_sharing: Literal["split", "alternate"] = "split"  # ServeConfig.core_sharing
     run_prefill: bool = True  # False: the replica prefills (ServeConfig.prefill_on); KV only
+    compute_nice: int | None = 0  # ServeConfig.compute_nice
 
 
 @dataclass
@@ -121,7 +122,8 @@ class PrefetchWorker:
         self._cv = threading.Condition()
         self._next_seq = int(self.device.header[HEADER_DONE_SEQ]) + 1
         self.cores = CoreShare(self.device.header, HEADER_WORKER_BUSY, HEADER_REPLICA_BUSY,
-                               cfg.engine.num_threads or 1, cfg.pair_threads, cfg.core_sharing)
+                               cfg.engine.num_threads or 1, cfg.pair_threads, cfg.core_sharing,
+                               nice=cfg.compute_nice)
         self._error: BaseException | None = None
         loops = [(self._transfer_loop, "transfers")]
         if cfg.run_prefill:

@@ -3,6 +3,7 @@ arena's header: split widens a side only while the other idles; alternate takes 
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -91,3 +92,43 @@ def test_pair_threads_never_shrink_a_side_below_its_own():
         assert side.before_step() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def _first_step_in_a_thread(share: CoreShare) -> int:
+    """Run the first before_step on a fresh thread (as the decode loop does); its niceness."""
+    got: list[int] = []
+
+    def run() -> None:
+        before = torch.get_num_threads()
+        try:
+            share.before_step()
+            got.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        finally:
+            torch.set_num_threads(before)
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    return got[0]
+
+
+def test_the_computing_thread_takes_compute_nice_and_only_it():
+    header = torch.zeros(8, dtype=torch.int64)
+    mine = os.getpriority(os.PRIO_PROCESS, 0)
+    share = CoreShare(header, HEADER_REPLICA_BUSY, HEADER_WORKER_BUSY, 1, 2, nice=mine + 3)
+    assert _first_step_in_a_thread(share) == mine + 3  # raising nice needs no privilege
+    assert os.getpriority(os.PRIO_PROCESS, 0) == mine  # this (another) thread is untouched
+    keep = CoreShare(header, HEADER_REPLICA_BUSY, HEADER_WORKER_BUSY, 1, 2, nice=None)
+    assert _first_step_in_a_thread(keep) == mine
+
+
+def test_a_refused_priority_is_logged_and_the_step_goes_on(monkeypatch, caplog):
+    def refuse(*_: object) -> None:
+        raise PermissionError("no CAP_SYS_NICE")
+
+    monkeypatch.setattr(os, "setpriority", refuse)
+    header = torch.zeros(8, dtype=torch.int64)
+    share = CoreShare(header, HEADER_REPLICA_BUSY, HEADER_WORKER_BUSY, 1, 2, nice=-5)
+    with caplog.at_level("WARNING"):
+        _first_step_in_a_thread(share)
+    assert "could not set -5" in caplog.text and header[HEADER_REPLICA_BUSY] == 1

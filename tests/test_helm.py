@@ -319,6 +319,21 @@ def test_gpu_values_reach_the_worker_group(rendered):
     assert shm["sizeLimit"] == f"{int(60.5 * 1024)}Mi"
 
 
+def test_compute_nice_adds_sys_nice_only_while_set(rendered, helm):
+    """Lowering the model-step threads' niceness below Ray's needs CAP_SYS_NICE in the
+    containers that run replicas; with compute_nice null the chart asks for nothing."""
+    def caps(docs):
+        rc = _one(docs, "RayService")["spec"]["rayClusterConfig"]
+        groups = [rc["headGroupSpec"], *rc["workerGroupSpecs"]]
+        return [g["template"]["spec"]["containers"][0].get("securityContext", {}).get(
+            "capabilities", {}).get("add") for g in groups]
+
+    rs = _one(rendered["defaults"], "RayService")
+    assert ServeConfig.model_validate(_serve_app(rs)["args"]).compute_nice == 0
+    assert caps(rendered["defaults"]) == [["SYS_NICE"], ["SYS_NICE"]]
+    assert caps(_docs(helm, "--set", "serveConfig.compute_nice=null")) == [None, None]
+
+
 def test_redis_statefulset_and_kept_password(rendered):
     docs = rendered["defaults"]
     sts = _one(docs, "StatefulSet")

@@ -104,7 +104,7 @@ class ComputeReplica:
             redis_url=cfg.redis_url, keys=self.keys, worker_id=self.replica_id,
             log_level=cfg.log_level, redis_outage_s=cfg.redis_outage_s,
             pair_threads=self._pair_threads(cfg), core_sharing=cfg.core_sharing,
-            run_prefill=not cfg.replica_prefills)
+            run_prefill=not cfg.replica_prefills, compute_nice=cfg.compute_nice)
         ctx = ray.get_runtime_context()
         worker_name = f"alignedserve-prefetch-{self.replica_id}"
         self._actors = (ctx.get_actor_name() or "", worker_name)
@@ -132,7 +132,8 @@ class ComputeReplica:
         self.host = StoreHostAllocator(self.store, lim.host_blocks)
         self.transfers = PrefetchTransferQueue(self.worker, self.arena.header, lim.block_bytes)
         self.cores = CoreShare(self.arena.header, HEADER_REPLICA_BUSY, HEADER_WORKER_BUSY,
-                               cfg.replica_threads, pcfg.pair_threads, cfg.core_sharing)
+                               cfg.replica_threads, pcfg.pair_threads, cfg.core_sharing,
+                               nice=cfg.compute_nice)
         self.engine = LLMEngine(ecfg, parts=EngineParts(self._device_pool, self.host,
                                                         self.transfers))
         self.counts: dict[str, int] = {}  # request id -> output tokens so far
