@@ -8,9 +8,9 @@ node's store serves gRPC to other nodes, and register in Redis. Then one thread 
    prefilled on another node first has its KV pulled into this node's store by the
    prefetch worker (gRPC, while decoding goes on) and joins when the pull returns, or, if
    that node is gone, goes back to the prefill queue to be recomputed;
-2. abort requests the router abandoned (Redis pub/sub);
    with `prefill_on: replica`, also take prompts off the prefill queue (as a worker would)
    and prefill them in its own steps, mixed with decode;
+2. abort requests the router abandoned (Redis pub/sub);
 3. run one step of the engine's batch-level scheduler (aligned batches, candidate buffers,
    swaps) whose KV copies the prefetch worker performs ahead of time;
 4. publish every new token to its request's Redis stream, in one pipeline per step;
