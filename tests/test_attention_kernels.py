@@ -111,3 +111,13 @@ def test_explicit_dtype_wins_and_the_resolved_one_travels():
     # the resolved value travels: a config rebuilt from a dump keeps it
     cfg = EngineConfig(model="m", dtype="bfloat16")
     assert EngineConfig.model_validate(cfg.model_dump()).dtype == "bfloat16"
+
+
+def test_attention_bench_reports_both_backends_against_the_read_bound():
+    from alignedserve.loadgen.bench_attention import run
+
+    res = run("float32", threads=1, iters=1, repeats=1)
+    assert [t["backend"] for t in res["timings"]] == ["paged", "varlen"]
+    assert res["kv_bytes_per_layer"] == res["kv_tokens"] * 3 * 64 * 2 * 4
+    for t in res["timings"]:
+        assert t["ms_per_layer"] > 0 and 0 < t["read_bw_fraction"] < 5

@@ -1,0 +1,93 @@
+"""Paged decode attention alone: the C++ kernel against the torch backend it replaced, on
+one layer of a batch shaped like `profile_step`'s (61 sequences of 100-300 tokens and three
+of 1,500-2,000), with the achieved K/V read rate beside the machine's read bandwidth.
+
+    python -m alignedserve.loadgen.bench_attention --dtype float32 --threads 2
+
+Blocks are shuffled over a pool larger than the batch, as the engine's are. Each figure is
+the best of `repeats` rounds of `iters` calls (these machines are noisy).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from alignedserve.engine.attention import DECODE_BACKENDS, build_decode_batch
+from alignedserve.loadgen.hw_bounds import measure_machine
+
+
+@dataclass(frozen=True)
+class KernelTiming:
+    backend: str  # "paged" (C++) or "varlen" (torch)
+    ms_per_layer: float  # best mean milliseconds of one call
+    kv_gbps: float  # K/V bytes read per call / seconds / 1e9
+    read_bw_fraction: float  # kv_gbps / the machine's measured read bandwidth
+
+
+def _batch(lens: list[int], dtype: torch.dtype, heads: int, kv_heads: int, dim: int,
+           block: int, seed: int):
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    need = [-(-n // block) for n in lens]
+    order = list(range(sum(need) + 16))
+    rng.shuffle(order)
+    k = torch.randn(len(order), block, kv_heads, dim).to(dtype)
+    v = torch.randn(len(order), block, kv_heads, dim).to(dtype)
+    tables, i = [], 0
+    for n in need:
+        tables.append(order[i:i + n])
+        i += n
+    q = torch.randn(len(lens), heads, dim).to(dtype)
+    return q, k, v, build_decode_batch(tables, lens, block, None, False)
+
+
+def run(dtype: str = "float32", threads: int = 2, heads: int = 9, kv_heads: int = 3,
+        dim: int = 64, block: int = 32, iters: int = 20, repeats: int = 5,
+        backends: tuple[str, ...] = ("paged", "varlen"), seed: int = 0) -> dict[str, object]:
+    """Timings of each backend on one layer; shapes default to SmolLM2-135M's."""
+    rng = random.Random(seed)
+    lens = [rng.randint(100, 300) for _ in range(61)] + [1500, 1800, 2000]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        machine = measure_machine(copy_mib=256, gemm_n=256, repeats=3)
+        q, k, v, batch = _batch(lens, getattr(torch, dtype), heads, kv_heads, dim, block, seed)
+        kv_bytes = sum(lens) * kv_heads * dim * 2 * k.element_size()
+        rows = []
+        for name in backends:
+            fwd = DECODE_BACKENDS[name].forward
+            fwd(q, k, v, batch, dim ** -0.5)  # warm up (and build the kernel once)
+            best = float("inf")
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                for _ in range(iters):
+                    fwd(q, k, v, batch, dim ** -0.5)
+                best = min(best, (time.perf_counter() - t0) / iters)
+            gbps = kv_bytes / best / 1e9
+            rows.append(KernelTiming(name, round(best * 1e3, 3), round(gbps, 2),
+                                     round(gbps / machine.read_gbps, 3)))
+    finally:
+        torch.set_num_threads(before)
+    return {"dtype": dtype, "threads": threads, "kv_tokens": sum(lens),
+            "kv_bytes_per_layer": kv_bytes, "read_gbps": round(machine.read_gbps, 1),
+            "timings": [asdict(r) for r in rows]}
+
+
+if __name__ == "__main__":
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--threads", type=int, default=2)
+    a = p.parse_args()
+    res = run(a.dtype, a.threads)
+    for r in res["timings"]:
+        print(f"{r['backend']:>6} {a.dtype} {a.threads} threads: {r['ms_per_layer']:.2f} ms "
+              f"per layer, {r['kv_gbps']:.1f} GB/s of K/V = {r['read_bw_fraction']:.0%} of "
+              f"the {res['read_gbps']} GB/s read bandwidth")
+    print(json.dumps(res))
