@@ -109,11 +109,13 @@ class ServeConfig(BaseSettings):
         "the whole node, as a colocated engine's would: lower TTFT, but lower throughput "
         "and higher TPOT on 2 cores, BENCHMARKS.md).")
     compute_nice: int | None = Field(
-        0, ge=-20, le=19, description="Niceness of the threads that run model steps in "
+        None, ge=-20, le=19, description="Niceness of the threads that run model steps in "
         "compute replicas and prefetch workers. Ray starts workers at nice 15, below Redis "
         "and Ray's own daemons, and every preemption of one thread stalls a multi-threaded "
-        "step. Lowering it needs CAP_SYS_NICE (root on a host; add the capability in a "
-        "container), else Ray's is kept with a warning. None: keep Ray's.")
+        "step; 0 speeds steps up on small nodes, but then the router and Serve's proxy "
+        "(still at 15) get little CPU while steps run: admission and streaming slow down "
+        "under load. Lowering it needs CAP_SYS_NICE (root on a host; add the capability in "
+        "a container), else Ray's is kept with a warning. None: keep Ray's.")
     prefill_on: Literal["auto", "worker", "replica"] = Field(
         "auto", description="Who runs prefill. `worker`: each compute replica's prefetch "
         "worker (the paper's design: prefilled KV goes through the KV store and the decode "

@@ -78,8 +78,10 @@ def alignedserve_spec(bin_dir: Path, model_dir: str, served: str, dtype: str) ->
     argv = (str(bin_dir / "alignedserve"), "serve", "--model", model_dir,
             "--served-model-name", served, "--http-port", str(port), "--grpc-port", "0",
             "--redis-url", f"redis://127.0.0.1:{free_port()}/0")
-    return ServerSpec("alignedserve", argv, (("ALIGNEDSERVE_ENGINE__DTYPE", dtype),), port,
-                      served)
+    # compute_nice 0: model steps at the priority vLLM's engine runs at (Ray's workers
+    # start at nice 15, below Redis and Ray's daemons); set where it shows in the command.
+    return ServerSpec("alignedserve", argv, (("ALIGNEDSERVE_ENGINE__DTYPE", dtype),
+                                             ("ALIGNEDSERVE_COMPUTE_NICE", "0")), port, served)
 
 
 def vllm_spec(model_dir: str, served: str, dtype: str) -> ServerSpec:

@@ -80,7 +80,7 @@ class PrefetchConfig:
     pair_threads: int = 1  # torch threads while the replica is idle (cores.CoreShare)
     core_sharing: Literal["split", "alternate"] = "split"  # ServeConfig.core_sharing
     run_prefill: bool = True  # False: the replica prefills (ServeConfig.prefill_on); KV only
-    compute_nice: int | None = 0  # ServeConfig.compute_nice
+    compute_nice: int | None = None  # ServeConfig.compute_nice
 
 
 @dataclass

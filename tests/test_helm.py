@@ -329,9 +329,12 @@ def test_compute_nice_adds_sys_nice_only_while_set(rendered, helm):
             "capabilities", {}).get("add") for g in groups]
 
     rs = _one(rendered["defaults"], "RayService")
-    assert ServeConfig.model_validate(_serve_app(rs)["args"]).compute_nice == 0
-    assert caps(rendered["defaults"]) == [["SYS_NICE"], ["SYS_NICE"]]
-    assert caps(_docs(helm, "--set", "serveConfig.compute_nice=null")) == [None, None]
+    assert ServeConfig.model_validate(_serve_app(rs)["args"]).compute_nice is None
+    assert caps(rendered["defaults"]) == [None, None]
+    nice = _docs(helm, "--set", "serveConfig.compute_nice=0")
+    assert ServeConfig.model_validate(_serve_app(_one(nice, "RayService"))["args"]
+                                      ).compute_nice == 0
+    assert caps(nice) == [["SYS_NICE"], ["SYS_NICE"]]
 
 
 def test_redis_statefulset_and_kept_password(rendered):
