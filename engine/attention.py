@@ -44,6 +44,7 @@ class DecodeBackend(Protocol):
     """
 
     name: str
+    align_by: str  # what a misaligned member costs this kernel (AlignedKnobs.align_by)
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b: DecodeBatch, scale: float
@@ -82,6 +83,7 @@ class DenseDecode:
     """Pads every sequence to the batch's longest KV; one SDPA call. Best when aligned."""
 
     name = "dense"
+    align_by = "spread"  # every member pays for the longest
 
     def forward(self, q, k, v, b: DecodeBatch, scale: float) -> torch.Tensor:
         n, heads, dim = q.shape
@@ -97,6 +99,7 @@ class VarlenDecode:
     """One SDPA call per sequence over exactly its KV; no padding work."""
 
     name = "varlen"
+    align_by = "total"  # one call per sequence, each over all threads
 
     def forward(self, q, k, v, b: DecodeBatch, scale: float) -> torch.Tensor:
         _, heads, dim = q.shape
@@ -118,6 +121,7 @@ class PagedDecode:
     in place, exactly its length, fp32 accumulation; one call per layer for the batch."""
 
     name = "paged"
+    align_by = "total"  # work split over threads longest first (LPT)
 
     def forward(self, q, k, v, b: DecodeBatch, scale: float) -> torch.Tensor:
         from alignedserve.engine.native import kernels
@@ -134,6 +138,7 @@ class FlashAttnDecode:
     """CUDA only, NOT exercised in CI (no GPU here): flash-attn's paged-KV decode kernel."""
 
     name = "flash"
+    align_by = "longest"  # one work unit per sequence: the longest stalls
 
     def forward(self, q, k, v, b: DecodeBatch, scale: float) -> torch.Tensor:
         from flash_attn import flash_attn_with_kvcache

@@ -69,8 +69,11 @@ class _Tracked:
     detok: IncrementalDetokenizer | None  # only for requests with stop strings
 
 
-def aligned_config(cfg: EngineConfig) -> AlignedConfig:
+def aligned_config(cfg: EngineConfig, kernel_align_by: str) -> AlignedConfig:
+    """The policy's config; `align_by` auto becomes what the decode kernel in use says."""
     knobs = {name: getattr(cfg, name) for name in AlignedKnobs.model_fields}
+    if knobs["align_by"] == "auto":
+        knobs["align_by"] = kernel_align_by
     return AlignedConfig(**{**knobs, "min_batch": min(cfg.min_batch, cfg.max_num_seqs)},
                          max_batch=cfg.max_num_seqs,
                          max_num_batched_tokens=cfg.max_num_batched_tokens)
@@ -80,13 +83,13 @@ def make_host_pool(sizes: PoolSizes) -> HostKVPool:
     return HostKVPool(sizes.host_blocks, sizes.block_shape, sizes.dtype)
 
 
-def make_scheduler(cfg: EngineConfig, num_blocks: int,
-                   host: HostAllocator | None = None) -> Scheduler:
+def make_scheduler(cfg: EngineConfig, num_blocks: int, host: HostAllocator | None,
+                   kernel_align_by: str) -> Scheduler:
     kv = KVBlockManager(num_blocks, cfg.block_size)
     if cfg.policy == "aligned":
         if host is None:
             raise ValueError("the aligned policy needs a host KV pool")
-        return AlignedScheduler(kv, host, aligned_config(cfg))
+        return AlignedScheduler(kv, host, aligned_config(cfg, kernel_align_by))
     limits = SchedulerLimits(cfg.max_num_seqs, cfg.max_num_batched_tokens,
                              cfg.long_prefill_token_threshold)
     return FCFSScheduler(kv, limits)
@@ -116,7 +119,7 @@ class LLMEngine:
         elif cfg.policy == "aligned":
             self.host_pool = make_host_pool(self.runner.sizes)
             host, self.transfers = self.host_pool.allocator, KVTransferQueue(cache, self.host_pool)
-        self.scheduler = make_scheduler(cfg, cache.num_blocks, host)
+        self.scheduler = make_scheduler(cfg, cache.num_blocks, host, self.runner.align_by)
         try:
             self.tokenizer = load_tokenizer(cfg.model)
         except (OSError, ValueError):

@@ -67,6 +67,15 @@ class ModelRunner:
         self._paged = self.cache.kv.device.type == "cpu" and kernels() is not None
         self._generators: dict[str, torch.Generator] = {}
 
+    @property
+    def align_by(self) -> str:
+        """What a misaligned member costs this runner's decode attention, for the aligned
+        policy (`AlignedKnobs.align_by` "auto")."""
+        name = self.cfg.attention_backend
+        if name == "auto":  # the paged kernel where it builds; else dense/varlen by spread
+            return "total" if self._paged else "spread"
+        return DECODE_BACKENDS[name].align_by
+
     def choose_backend(self, kv_lens: list[int]) -> DecodeBackend:
         name = self.cfg.attention_backend
         if name == "auto" and self._paged:

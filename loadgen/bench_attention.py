@@ -1,6 +1,9 @@
 """Paged decode attention alone: the C++ kernel against the torch backend it replaced, on
 one layer of a batch shaped like `profile_step`'s (61 sequences of 100-300 tokens and three
 of 1,500-2,000), with the achieved K/V read rate beside the machine's read bandwidth.
+It also times the paged kernel on an aligned batch of the same size and total KV (every
+sequence at the mean length): mixed / aligned time is the straggler that KV-length
+alignment could remove from this kernel, the CPU engine's alignment ceiling.
 
     python -m alignedserve.loadgen.bench_attention --dtype float32 --threads 2
 
@@ -22,7 +25,7 @@ from alignedserve.loadgen.hw_bounds import measure_machine
 
 @dataclass(frozen=True)
 class KernelTiming:
-    backend: str  # "paged" (C++) or "varlen" (torch)
+    backend: str  # "paged" (C++), "varlen" (torch); "paged-aligned": same total KV, equal lengths
     ms_per_layer: float  # best mean milliseconds of one call
     kv_gbps: float  # K/V bytes read per call / seconds / 1e9
     read_bw_fraction: float  # kv_gbps / the machine's measured read bandwidth
@@ -57,24 +60,36 @@ def run(dtype: str = "float32", threads: int = 2, heads: int = 9, kv_heads: int 
         machine = measure_machine(copy_mib=256, gemm_n=256, repeats=3)
         q, k, v, batch = _batch(lens, getattr(torch, dtype), heads, kv_heads, dim, block, seed)
         kv_bytes = sum(lens) * kv_heads * dim * 2 * k.element_size()
-        rows = []
-        for name in backends:
-            fwd = DECODE_BACKENDS[name].forward
-            fwd(q, k, v, batch, dim ** -0.5)  # warm up (and build the kernel once)
-            best = float("inf")
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                for _ in range(iters):
-                    fwd(q, k, v, batch, dim ** -0.5)
-                best = min(best, (time.perf_counter() - t0) / iters)
-            gbps = kv_bytes / best / 1e9
-            rows.append(KernelTiming(name, round(best * 1e3, 3), round(gbps, 2),
-                                     round(gbps / machine.read_gbps, 3)))
+        rows = [_time(name, name, q, k, v, batch, kv_bytes, machine.read_gbps, dim, iters,
+                      repeats) for name in backends]
+        if "paged" in backends:
+            mean = sum(lens) // len(lens)
+            even = [mean + (i < sum(lens) - mean * len(lens)) for i in range(len(lens))]
+            q2, k2, v2, b2 = _batch(even, getattr(torch, dtype), heads, kv_heads, dim, block, seed)
+            rows.append(_time("paged-aligned", "paged", q2, k2, v2, b2, kv_bytes,
+                              machine.read_gbps, dim, iters, repeats))
     finally:
         torch.set_num_threads(before)
+    ms = {r.backend: r.ms_per_layer for r in rows}
+    straggler = (round(ms["paged"] / ms["paged-aligned"], 3) if "paged-aligned" in ms
+                 else None)
     return {"dtype": dtype, "threads": threads, "kv_tokens": sum(lens),
             "kv_bytes_per_layer": kv_bytes, "read_gbps": round(machine.read_gbps, 1),
-            "timings": [asdict(r) for r in rows]}
+            "timings": [asdict(r) for r in rows], "mixed_over_aligned": straggler}
+
+
+def _time(label: str, name: str, q, k, v, batch, kv_bytes: int, read_gbps: float, dim: int,
+          iters: int, repeats: int) -> KernelTiming:
+    fwd = DECODE_BACKENDS[name].forward
+    fwd(q, k, v, batch, dim ** -0.5)  # warm up (and build the kernel once)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fwd(q, k, v, batch, dim ** -0.5)
+        best = min(best, (time.perf_counter() - t0) / iters)
+    gbps = kv_bytes / best / 1e9
+    return KernelTiming(label, round(best * 1e3, 3), round(gbps, 2), round(gbps / read_gbps, 3))
 
 
 if __name__ == "__main__":
@@ -90,4 +105,7 @@ if __name__ == "__main__":
         print(f"{r['backend']:>6} {a.dtype} {a.threads} threads: {r['ms_per_layer']:.2f} ms "
               f"per layer, {r['kv_gbps']:.1f} GB/s of K/V = {r['read_bw_fraction']:.0%} of "
               f"the {res['read_gbps']} GB/s read bandwidth")
+    if res["mixed_over_aligned"] is not None:
+        print(f"mixed / aligned batch, same total KV: {res['mixed_over_aligned']:.3f}x "
+              "(the straggler KV-length alignment could remove from this kernel)")
     print(json.dumps(res))

@@ -12,6 +12,8 @@ from typing import Literal, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+AlignBy = Literal["auto", "spread", "longest", "total"]
+
 
 class AlignedKnobs(BaseModel):
     """The aligned policy's user-facing knobs (ignored by fcfs)."""
@@ -29,12 +31,16 @@ class AlignedKnobs(BaseModel):
         128, ge=0, description="aligned: KV lengths within this many tokens of each other also "
         "count as aligned, whatever their ratio (short requests batch freely: their padding "
         "costs little next to the linear layers).")
-    align_by: Literal["spread", "longest"] = Field(
-        "spread", description="aligned: what a misaligned member costs the decode kernel. "
+    align_by: AlignBy = Field(
+        "auto", description="aligned: what a misaligned member costs the decode kernel. "
         "spread: padded attention (the CPU engine's dense path), every member pays for the "
         "longest, so lengths must be close both ways. longest: per-sequence GPU kernels "
         "(PagedAttention V1, the simulator's default), only the longest member stalls a "
-        "step, so shorter requests join a batch freely.")
+        "step, so shorter requests join a batch freely. total: load-balanced kernels (the "
+        "CPU engine's paged kernel splits work over threads longest first), a step costs "
+        "the batch's total KV however lengths are grouped, so length is no reason to wait. "
+        "auto: from the decode backend (paged kernel: total; dense/varlen by spread: spread; "
+        "GPU: longest).")
     batch_kv_fraction: float = Field(
         0.4, gt=0.0, le=1.0, description="aligned (the paper's Bmax): the candidate-requests "
         "buffer (KV prefetched for the next refills) holds at most this fraction of the device "
@@ -69,6 +75,8 @@ def knob_flags() -> list[tuple[str, type, str]]:
 class AlignedConfig(AlignedKnobs):
     """Everything `AlignedScheduler` reads: the knobs plus limits the engine derives."""
 
+    align_by: AlignBy = Field("spread", description="as AlignedKnobs.align_by, resolved: "
+                              "never auto (the engine resolves it from its decode backend)")
     max_batch: int = Field(64, ge=1, description="members of the running batch at most")
     max_num_batched_tokens: int = Field(1024, ge=1, description="tokens in one step at most")
     host_watermark: float = Field(0.05, ge=0.0, lt=1.0, description="host pool fraction kept "
@@ -80,6 +88,8 @@ class AlignedConfig(AlignedKnobs):
     def _check(self) -> AlignedConfig:
         if self.min_batch > self.max_batch:
             raise ValueError("need min_batch <= max_batch")
+        if self.align_by == "auto":
+            raise ValueError("align_by 'auto' must be resolved from the decode kernel first")
         return self
 
 

@@ -59,6 +59,15 @@ class DispatchKnobs:
     align_by: str = "spread"  # AlignedKnobs.align_by: what a misaligned member costs
 
 
+def dispatch_align_by(align_by: str, replica_gpus: float) -> str:
+    """The global dispatch's `align_by`: auto resolves as the replicas' engines do: GPU
+    replicas run per-sequence kernels (longest); CPU replicas run the paged kernel, whose
+    threads share a batch's work longest first (total)."""
+    if align_by != "auto":
+        return align_by
+    return "longest" if replica_gpus > 0 else "total"
+
+
 def plan_dispatch(queued: Sequence[Queued], rooms: Sequence[Room], knobs: DispatchKnobs,
                   now: float) -> list[tuple[str, list[str]]]:
     """(replica, request ids) assignments, at most one entry per replica. `queued` is

@@ -104,8 +104,12 @@ def band_distance(length: int, lo: int, hi: int, max_spread: float,
     "spread" (padded attention: every member pays for the longest, so lengths must be
     close both ways), or "longest" (per-sequence kernels: only the longest member stalls a
     step, so a request no longer than the band's top joins freely; a longer one still
-    counts from the band's bottom, which keeps a short band from creeping upward)."""
-    if by == "longest" and length <= hi:
+    counts from the band's bottom, which keeps a short band from creeping upward), or
+    "total" (load-balanced kernels: a step costs the batch's total KV however lengths are
+    grouped, so every length is at distance 0)."""
+    if by not in ("spread", "longest", "total"):
+        raise ValueError(f"unknown align_by {by!r}")
+    if by == "total" or (by == "longest" and length <= hi):
         return 0.0
     a, b = min(lo, length), max(hi, length)
     if lo <= length <= hi or aligned(a, b, max_spread, slack_tokens):

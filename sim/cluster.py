@@ -44,7 +44,7 @@ import numpy as np
 from pydantic import Field
 
 from alignedserve.scheduling.aligned import AlignedScheduler
-from alignedserve.scheduling.aligned_config import AlignedConfig, AlignedKnobs
+from alignedserve.scheduling.aligned_config import AlignBy, AlignedConfig, AlignedKnobs
 from alignedserve.scheduling.block_manager import BlockAllocator, KVBlockManager
 from alignedserve.scheduling.fcfs import FCFSScheduler, SchedulerLimits
 from alignedserve.scheduling.interface import Scheduler, SchedulerOutput
@@ -60,9 +60,10 @@ class SimConfig(AlignedKnobs):
     batching knobs are inherited from `AlignedKnobs`; the dispatch's clock runs in
     simulated seconds, a device's in its steps)."""
 
-    align_by: Literal["spread", "longest"] = Field(
+    align_by: AlignBy = Field(
         "longest", description="aligned: GPU decode kernels run one work unit per sequence "
-        "(every kernel model here), so only the longest member stalls a step")
+        "(v1, vllm), so only the longest member stalls a step; auto: longest for v1 and "
+        "vllm, total for the load-balanced models (split, fluid, none)")
     hardware: str = Field("h100-sxm", description="sim/profiles/hardware.json entry")
     model: str = Field("opt-13b", description="sim/profiles/models.json entry")
     policy: Literal["aligned", "fcfs", "fcfs-sorted"] = "aligned"
@@ -100,6 +101,13 @@ class SimConfig(AlignedKnobs):
     def but(self, **changes: object) -> SimConfig:
         """A validated copy with `changes` applied."""
         return SimConfig(**{**self.model_dump(), **changes})
+
+    @property
+    def kernel_align_by(self) -> str:
+        """`align_by`, with auto resolved from the decode kernel model."""
+        if self.align_by != "auto":
+            return self.align_by
+        return "longest" if self.kernel in ("v1", "vllm") else "total"
 
     @property
     def side_device(self) -> bool:
@@ -156,6 +164,7 @@ def make_scheduler(cfg: SimConfig, cost: CostModel) -> Scheduler:
         return kind(device, SchedulerLimits(cfg.max_num_seqs, cfg.max_num_batched_tokens))
     host_blocks = max(1, int(cfg.host_pool_gib * 2**30 // cost.kv_bytes(1, cfg.block_size)))
     knobs = {name: getattr(cfg, name) for name in AlignedKnobs.model_fields}
+    knobs["align_by"] = cfg.kernel_align_by
     return AlignedScheduler(device, BlockAllocator(host_blocks), AlignedConfig(
         **{**knobs, "min_batch": min(cfg.min_batch, cfg.max_num_seqs)},
         max_batch=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens))

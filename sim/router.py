@@ -56,7 +56,7 @@ class _DispatchedCluster:
         cost = CostModel(hardware(cfg.hardware), model(cfg.model), kernel=cfg.kernel)
         self.cfg, self.pairs = cfg, [SimPair(cfg, cost) for _ in range(cfg.pairs)]
         self.knobs = DispatchKnobs(cfg.max_spread, cfg.slack_tokens, cfg.max_queue_delay_s,
-                                   align_by=cfg.align_by)
+                                   align_by=cfg.kernel_align_by)
         nodes = cfg.nodes
         self.links = InterNodeLinks(nodes.count, cfg.internode_gbps, cost.m.kv_bytes_per_token)
         self.pair_node = [nodes.of_pair(j) for j in range(cfg.pairs)]

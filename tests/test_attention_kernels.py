@@ -117,7 +117,8 @@ def test_attention_bench_reports_both_backends_against_the_read_bound():
     from alignedserve.loadgen.bench_attention import run
 
     res = run("float32", threads=1, iters=1, repeats=1)
-    assert [t["backend"] for t in res["timings"]] == ["paged", "varlen"]
+    assert [t["backend"] for t in res["timings"]] == ["paged", "varlen", "paged-aligned"]
+    assert res["mixed_over_aligned"] > 0
     assert res["kv_bytes_per_layer"] == res["kv_tokens"] * 3 * 64 * 2 * 4
     for t in res["timings"]:
         assert t["ms_per_layer"] > 0 and 0 < t["read_bw_fraction"] < 5

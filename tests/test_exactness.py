@@ -63,10 +63,13 @@ def test_greedy_matches_transformers(model_dirs, name):
 
 @pytest.mark.parametrize("backend", ["paged", "dense", "varlen"])
 def test_each_decode_backend_is_exact(tiny_dir, backend):
-    llm = LLM(str(tiny_dir), dtype="float32", attention_backend=backend)
+    llm = LLM(str(tiny_dir), dtype="float32", attention_backend=backend, policy="aligned")
     prompts = random_prompts(llm.engine.model_cfg.vocab_size, seed=1)
     outs = llm.generate(prompts, GREEDY, use_tqdm=False)
     assert_same(outs, hf_greedy(str(tiny_dir), tuple(map(tuple, prompts))))
+    # the aligned policy's align_by "auto" follows what a misaligned member costs the kernel
+    assert llm.engine.scheduler.cfg.align_by == {"paged": "total", "dense": "spread",
+                                                 "varlen": "total"}[backend]
 
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-mistral"])
@@ -135,10 +138,10 @@ def test_aligned_policy_matches_fcfs_and_transformers(model_dirs, name):
 def test_aligned_exact_under_forced_swaps_and_starvation(model_dirs, name):
     """A device pool barely larger than the longest request, filled to the brim
     (lookahead 0), forces members out to the host pool and back; a 4-step starvation
-    horizon makes the bound fire."""
+    horizon makes the bound fire (lengths count under padded attention, `spread`)."""
     d = model_dirs(name)
     llm = LLM(str(d), dtype="float32", policy="aligned", num_kv_blocks=100,
-              max_num_batched_tokens=256,
+              max_num_batched_tokens=256, align_by="spread",
               max_num_seqs=6, min_batch=3, max_wait_steps=4, lookahead_tokens=0,
               batch_kv_fraction=0.5)
     prompts = random_prompts(llm.engine.model_cfg.vocab_size)

@@ -211,6 +211,30 @@ def test_without_pressure_the_outlier_waits_for_peers():
     assert s.requests["long"].status is RequestStatus.WAITING
 
 
+@pytest.mark.parametrize(("align_by", "long_waits"), [("spread", True), ("total", False)])
+def test_with_a_load_balanced_kernel_length_is_no_reason_to_wait(align_by, long_waits):
+    """The same pool as the control above. Under a kernel whose step costs the batch's total
+    KV (align_by "total", the CPU engine's paged kernel) the long request takes a free slot
+    at once, as under fcfs; under padded attention ("spread") it waits for its peers."""
+    s = sched(max_batch=8, min_batch=2, max_spread=1.3, max_wait_steps=10**6,
+              align_by=align_by)
+    ex = FakeExecutor(s)
+    for i in range(6):
+        s.add_request(make(f"s{i}", 10, 30))
+    s.add_request(make("long", 120, 4))
+    ex.step()
+    assert (s.requests["long"].status is RequestStatus.WAITING) is long_waits
+    assert len(s.running) == (6 if long_waits else 7)
+    assert s.stats().counters["starved"] == 0  # at distance 0 it is no outlier
+
+
+def test_align_by_auto_must_be_resolved_before_the_policy_runs():
+    with pytest.raises(ValueError, match="auto"):
+        AlignedConfig(align_by="auto")
+    with pytest.raises(ValueError, match="unknown align_by"):
+        band_distance(5, 1, 2, 1.5, by="auto")
+
+
 def test_a_burst_is_served_nearest_first_even_past_the_bound():
     """Requests of one burst age alike, so the bound never turns them into oldest-first:
     with every request overdue, the batch still takes the lengths nearest its band."""

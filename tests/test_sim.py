@@ -365,6 +365,13 @@ def test_align_by_longest_lets_shorter_requests_ride_free():
     assert band_distance(100, 4000, 5000, 1.5, 0, by="longest") == 0
     assert band_distance(9000, 4000, 5000, 1.5, 0, by="longest") == band_distance(
         9000, 4000, 5000, 1.5, 0, by="spread") > 0
-    assert SimConfig().align_by == "longest"  # the simulator models GPU kernels
+    assert band_distance(9000, 4000, 5000, 1.5, 0, by="total") == 0
+    assert SimConfig().kernel_align_by == "longest"  # the simulator models GPU kernels
+    auto = SimConfig(align_by="auto")
+    assert [auto.but(kernel=k).kernel_align_by for k in ("v1", "vllm", "split", "fluid")] == [
+        "longest", "longest", "total", "total"]
     from alignedserve.scheduling.aligned_config import AlignedKnobs
-    assert AlignedKnobs().align_by == "spread"  # the CPU engine pads its dense attention
+    assert AlignedKnobs().align_by == "auto"  # the engine resolves it from its kernel
+    from alignedserve.scheduling.dispatch import dispatch_align_by
+    assert [dispatch_align_by("auto", g) for g in (0, 1)] == ["total", "longest"]
+    assert dispatch_align_by("spread", 0) == "spread"

@@ -29,7 +29,7 @@ from alignedserve.deployments.router.openai_api import (
 from alignedserve.deployments.router.redis_backend import RedisBackend
 from alignedserve.global_queue.keys import RedisKeys
 from alignedserve.logs import configure_logging
-from alignedserve.scheduling.dispatch import DispatchKnobs
+from alignedserve.scheduling.dispatch import DispatchKnobs, dispatch_align_by
 
 app = FastAPI(title="AlignedServe", description="OpenAI-compatible LLM serving with "
               "prefix-aware batching.")
@@ -59,7 +59,7 @@ class Router(GrpcApiMixin):
                                        cfg.api_key.get_secret_value() if cfg.api_key else None)
         e = cfg.engine
         knobs = DispatchKnobs(e.max_spread, e.slack_tokens, e.max_queue_delay_s,
-                              align_by=e.align_by)
+                              align_by=dispatch_align_by(e.align_by, cfg.replica_gpus))
         self.leader = LeaderLoop(cfg.redis_url, keys, cfg.leader_ttl_s, knobs, stores.free,
                                  outage_s=cfg.redis_outage_s,
                                  router_id=self.backend.router_id).start()
