@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from alignedserve.engine.cpuinfo import cpu_flags
 from alignedserve.scheduling.aligned_config import AlignedKnobs
 
 Arch = Literal["llama", "opt"]
@@ -121,17 +122,6 @@ def _eos_ids(value: int | list[int] | None) -> tuple[int, ...]:
     if isinstance(value, int):
         return (value,)
     return tuple(int(v) for v in value)
-
-
-def cpu_flags() -> frozenset[str]:
-    """Feature flags of this CPU (Linux /proc/cpuinfo); empty where unknown."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
 
 
 def preferred_dtype() -> Literal["float32", "bfloat16"]:

@@ -15,10 +15,11 @@ import functools
 import hashlib
 import logging
 import os
-import platform
 import sys
 from pathlib import Path
 from types import ModuleType
+
+from alignedserve.engine.cpuinfo import cpu_flags, cpu_model
 
 log = logging.getLogger(__name__)
 
@@ -30,13 +31,8 @@ CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffast-math", "-fno-finite-math-o
 
 
 def _cpu_key() -> str:
-    """Model name and feature flags of this CPU (Linux), else the platform string."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        keep = [ln for ln in lines if ln.startswith(("model name", "flags"))][:2]
-        text = "\n".join(keep)
-    except OSError:
-        text = platform.processor() + platform.machine()
+    """A short hash of this CPU's model name and feature flags."""
+    text = cpu_model() + "\n" + " ".join(sorted(cpu_flags()))
     return hashlib.sha1(text.encode()).hexdigest()[:10]
 
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from alignedserve.engine.cpuinfo import cpu_flags, cpu_model
+
 # Tensor attributes of our model classes that are lookup tables, not GEMM weights: a decode
 # step reads one row of them (or none), so they don't count as bytes read per token.
 _LOOKUP_ATTRS = frozenset({"embed", "pos_embed", "cos", "sin"})
@@ -182,26 +184,11 @@ def decode_bound(
     )
 
 
-def _simd_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            line = next((ln for ln in f if ln.startswith("flags")), "")
-    except OSError:
-        return set()
-    return {f for f in line.split(":", 1)[-1].split() if f.startswith(("avx", "amx"))}
-
-
 def machine_info() -> dict[str, object]:
-    cpu = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
-    except OSError:
-        pass
     import transformers
 
     return {
-        "cpu": cpu,
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "platform": platform.platform(),
         "python": platform.python_version(),
@@ -209,5 +196,5 @@ def machine_info() -> dict[str, object]:
         "transformers": transformers.__version__,
         "torch_threads": torch.get_num_threads(),
         "loadavg_1m": os.getloadavg()[0],  # other processes skew every number; check this
-        "cpu_flags": sorted(_simd_flags()),
+        "cpu_flags": sorted(f for f in cpu_flags() if f.startswith(("avx", "amx"))),
     }

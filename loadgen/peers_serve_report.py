@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from alignedserve.engine.cpuinfo import cpu_flags, cpu_model
+
 BASELINE, OURS = "vllm", "alignedserve"
 # The serving targets, AlignedServe against vLLM on the same machine and dataset.
 MIN_OUTPUT_TPS_RATIO = 1.0  # output tok/s >= 1.0x vLLM
@@ -189,15 +191,10 @@ def plot_png(path: Path, rows: list[BenchRow], title: str) -> None:
 
 def machine_info(peer_python: Path) -> dict[str, Any]:
     """CPU model and the flags that pick vLLM's CPU kernels, load, and versions."""
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError) as e:
-        lscpu = f"lscpu failed: {e}"
-    fields = dict(line.split(":", 1) for line in lscpu.splitlines() if ":" in line)
-    flags = set(fields.get("Flags", "").split())
+    flags = cpu_flags()
     versions = {d: metadata.version(d) for d in ("alignedserve", "torch", "transformers")}
     return {
-        "cpu_model": fields.get("Model name", "?").strip(),
+        "cpu_model": cpu_model(),
         "cpu_flags": {f: f in flags for f in CPU_FLAGS},
         "cpus_allowed": len(os.sched_getaffinity(0)),
         "load_avg": os.getloadavg(),

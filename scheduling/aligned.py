@@ -256,14 +256,17 @@ class AlignedScheduler:
                   among: Iterable[str] | None = None) -> list[Request]:
         """Up to `limit` pooled requests (of `among`, default all) with aging score <= 0
         (any score if `force`), best first; ties shortest first (more members fit the
-        device, and a burst is swept from short to long), then earlier in the pool."""
+        device, and a burst is swept from short to long), then earlier in the pool. Under
+        align_by "total" length decides nothing: oldest first, then pool (arrival) order,
+        as fcfs, which leaves no burst's long prompts for a thin tail."""
+        by_length = self.cfg.align_by != "total"
         scored = []
         for k, rid in enumerate(self._since if among is None else among):
             r, since = self.pooled[rid], self._since[rid]
             d = self._distance(r.num_tokens, band)
             s = aging_score(d, self.steps - since, self.cfg.max_wait_steps)
             if s <= 0 or force:
-                scored.append((s, r.num_tokens, k, r))
+                scored.append((s, r.num_tokens if by_length else 0, k, r))
         return [t[3] for t in heapq.nsmallest(limit, scored, key=lambda t: t[:3])]
 
     def _distance(self, length: int, band: Band) -> float:

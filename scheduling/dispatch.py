@@ -130,6 +130,8 @@ def _pick(items: list[Queued], room: int, knobs: DispatchKnobs, now: float) -> l
     requests, which wait alike, stay in length order."""
     if len(items) <= room:
         return list(range(len(items)))
+    if knobs.align_by == "total":  # length costs the replicas' kernel nothing: oldest first
+        return sorted(sorted(range(len(items)), key=lambda i: items[i].arrival_time)[:room])
     lengths = [q.kv_len for q in items]
     ones = [1] * len(items)
     w = densest_window(lengths, ones, min_batch=1, max_batch=room, max_spread=knobs.max_spread,

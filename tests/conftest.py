@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -50,3 +51,21 @@ def redis_url():
     srv = LocalRedis(url).start()
     yield url
     srv.stop()
+
+
+@pytest.fixture(scope="session")
+def helm() -> Path:
+    """The pinned helm binary (`make tools` installs it into .tools/; installed here if not)."""
+    from helm_chart import install_helm
+
+    return install_helm()
+
+
+@pytest.fixture(scope="session")
+def rendered(helm) -> dict[str, list[dict[str, Any]]]:
+    """The chart rendered with each ci/*.yaml values file, by file stem."""
+    from helm_chart import CI_VALUES, docs_of
+
+    assert {p.stem for p in CI_VALUES} >= {"defaults", "gpus", "external-redis",
+                                           "monitoring-on"}
+    return {p.stem: docs_of(helm, "-f", str(p)) for p in CI_VALUES}

@@ -24,6 +24,15 @@ def test_each_replica_gets_the_densest_aligned_window_most_room_first():
     assert len(assigned) == len(set(assigned))
 
 
+def test_under_a_load_balanced_kernel_dispatch_is_oldest_first_whatever_the_length():
+    """align_by "total" (CPU replicas' paged kernel): the same queue as above goes out in
+    arrival order, not in length windows."""
+    queue = _queue([10, 11, 12, 13, 500, 510, 2000], [7.0, 6.0, 5.0, 4.0, 3.0, 2.0, 1.0])
+    knobs = DispatchKnobs(1.5, 0, 10.0, align_by="total")
+    plan = plan_dispatch(queue, [Room("small", 2), Room("big", 3)], knobs, now=101.0)
+    assert plan == [("big", ["q4", "q5", "q6"]), ("small", ["q2", "q3"])]
+
+
 def test_everything_fits_everything_goes_and_full_replicas_get_nothing():
     queue = _queue([5, 900])
     assert plan_dispatch(queue, [Room("a", 0), Room("b", 4)], KNOBS, 0.0) == [

@@ -228,6 +228,18 @@ def test_with_a_load_balanced_kernel_length_is_no_reason_to_wait(align_by, long_
     assert s.stats().counters["starved"] == 0  # at distance 0 it is no outlier
 
 
+@pytest.mark.parametrize(("align_by", "first"), [("spread", ["b", "d"]), ("total", ["a", "b"])])
+def test_a_burst_goes_shortest_first_only_where_length_costs(align_by, first):
+    """A burst waits alike. Where misalignment costs the kernel, the shortest go first (more
+    fit, the burst is swept short to long); under "total" arrival order decides, as fcfs,
+    so no burst leaves its long prompts for a thin tail."""
+    s = sched(max_batch=2, min_batch=1, max_spread=100.0, align_by=align_by)
+    for rid, n in [("a", 40), ("b", 10), ("c", 30), ("d", 20)]:
+        s.add_request(make(rid, n))
+    s.schedule()
+    assert sorted(r.request_id for r in s.running) == first
+
+
 def test_align_by_auto_must_be_resolved_before_the_policy_runs():
     with pytest.raises(ValueError, match="auto"):
         AlignedConfig(align_by="auto")

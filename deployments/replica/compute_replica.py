@@ -16,17 +16,14 @@ node's store serves gRPC to other nodes, and register in Redis. Then one thread 
 4. publish every new token to its request's Redis stream, in one pipeline per step;
 5. keep this replica's state (pool sizes, usage) for the leader and `alignedserve status`.
 
-A heartbeat thread publishes that state every 0.1 s, and pings the prefetch worker: if the
-worker died, the replica withdraws its state (the routers resume its requests elsewhere at
-once) and fails its health check, so Serve replaces the pair. About once a second it also
-publishes its node's store (`StoreInfo`: gRPC address, usage), which `status` shows and
-workers on other nodes use to find it. The routers ask Ray about the
-actors named in the state when it stops refreshing (`deployments/liveness.py`).
+A heartbeat thread (`liveness.py`) publishes that state every 0.1 s and watches the
+prefetch worker: if the worker died, the replica withdraws its state and fails its health
+check, so Serve replaces the pair. The routers ask Ray about the actors named in the state
+when it stops refreshing (`deployments/liveness.py`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import threading
@@ -40,18 +37,18 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from alignedserve.config import ServeConfig
 from alignedserve.deployments.limits import engine_config, serving_limits
 from alignedserve.deployments.metrics import EngineMetrics
+from alignedserve.deployments.replica.liveness import STATE_EVERY_S, ReplicaLiveness, serve_store
 from alignedserve.engine.llm_engine import EngineParts, LLMEngine
 from alignedserve.global_queue.connection import connect
 from alignedserve.global_queue.events import TokenEvent, publish
 from alignedserve.global_queue.keys import RedisKeys
-from alignedserve.global_queue.nodes import StoreInfo, cordoned, publish_store
+from alignedserve.global_queue.nodes import cordoned
 from alignedserve.global_queue.records import (
     ReplicaState,
     RequestRecord,
     claim_prefill,
     is_aborted,
     load_records,
-    publish_state,
     resume,
 )
 from alignedserve.kv_store.host_allocator import StoreHostAllocator
@@ -69,15 +66,12 @@ from alignedserve.prefetch_workers.worker import (
 )
 
 log = logging.getLogger("alignedserve.replica")
-_STATE_EVERY_S = 0.1
-_PING_WORKER_EVERY_S = 0.5
 _IDLE_WAIT_S = 0.02
-_STORE_EVERY_S = 1.0  # how often the node's store info is refreshed in Redis
 _CORDON_EVERY_S = 1.0  # prefill_on=replica: how often it checks whether its node is cordoned
 _WORKER_START_S = 180.0  # a paired worker not up by then cannot be placed (or is stuck)
 
 
-class ComputeReplica:
+class ComputeReplica(ReplicaLiveness):
     """Wrapped by `serve.deployment` in `deployments/app.py`."""
 
     def __init__(self, cfg: ServeConfig, model_dir: str) -> None:
@@ -95,7 +89,7 @@ class ComputeReplica:
         self.arena = ShmArena.create(
             f"as-dev-{self.replica_id}", lim.device_blocks, lim.block_shape, lim.dtype)
         node = self.node = ray.get_runtime_context().get_node_id()
-        self.store_address = _serve_store(self.store, cfg)
+        self.store_address = serve_store(self.store, cfg)
         pcfg = PrefetchConfig(
             engine=engine_config(cfg, model_dir, cfg.worker_threads, policy="fcfs",
                                  kv_cache_gib=0.25,
@@ -208,48 +202,6 @@ class ComputeReplica:
             log.warning("replica %s: prefetch worker did not stop cleanly: %r",
                         self.replica_id, e)
         self.arena.close()  # idempotent
-
-    # -- liveness -----------------------------------------------------------------------------
-
-    def _heartbeat(self) -> None:
-        """Publish the decode loop's latest state with a fresh timestamp every 0.1 s (the
-        routers take a replica that stops as dead), and watch the prefetch worker."""
-        ping: ray.ObjectRef | None = None
-        stats: ray.ObjectRef | None = None
-        pinged = stats_at = 0.0
-        while not self._stop.wait(_STATE_EVERY_S):
-            try:
-                if ping is None and time.monotonic() - pinged > _PING_WORKER_EVERY_S:
-                    ping, pinged = self.worker.ping.remote(), time.monotonic()
-                if ping is not None and ray.wait([ping], timeout=0)[0]:
-                    ray.get(ping)  # raises once the worker is dead (or has failed)
-                    ping = None
-                if stats is None and time.monotonic() - stats_at > _STORE_EVERY_S:
-                    stats, stats_at = self.store.stats.remote(), time.monotonic()
-                if stats is not None and ray.wait([stats], timeout=0)[0]:
-                    st, stats = ray.get(stats), None
-                    publish_store(self.r, self.keys, StoreInfo(
-                        self.node, self.store_address, time.time(), st.num_blocks,
-                        st.used_blocks, st.num_requests, st.bytes_read))
-                publish_state(self.r, self.keys,
-                              dataclasses.replace(self._last_state, ts=time.time()))
-            except ray.exceptions.RayError as e:
-                self._fail(e)
-                return
-            except Exception:  # Redis gone past its outage allowance: keep trying
-                log.exception("replica %s: heartbeat failed", self.replica_id)
-
-    def _fail(self, e: BaseException) -> None:
-        """The prefetch worker or the decode loop died: this pair can serve nothing more.
-        Withdraw the state so routers resume the requests it held elsewhere now, and fail
-        the health check so Serve replaces the pair."""
-        log.error("replica %s failed (%r); its requests resume elsewhere", self.replica_id, e)
-        self._error = e
-        self._stop.set()
-        try:
-            self.r.hdel(self.keys.replicas, self.replica_id)
-        except Exception:  # Redis down too: the routers see the state go stale instead
-            log.exception("replica %s: could not withdraw its state", self.replica_id)
 
     def _pair_threads(self, cfg: ServeConfig) -> int:
         """ServeConfig.pair_threads, else this node's Ray CPUs when one replica runs."""
@@ -414,15 +366,8 @@ class ComputeReplica:
         """Refresh the state the heartbeat publishes (computed here, on the loop's thread,
         which owns the scheduler)."""
         now = time.monotonic()
-        if now - self._state_at < _STATE_EVERY_S:
+        if now - self._state_at < STATE_EVERY_S:
             return
         self._state_at = now
         self._last_state = self._state()
 
-
-def _serve_store(store: ray.actor.ActorHandle, cfg: ServeConfig) -> str:
-    """Start (once per node) the node's store's gRPC service, on `kv_grpc_host` or the
-    node's own address as Ray knows it (never all interfaces by default); its address."""
-    host = cfg.kv_grpc_host or ray.util.get_node_ip_address()
-    port = ray.get(store.start_grpc.remote(host, cfg.kv_grpc_port))
-    return f"{host}:{port}"

@@ -1,0 +1,90 @@
+"""The compute replica's liveness: its heartbeat and how it fails (`ComputeReplica`).
+
+A heartbeat thread publishes the decode loop's latest state every 0.1 s, and pings the
+prefetch worker: if the worker died, the replica withdraws its state (the routers resume
+its requests elsewhere at once) and fails its health check, so Serve replaces the pair.
+About once a second it also publishes its node's store (`StoreInfo`: gRPC address, usage).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+
+import ray
+import redis
+
+from alignedserve.config import ServeConfig
+from alignedserve.global_queue.keys import RedisKeys
+from alignedserve.global_queue.nodes import StoreInfo, publish_store
+from alignedserve.global_queue.records import ReplicaState, publish_state
+
+log = logging.getLogger("alignedserve.replica")
+STATE_EVERY_S = 0.1
+_PING_WORKER_EVERY_S = 0.5
+_STORE_EVERY_S = 1.0  # how often the node's store info is refreshed in Redis
+
+
+class ReplicaLiveness:
+    """The heartbeat half of `ComputeReplica`; these are the attributes it reads."""
+
+    replica_id: str
+    node: str
+    store_address: str
+    r: redis.Redis
+    keys: RedisKeys
+    worker: ray.actor.ActorHandle
+    store: ray.actor.ActorHandle
+    _stop: threading.Event
+    _error: BaseException | None
+    _last_state: ReplicaState
+
+    def _heartbeat(self) -> None:
+        """Publish the decode loop's latest state with a fresh timestamp every 0.1 s (the
+        routers take a replica that stops as dead), and watch the prefetch worker."""
+        ping: ray.ObjectRef | None = None
+        stats: ray.ObjectRef | None = None
+        pinged = stats_at = 0.0
+        while not self._stop.wait(STATE_EVERY_S):
+            try:
+                if ping is None and time.monotonic() - pinged > _PING_WORKER_EVERY_S:
+                    ping, pinged = self.worker.ping.remote(), time.monotonic()
+                if ping is not None and ray.wait([ping], timeout=0)[0]:
+                    ray.get(ping)  # raises once the worker is dead (or has failed)
+                    ping = None
+                if stats is None and time.monotonic() - stats_at > _STORE_EVERY_S:
+                    stats, stats_at = self.store.stats.remote(), time.monotonic()
+                if stats is not None and ray.wait([stats], timeout=0)[0]:
+                    st, stats = ray.get(stats), None
+                    publish_store(self.r, self.keys, StoreInfo(
+                        self.node, self.store_address, time.time(), st.num_blocks,
+                        st.used_blocks, st.num_requests, st.bytes_read))
+                publish_state(self.r, self.keys,
+                              dataclasses.replace(self._last_state, ts=time.time()))
+            except ray.exceptions.RayError as e:
+                self._fail(e)
+                return
+            except Exception:  # Redis gone past its outage allowance: keep trying
+                log.exception("replica %s: heartbeat failed", self.replica_id)
+
+    def _fail(self, e: BaseException) -> None:
+        """The prefetch worker or the decode loop died: this pair can serve nothing more.
+        Withdraw the state so routers resume the requests it held elsewhere now, and fail
+        the health check so Serve replaces the pair."""
+        log.error("replica %s failed (%r); its requests resume elsewhere", self.replica_id, e)
+        self._error = e
+        self._stop.set()
+        try:
+            self.r.hdel(self.keys.replicas, self.replica_id)
+        except Exception:  # Redis down too: the routers see the state go stale instead
+            log.exception("replica %s: could not withdraw its state", self.replica_id)
+
+
+def serve_store(store: ray.actor.ActorHandle, cfg: ServeConfig) -> str:
+    """Start (once per node) the node's store's gRPC service, on `kv_grpc_host` or the
+    node's own address as Ray knows it (never all interfaces by default); its address."""
+    host = cfg.kv_grpc_host or ray.util.get_node_ip_address()
+    port = ray.get(store.start_grpc.remote(host, cfg.kv_grpc_port))
+    return f"{host}:{port}"
