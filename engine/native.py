@@ -11,6 +11,7 @@ CPU's model and feature flags: a cache copied to another machine is rebuilt, not
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import logging
@@ -59,9 +60,18 @@ def kernels() -> ModuleType | None:
             os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
         out = build_dir()
         out.mkdir(parents=True, exist_ok=True)
-        return load(name="alignedserve_kernels", sources=[str(s) for s in SOURCES],
-                    extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
-                    build_directory=str(out), verbose=False)
+        # torch's own build lock is a plain file: a build killed midway leaves it behind and
+        # every later process waits on it forever. An flock is released by the OS however
+        # its holder ends, so while we hold ours, a torch lock still present is stale.
+        with open(out / "alignedserve.flock", "w") as held:
+            fcntl.flock(held, fcntl.LOCK_EX)
+            stale = out / "lock"
+            if stale.exists():
+                log.warning("removing %s, left by a kernel build that was killed", stale)
+                stale.unlink()
+            return load(name="alignedserve_kernels", sources=[str(s) for s in SOURCES],
+                        extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
+                        build_directory=str(out), verbose=False)
     except Exception as exc:
         log.warning("C++ kernels unavailable, using the torch attention paths: %s", exc)
         return None

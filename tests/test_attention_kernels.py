@@ -4,6 +4,7 @@ tables, GQA and MHA, sliding windows that start mid-block, fp32 and bf16."""
 
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
@@ -38,6 +39,28 @@ def _case(heads: int, kv_heads: int, lens: list[int], dtype: torch.dtype, seed: 
 def test_the_kernels_build_here():
     """CI machines have a compiler: the engine must not silently run the slow fallback."""
     assert kernels() is not None
+
+
+def test_a_build_killed_midway_does_not_hang_the_next_process(tmp_path):
+    """torch's build lock is a plain file; a killed build leaves it, and the next process
+    used to wait on it forever. Here: a copy of this machine's build with such a lock."""
+    import shutil
+    import subprocess
+    import sys
+
+    from alignedserve.engine.native import build_dir
+
+    assert kernels() is not None
+    copy = tmp_path / build_dir().name
+    shutil.copytree(build_dir(), copy)  # mtimes kept: ninja finds nothing to rebuild
+    (copy / "lock").touch()
+    env = {**os.environ, "ALIGNEDSERVE_EXT_DIR": str(tmp_path)}
+    code = "from alignedserve.engine.native import kernels; assert kernels() is not None"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "left by a kernel build that was killed" in out.stderr
+    assert not (copy / "lock").exists()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

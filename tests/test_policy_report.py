@@ -22,3 +22,21 @@ def test_policy_report_writes_every_system_beside_the_ceiling(tmp_path):
     table = (tmp_path / "table.md").read_text()
     assert "| opt-2.7b | mix95 |" in table and "| split | opt-2.7b | mix95 |" in table
     assert (tmp_path / "results.png").stat().st_size > 10_000
+
+
+def test_capacity_is_searched_on_several_workload_draws(monkeypatch):
+    from alignedserve.sim import policy_report
+    from alignedserve.sim.plan import Capacity
+
+    seen = []
+
+    def fake_capacity(base, system, workload, slo_ms, seed=0):
+        seen.append((system, seed))
+        return Capacity(system, 1.0 + seed, 0.5, 10.0 * (seed + 1), 1.0)
+
+    monkeypatch.setattr(policy_report, "capacity", fake_capacity)
+    (row, *_) = policy_report.online("opt-13b", ("mix95",), 50.0, seeds=3)
+    assert seen[:3] == [("aligned", 0), ("aligned", 1), ("aligned", 2)]
+    assert row["rates"] == [1.0, 2.0, 3.0] and row["rate_per_pair"] == 2.0
+    assert row["tpot_p99_ms"] == 20.0
+    assert "| 2.00 | 1.00, 2.00, 3.00 | 20.0 |" in policy_report.markdown([], [row])
