@@ -78,6 +78,11 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
     off.add_argument("--rate", type=float, default=None,
                      help="Online mode: Poisson arrivals at this many requests/s (engine "
                      "policies only, --peers none). Default: offline, all at t=0.")
+    off.add_argument("--repeats", type=int, default=1,
+                     help="Rounds of the engine policies, in reversed order every other "
+                     "round (A B, B A, ...); results.json keeps every round, the table each "
+                     "policy's median round. For telling a small difference from this host's "
+                     "noise.")
     _add_aligned_flags(off, [("--host-kv-gib", float, "aligned: host KV pool size in GiB "
                               "(default: EngineConfig's)")])
     off.add_argument("--no-hw-probe", action="store_true",
@@ -235,6 +240,7 @@ def _cmd_bench_offline(args: argparse.Namespace) -> int:
         kv_cache_gib=args.kv_cache_gib, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, hw_probe=not args.no_hw_probe,
         aligned=_aligned_overrides(args, ["host_kv_gib"]), rate=args.rate,
+        repeats=args.repeats,
         out_dir=args.out, progress=not args.no_progress,
         command=shlex.join(["alignedserve", *args.argv]),
     )

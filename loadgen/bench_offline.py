@@ -55,6 +55,7 @@ class OfflineBenchConfig:
     max_num_batched_tokens: int = 1024  # engine token budget, hf-cb max_batch_tokens
     aligned: tuple[tuple[str, float], ...] = ()  # EngineConfig overrides for policy "aligned"
     rate: float | None = None  # online mode: Poisson arrivals at this many requests/s
+    repeats: int = 1  # rounds of the engine policies, order reversed every other round
     hw_probe: bool = True  # measure copy / GEMM bounds and a batch-1 decode
     out_dir: str | None = None  # default bench-results/<label>-<workload>
     progress: bool = True  # tqdm bars
@@ -71,8 +72,8 @@ class OfflineBenchConfig:
         if self.rate is not None and (self.rate <= 0 or self.peers):
             raise ValueError("online mode (rate) needs rate > 0 and no peers: peers here "
                              "cannot take requests on a schedule")
-        if self.num_requests < 1 or self.threads < 1 or self.hf_batch_size < 1:
-            raise ValueError("num_requests, threads and hf_batch_size must be >= 1")
+        if min(self.num_requests, self.threads, self.hf_batch_size, self.repeats) < 1:
+            raise ValueError("num_requests, threads, hf_batch_size and repeats must be >= 1")
 
     @property
     def name(self) -> str:
@@ -100,8 +101,10 @@ def cli_command(cfg: OfflineBenchConfig) -> str:
             "--len-scale", f"{cfg.len_scale:g}", "--hf-batch-size", str(cfg.hf_batch_size),
             "--kv-cache-gib", f"{cfg.kv_cache_gib:g}", "--max-num-seqs", str(cfg.max_num_seqs),
             "--max-num-batched-tokens", str(cfg.max_num_batched_tokens),
-            *(f"--{k.replace('_', '-')}={v:g}" for k, v in cfg.aligned),
+            *(f"--{k.replace('_', '-')}={v:g}" if isinstance(v, float) else
+              f"--{k.replace('_', '-')}={v}" for k, v in cfg.aligned),
             *(["--rate", f"{cfg.rate:g}"] if cfg.rate is not None else []),
+            *(["--repeats", str(cfg.repeats)] if cfg.repeats > 1 else []),
             "--out", str(cfg.output_dir())]
     return shlex.join(args)
 
@@ -284,11 +287,38 @@ def run_offline_bench(cfg: OfflineBenchConfig) -> OfflineBenchResult:
     machine = measure_machine() if cfg.hw_probe else None
     if machine is not None:
         hw["machine"] = machine
-    runs = [_guarded(p, "engine", lambda p=p: _run_policy(cfg, p, requests, machine, hw))
-            for p in cfg.policies]
+    rounds: list[dict[str, SystemRun]] = []
+    for k in range(cfg.repeats):  # ABBA...: a drift of the host's speed hits both alike
+        order = cfg.policies if k % 2 == 0 else cfg.policies[::-1]
+        rounds.append({p: _guarded(p, "engine",
+                                   lambda p=p: _run_policy(cfg, p, requests, machine, hw))
+                       for p in order})
+    runs = [_median_run([r[p] for r in rounds]) for p in cfg.policies]
     runs += [_guarded(p, "peer", lambda p=p: _run_peer(cfg, p, requests, kv_blocks))
              for p in cfg.peers]
-    return _write_outputs(cfg, requests, runs, hw, max_len, info)
+    return _write_outputs(cfg, requests, runs, hw, max_len, info, rounds)
+
+
+def _median_run(runs: list[SystemRun]) -> SystemRun:
+    """The round whose decode throughput is the median (the lower middle of an even count)."""
+    ok = [r for r in runs if r.error is None] or runs
+    ok.sort(key=lambda r: report.summarize(r)["decode_tps"] if r.error is None else 0.0)
+    return ok[(len(ok) - 1) // 2]
+
+
+def _round_table(rounds: list[dict[str, SystemRun]], baseline: str) -> list[dict[str, Any]]:
+    """Per round: each policy's throughputs and P99 TPOT, and its decode ratio to the
+    baseline in that same round."""
+    out = []
+    for k, rnd in enumerate(rounds):
+        sums = {name: report.summarize(r) for name, r in rnd.items() if r.error is None}
+        base = sums.get(baseline, {}).get("decode_tps")
+        out.append({"round": k + 1, "order": list(rnd), "systems": {
+            name: {"decode_tps": s["decode_tps"], "output_tps": s["output_tps"],
+                   "tpot_p99_s": s["tpot_s"]["p99"],
+                   f"decode_vs_{baseline}": s["decode_tps"] / base if base else None}
+            for name, s in sums.items()}})
+    return out
 
 
 def _quantiles(values: list[int]) -> dict[str, float]:
@@ -299,7 +329,8 @@ def _quantiles(values: list[int]) -> dict[str, float]:
 
 def _write_outputs(cfg: OfflineBenchConfig, requests: list[WorkloadRequest],
                    runs: list[SystemRun], hw: dict[str, Any], max_len: int,
-                   info: dict[str, Any]) -> OfflineBenchResult:
+                   info: dict[str, Any], rounds: list[dict[str, SystemRun]]
+                   ) -> OfflineBenchResult:
     out_dir = cfg.output_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
     baseline = runs[0]
@@ -324,10 +355,17 @@ def _write_outputs(cfg: OfflineBenchConfig, requests: list[WorkloadRequest],
             "output_len": _quantiles([r.max_tokens for r in requests]),
         },
         "baseline": baseline.name, "systems": summaries, "ratios": ratios,
+        # every round when repeated; `systems` holds each policy's median round
+        "rounds": _round_table(rounds, baseline.name) if len(rounds) > 1 else [],
         "iteration_latencies_s": {r.name: [round(x, 6) for x in r.iteration_s] for r in runs},
     }
     json_path, png_path = out_dir / "results.json", out_dir / "results.png"
     report.write_json(json_path, payload)
     report.plot_png(png_path, summaries, runs, title)
     report.print_table(summaries, ratios, baseline.name, hw_plain or None, title)
+    for rnd in payload["rounds"]:
+        print(f"round {rnd['round']} ({' then '.join(rnd['order'])}): " + ", ".join(
+            f"{n} {v['decode_tps']:.1f} decode tok/s" + (
+                f" ({v[f'decode_vs_{baseline.name}']:.3f}x)" if n != baseline.name and
+                v[f"decode_vs_{baseline.name}"] else "") for n, v in rnd["systems"].items()))
     return OfflineBenchResult(out_dir, json_path, png_path, summaries, ratios)

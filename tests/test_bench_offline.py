@@ -135,3 +135,24 @@ def test_aligned_vs_fcfs_online_arrivals(tiny_model, tmp_path):
 def test_online_mode_refuses_peers(tiny_model):
     with pytest.raises(ValueError, match="online"):
         OfflineBenchConfig(model=str(tiny_model), rate=5.0, peers=("hf-cb",))
+
+
+def test_repeats_alternate_the_order_and_keep_every_round(tiny_model, tmp_path):
+    """--repeats: rounds run A B, then B A; each round's ratio is taken within the round,
+    and the table shows each policy's median round."""
+    cfg = OfflineBenchConfig(model=str(tiny_model), out_dir=str(tmp_path / "rep"),
+                             policies=("aligned", "fcfs"), peers=(), repeats=3,
+                             aligned=(("align_by", "spread"),), hw_probe=False, **SMALL)
+    data = json.loads(run_offline_bench(cfg).json_path.read_text())
+    rounds = data["rounds"]
+    assert [r["order"] for r in rounds] == [["aligned", "fcfs"], ["fcfs", "aligned"],
+                                            ["aligned", "fcfs"]]
+    for r in rounds:
+        fcfs, aligned = r["systems"]["fcfs"], r["systems"]["aligned"]
+        assert fcfs["decode_vs_aligned"] == pytest.approx(
+            fcfs["decode_tps"] / aligned["decode_tps"])
+    for name in ("aligned", "fcfs"):  # the shown run is the median round
+        per_round = sorted(r["systems"][name]["decode_tps"] for r in rounds)
+        assert data["systems"][name]["decode_tps"] == pytest.approx(per_round[1])
+    assert "--repeats 3" in data["equivalent_command"]
+    assert "--align-by=spread" in data["equivalent_command"]
