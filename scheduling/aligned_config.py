@@ -39,8 +39,8 @@ class AlignedKnobs(BaseModel):
         "step, so shorter requests join a batch freely. total: load-balanced kernels (the "
         "CPU engine's paged kernel splits work over threads longest first), a step costs "
         "the batch's total KV however lengths are grouped, so length is no reason to wait. "
-        "auto: from the decode backend (paged kernel: total; dense/varlen by spread: spread; "
-        "GPU: longest).")
+        "auto: from the engine's decode backend (the CPU paged kernel: total; dense/varlen "
+        "chosen by spread, as on GPU: spread).")
     batch_kv_fraction: float = Field(
         0.4, gt=0.0, le=1.0, description="aligned (the paper's Bmax): the candidate-requests "
         "buffer (KV prefetched for the next refills) holds at most this fraction of the device "

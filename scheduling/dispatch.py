@@ -60,12 +60,13 @@ class DispatchKnobs:
 
 
 def dispatch_align_by(align_by: str, replica_gpus: float) -> str:
-    """The global dispatch's `align_by`: auto resolves as the replicas' engines do: GPU
-    replicas run per-sequence kernels (longest); CPU replicas run the paged kernel, whose
-    threads share a batch's work longest first (total)."""
+    """The global dispatch's `align_by`: auto resolves as the replicas' engines do. CPU
+    replicas run the paged kernel, whose threads share a batch's work longest first
+    (total); GPU replicas' engines pick dense or varlen attention by spread (spread; not
+    exercised in CI)."""
     if align_by != "auto":
         return align_by
-    return "longest" if replica_gpus > 0 else "total"
+    return "spread" if replica_gpus > 0 else "total"
 
 
 def plan_dispatch(queued: Sequence[Queued], rooms: Sequence[Room], knobs: DispatchKnobs,

@@ -373,5 +373,5 @@ def test_align_by_longest_lets_shorter_requests_ride_free():
     from alignedserve.scheduling.aligned_config import AlignedKnobs
     assert AlignedKnobs().align_by == "auto"  # the engine resolves it from its kernel
     from alignedserve.scheduling.dispatch import dispatch_align_by
-    assert [dispatch_align_by("auto", g) for g in (0, 1)] == ["total", "longest"]
+    assert [dispatch_align_by("auto", g) for g in (0, 1)] == ["total", "spread"]
     assert dispatch_align_by("spread", 0) == "spread"
