@@ -289,7 +289,7 @@ def _cmd_sim_run(args: argparse.Namespace) -> int:
     import resource
     import time
 
-    from alignedserve.sim.cluster import SimConfig
+    from alignedserve.sim.config import SimConfig
     from alignedserve.sim.run import print_table, run_sim
 
     hw, gpus = args.hardware, args.gpus
@@ -336,7 +336,7 @@ def _cmd_sim_plan(args: argparse.Namespace) -> int:
 
 
 def _cmd_sim_capacity(args: argparse.Namespace) -> int:
-    from alignedserve.sim.cluster import SimConfig
+    from alignedserve.sim.config import SimConfig
     from alignedserve.sim.plan import capacity
 
     knobs = dict(_aligned_overrides(args, ["max_num_batched_tokens", "host_pool_gib"]))

@@ -19,7 +19,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from alignedserve.sim.cluster import SimConfig
+from alignedserve.sim.config import SimConfig
 from alignedserve.sim.router import run_pair
 from alignedserve.sim.run import summarize
 from alignedserve.sim.workload import sim_workload

@@ -22,7 +22,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from alignedserve.sim.cluster import SimConfig
+from alignedserve.sim.config import SimConfig
 from alignedserve.sim.plan import capacity
 from alignedserve.sim.run import gap_closed, run_sim
 

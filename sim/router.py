@@ -35,7 +35,8 @@ from functools import partial
 import numpy as np
 
 from alignedserve.scheduling.dispatch import DispatchKnobs, Queued, Room, plan_dispatch
-from alignedserve.sim.cluster import PairResult, SimConfig, SimPair
+from alignedserve.sim.cluster import PairResult, SimPair
+from alignedserve.sim.config import SimConfig
 from alignedserve.sim.cost_model import CostModel, hardware, model
 from alignedserve.sim.nodes import InterNodeLinks
 from alignedserve.sim.workload import SimWorkload

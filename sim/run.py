@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from alignedserve.sim.cluster import PairResult, SimConfig
+from alignedserve.sim.cluster import PairResult
+from alignedserve.sim.config import SimConfig
 from alignedserve.sim.router import simulate
 from alignedserve.sim.workload import SimWorkload, sim_workload
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from alignedserve.sim import cluster
-from alignedserve.sim.cluster import SimConfig, SimPair
+from alignedserve.sim.cluster import SimPair
+from alignedserve.sim.config import SimConfig
 from alignedserve.sim.cost_model import CostModel, Hardware, Model, hardware, model
 from alignedserve.sim.router import simulate
 from alignedserve.sim.run import run_sim, system_config
