@@ -56,7 +56,12 @@ class DispatchKnobs:
     slack_tokens: int  # ... or longest - shortest up to this many tokens
     max_queue_delay_s: float  # aging horizon: one band of distance is forgiven per this wait
     locality_slack: int = 16  # requests a replica may take past its share to keep KV local
-    align_by: str = "spread"  # AlignedKnobs.align_by: what a misaligned member costs
+    align_by: str = "spread"  # AlignedKnobs.align_by, resolved (`dispatch_align_by`)
+
+    def __post_init__(self) -> None:
+        if self.align_by not in ("spread", "longest", "total"):
+            raise ValueError(f"align_by {self.align_by!r}: resolve auto first "
+                             "(dispatch_align_by)")
 
 
 def dispatch_align_by(align_by: str, replica_gpus: float) -> str:

@@ -107,8 +107,6 @@ def band_distance(length: int, lo: int, hi: int, max_spread: float,
     counts from the band's bottom, which keeps a short band from creeping upward), or
     "total" (load-balanced kernels: a step costs the batch's total KV however lengths are
     grouped, so every length is at distance 0)."""
-    if by not in ("spread", "longest", "total"):
-        raise ValueError(f"unknown align_by {by!r}")
     if by == "total" or (by == "longest" and length <= hi):
         return 0.0
     a, b = min(lo, length), max(hi, length)

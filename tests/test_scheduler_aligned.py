@@ -243,8 +243,10 @@ def test_a_burst_goes_shortest_first_only_where_length_costs(align_by, first):
 def test_align_by_auto_must_be_resolved_before_the_policy_runs():
     with pytest.raises(ValueError, match="auto"):
         AlignedConfig(align_by="auto")
-    with pytest.raises(ValueError, match="unknown align_by"):
-        band_distance(5, 1, 2, 1.5, by="auto")
+    from alignedserve.scheduling.dispatch import DispatchKnobs
+
+    with pytest.raises(ValueError, match="resolve auto"):
+        DispatchKnobs(1.5, 0, 10.0, align_by="auto")
 
 
 def test_a_burst_is_served_nearest_first_even_past_the_bound():
