@@ -315,3 +315,28 @@ def test_the_leader_forgets_replicas_long_dead(r, keys):
     r.rpush(keys.inbox("r-old"), "x")
     assert forget_dead_replicas(r, keys, now) == ["r-old"]
     assert r.hkeys(keys.replicas) == [b"r-quiet"] and not r.exists(keys.inbox("r-old"))
+
+
+def test_a_request_resumed_from_a_live_holder_is_kept_not_failed(r, keys, tiny_dir):
+    """A router that took a slow (not dead) holder for dead resumes its request, and the
+    same process claims it back. It keeps serving it: no duplicate in its engine and no
+    error event to a client whose request is being served."""
+    from alignedserve.engine.config import EngineConfig
+    from alignedserve.engine.llm_engine import LLMEngine
+    from alignedserve.prefetch_workers.worker import admit_claimed
+
+    engine = LLMEngine(EngineConfig(model=str(tiny_dir), dtype="float32", kv_cache_gib=0.02))
+    params = SamplingParams(max_tokens=5, temperature=0.0)
+    pipe = r.pipeline()
+    put_record(pipe, keys, RequestRecord("a", (1, 2, 3), params, 1.0))
+    pipe.rpush(keys.prefill, "a")
+    pipe.execute()
+    assert [x.request_id for x in admit_claimed(engine, r, keys,
+                                                claim_prefill(r, keys, "w-1", 4))] == ["a"]
+    assert resume(r, keys, "a", "w-1", ())  # taken for dead while it still serves "a"
+    assert admit_claimed(engine, r, keys, claim_prefill(r, keys, "w-1", 4)) == []
+    assert engine.num_requests == 1 and engine.get_request("a") is not None
+    assert not r.exists(keys.tok("a"))  # no error event was published
+    pipe = r.pipeline()
+    read_holder(pipe, keys, "a")
+    assert pipe.execute() == [b"w-1"]  # its holder again
