@@ -11,9 +11,7 @@ Where a request is (`Request.status` in brackets):
     running    a member of the device's running batch                    [RUNNING]
 
 The running batch has a *band*: the densest aligned range of its members' KV lengths
-(`max_spread`, or `slack_tokens`); under `align_by` "longest" (per-sequence kernels, where a
-step costs what its longest member costs) the whole range up to the longest member. Each
-step:
+(`max_spread`, or `slack_tokens`). Each step:
 1. Admit waiting requests while the host pool can reserve their prompt (admission control:
    when it cannot, they wait in arrival order; nothing is dropped).
 2. Fill. The running batch may fill the device pool, as fcfs does: free slots and blocks
@@ -181,8 +179,6 @@ class AlignedScheduler:
 
     def _search_band(self) -> Band:
         lens = sorted(r.num_tokens for r in self.running)
-        if self.cfg.align_by == "longest":  # a step already pays for its longest member,
-            return lens[0], lens[-1]  # so anything no longer joins at no cost
         w = densest_window(lens, [1] * len(lens), min_batch=1, max_batch=len(lens),
                            max_spread=self.cfg.max_spread, budget=len(lens),
                            slack_tokens=self.cfg.slack_tokens)

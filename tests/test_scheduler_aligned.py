@@ -240,27 +240,6 @@ def test_a_burst_goes_shortest_first_only_where_length_costs(align_by, first):
     assert sorted(r.request_id for r in s.running) == first
 
 
-def test_under_per_sequence_kernels_anything_shorter_than_the_longest_member_joins():
-    """A running batch of six short members and one long one. Under per-sequence kernels
-    ("longest") every step already pays for the long member, so a pooled request no
-    longer than it joins at once, although it lies far from the batch's densest group
-    (the short ones), which alone used to set the band."""
-    s = sched(max_batch=8, min_batch=1, max_spread=1.3, max_wait_steps=10**6,
-              align_by="longest")
-    ex = FakeExecutor(s)
-    s.add_request(make("long", 120, 30))
-    ex.step()  # an idle device takes the long one alone
-    for i in range(6):
-        s.add_request(make(f"s{i}", 10, 30))
-    ex.step()
-    assert {r.request_id for r in s.running} == {"long", *(f"s{i}" for i in range(6))}
-    s.add_request(make("mid", 60, 4))
-    assert band_distance(60, 10, 11, 1.3, 0, by="longest") > 0  # far from the short group
-    ex.step()
-    assert s.requests["mid"].status is RequestStatus.RUNNING
-    assert s.stats().counters["starved"] == 0  # at distance 0 from the batch's range
-
-
 def test_align_by_auto_must_be_resolved_before_the_policy_runs():
     with pytest.raises(ValueError, match="auto"):
         AlignedConfig(align_by="auto")
