@@ -330,15 +330,39 @@ def test_a_10x_burst_is_refused_with_429_and_memory_stays_bounded(server):
     def one(_: int) -> httpx.Response:
         return httpx.post(f"{server.base}/v1/completions", json=body, timeout=120)
 
+    # Prefill is cordoned during the burst, so the queue fills however fast this machine's
+    # workers would have drained it (a backed-up server, which admission control is for);
+    # the accepted requests complete once it is lifted.
+    from alignedserve.global_queue.keys import RedisKeys
+    from alignedserve.global_queue.nodes import cordon, uncordon
+
+    keys, nodes = RedisKeys(PREFIX), {rep["node"] for rep in _replicas(server)}
+    for node in nodes:
+        cordon(r, keys, node, "prefill")
+    time.sleep(1.5)  # workers read cordons about once a second
     with ThreadPoolExecutor(10 * MAX_QUEUED) as pool:
-        responses = list(pool.map(one, range(10 * MAX_QUEUED)))
+        futures = [pool.submit(one, i) for i in range(10 * MAX_QUEUED)]
+        try:
+            deadline, done, still = time.monotonic() + 60, 0, 0.0
+            while still < 2.0 and time.monotonic() < deadline:  # until refusals stop
+                time.sleep(0.1)  # the refused return at once; the accepted wait
+                now_done = sum(f.done() for f in futures)
+                still = 0.0 if now_done != done or not done else still + 0.1
+                done = now_done
+        finally:
+            for node in nodes:
+                uncordon(r, keys, node)
+        responses = [f.result() for f in futures]
     stop.set()
     sampler.join()
     codes = [r.status_code for r in responses]
     assert set(codes) <= {200, 429}, [r.text for r in responses if r.status_code not in
                                       (200, 429)][:3]
     refused = [r for r in responses if r.status_code == 429]
-    assert refused, f"no 429 (queue depth at most {depth[0]})"
+    # The queue filled and held its bound (the admission check may race a few concurrent
+    # arrivals past it, never a burst's worth).
+    assert depth[0] >= MAX_QUEUED
+    assert codes.count(200) <= 2 * MAX_QUEUED, f"{codes.count(200)} accepted"
     assert all(float(r.headers["retry-after"]) > 0 for r in refused)
     assert all(r.json()["usage"]["completion_tokens"] == 96 for r in responses
                if r.status_code == 200)
