@@ -65,6 +65,7 @@ class PairResult:
     steps: int = 0
     busy_s: float = 0.0  # compute device time spent in steps
     stall_s: float = 0.0  # time steps waited on KV copies
+    straggler_s: float = 0.0  # decode attention above the batches' total KV (CostModel)
     copy_s: float = 0.0  # summed KV copy time over both link directions
     switches: int = 0
     decode_seqs: int = 0  # decode tokens summed over steps (mean batch = this / steps)
@@ -122,9 +123,10 @@ class SimPair:
         self.links = CopyLinks(cost, cfg.prefetch, self.block_bytes)
         self._side = cfg.side_device  # prefill on the pair's second device
 
-    def _step_time(self, out: SchedulerOutput) -> tuple[float, int, list[str]]:
-        """(seconds, decode sequences, ids of the requests that sample) of one colocated
-        step; one pass over the chunks, as this runs once per simulated step."""
+    def _step_time(self, out: SchedulerOutput) -> tuple[float, float, int, list[str]]:
+        """(seconds, the straggler's share of them, decode sequences, ids of the requests
+        that sample) of one colocated step; one pass over the chunks, as this runs once per
+        simulated step."""
         decode, prefill, sampled = [], [], []
         for c in out.chunks:
             start, n, req = c.start, c.num_new_tokens, c.request
@@ -134,11 +136,13 @@ class SimPair:
                 prefill.append((start, n))
             if start + n == len(req.token_ids):
                 sampled.append(req.request_id)
-        return self.cost.step(decode, prefill), len(decode), sampled
+        return *self.cost.step_parts(decode, prefill), len(decode), sampled
 
-    def _split_side(self, out: SchedulerOutput) -> tuple[SchedulerOutput, float, int, list[str]]:
+    def _split_side(self, out: SchedulerOutput
+                    ) -> tuple[SchedulerOutput, float, float, int, list[str]]:
         """A step of a pair whose second device runs prefill asynchronously: (the chunks
-        that run, decode device seconds, decode sequences, ids that sample now).
+        that run, decode device seconds, their straggler share, decode sequences, ids that
+        sample now).
 
         Decodes run on the decode device; a decode whose prefill KV has not landed yet (the
         prefill device is still on it) sits this step out. The step's prefill chunks run as
@@ -159,7 +163,7 @@ class SimPair:
                     sampled.append(rid)
             else:
                 prefill.append(c)
-        dt = self.cost.step(decode, [])
+        dt, straggler = self.cost.step_parts(decode, [])
         if prefill and self._prefill_free <= self.now + dt:  # else the chunks wait a step
             kv = sum(c.num_new_tokens for c in prefill) * self.cost.m.kv_bytes_per_token
             begin = max(self.now, self._prefill_free)
@@ -174,7 +178,7 @@ class SimPair:
                         self._first[k] = self._prefill_free
         kept = SchedulerOutput(tuple(run), out.preempted, out.batch_switch, out.transfers,
                                out.fence)
-        return kept, dt, len(decode), sampled
+        return kept, dt, straggler, len(decode), sampled
 
     def _wait(self, seq: int, res: PairResult) -> None:
         if seq <= self.links.done_seq:
@@ -280,7 +284,7 @@ class SimPair:
                 raise RuntimeError("simulated pair stalled with work left")
             return
         if self._side:
-            out, dt, ndec, ids = self._split_side(out)
+            out, dt, straggler, ndec, ids = self._split_side(out)
             if not out.chunks:  # everything waits on the prefill device: jump to it
                 later = [t for t in (self._prefill_free, *self._ready.values()) if t > self.now]
                 if not later:
@@ -288,12 +292,13 @@ class SimPair:
                 self.now = min(later)
                 return
         else:
-            dt, ndec, ids = self._step_time(out)
+            dt, straggler, ndec, ids = self._step_time(out)
         self._idle = 0
         self.now += dt
         if dt:
             self._step_s.append(dt)
         res.busy_s += dt
+        res.straggler_s += straggler
         res.decode_seqs += ndec
         res.switches += out.batch_switch
         sampled = dict.fromkeys(ids, TOKEN)

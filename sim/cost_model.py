@@ -150,8 +150,13 @@ class CostModel:
 
     def decode_attention(self, kv_lens: list[int]) -> float:
         """Attention of one decode token per sequence, summed over layers (see module doc)."""
+        return sum(self.attention_parts(kv_lens))
+
+    def attention_parts(self, kv_lens: list[int]) -> tuple[float, float]:
+        """`decode_attention` as (what the batch's total KV costs, the straggler above it):
+        the second part is all that grouping by length can remove (0 under `none`)."""
         if not kv_lens:
-            return 0.0
+            return 0.0, 0.0
         per_token = self.m.kv_heads * self.m.head_dim * 2 * BYTES  # K and V, all KV heads
         total = sum(kv_lens) * per_token / self.hw.bw  # every SM streaming: whole-HBM rate
         longest = max(kv_lens)
@@ -166,13 +171,14 @@ class CostModel:
                 longest <= VLLM_PARTITION or len(kv_lens) * self.m.heads > VLLM_V1_MIN_UNITS)
             kernel, split = ("v1", split) if v1 else ("split", VLLM_PARTITION)
         if kernel == "fluid":
-            t = max(total, unit(longest))
+            extra = max(0.0, unit(longest) - total)
         elif kernel == "none":
-            t = total
+            extra = 0.0
         else:
             cut = min(longest, split) if kernel == "split" else longest
-            t = total + (1 - 1 / self.hw.num_sms) * unit(cut)
-        return self.m.layers * (t + self.hw.kernel_overhead_us * 1e-6)
+            extra = (1 - 1 / self.hw.num_sms) * unit(cut)
+        layers = self.m.layers
+        return layers * (total + self.hw.kernel_overhead_us * 1e-6), layers * extra
 
     def prefill_attention(self, chunks: list[tuple[int, int]]) -> float:
         """Causal attention FLOPs of prefill chunks given as (start, length)."""
@@ -183,12 +189,18 @@ class CostModel:
 
     def step(self, decode_lens: list[int], prefill: list[tuple[int, int]]) -> float:
         """One engine step: decodes with these KV lengths plus prefill chunks."""
+        return self.step_parts(decode_lens, prefill)[0]
+
+    def step_parts(self, decode_lens: list[int], prefill: list[tuple[int, int]]
+                   ) -> tuple[float, float]:
+        """(`step`'s seconds, the decode straggler's share of them)."""
         tokens = len(decode_lens) + sum(n for _, n in prefill)
         if tokens == 0:
-            return 0.0
+            return 0.0, 0.0
         fixed = (self.m.layers * self.hw.layer_overhead_us + self.hw.step_overhead_us) * 1e-6
-        return (self.linear(tokens) + self.decode_attention(decode_lens)
-                + self.prefill_attention(prefill) + fixed)
+        base, straggler = self.attention_parts(decode_lens)
+        return (self.linear(tokens) + base + straggler + self.prefill_attention(prefill)
+                + fixed, straggler)
 
     def pcie(self, nbytes: int) -> float:
         """Host -> device (or back) over this device's PCIe link."""

@@ -40,6 +40,7 @@ def _row(model: str, workload: str, kernel: str, res: dict[str, dict[str, Any]]
         "model": model, "workload": workload, "kernel": kernel,
         "decode_tps": {k: v["decode_tps"] for k, v in res.items()},
         "tpot_p99_ms": {k: v["tpot_p99_ms"] for k, v in res.items()},
+        "straggler_s": {k: v["straggler_s"] for k, v in res.items()},
         "ttft_p99_s": {k: v["ttft_p99_s"] for k, v in res.items()},
         "gap_closed": gap_closed(res),
         "swap_outs_per_request": counters.get("swap_outs", 0) / res["aligned"]["completed"],
@@ -83,17 +84,19 @@ def online(model: str, workloads: tuple[str, ...], slo_ms: float, seeds: int = 1
 def markdown(rows: list[dict[str, Any]], caps: list[dict[str, Any]]) -> str:
     head = ("| model | workload | " + " | ".join(SYSTEMS)
             + " | aligned / fcfs-disagg | aligned / fcfs-sorted | ceiling / fcfs-disagg "
-            "| gap closed | swap-outs / req | refill hits |")
-    lines = [head, "|---" * (len(SYSTEMS) + 8) + "|"]
+            "| gap closed | straggler s aligned / fcfs-disagg | swap-outs / req | refill hits |")
+    lines = [head, "|---" * (len(SYSTEMS) + 9) + "|"]
     for r in (r for r in rows if r["kernel"] == "vllm"):
         t = r["decode_tps"]
         hit = "-" if r["refill_hit_rate"] is None else f"{r['refill_hit_rate']:.0%}"
         gap = "-" if r["gap_closed"] is None else f"{r['gap_closed']:.0%}"
+        strag = r["straggler_s"]
         lines.append(
             f"| {r['model']} | {r['workload']} | "
             + " | ".join(f"{t[s]:,.0f}" for s in SYSTEMS)
             + f" | {t['aligned'] / t['fcfs-disagg']:.3f}x | {t['aligned'] / t['fcfs-sorted']:.3f}x"
             f" | {t['ceiling'] / t['fcfs-disagg']:.3f}x | {gap} "
+            f"| {strag['aligned']:.1f} / {strag['fcfs-disagg']:.1f} "
             f"| {r['swap_outs_per_request']:.2f} | {hit} |")
     kernels = [r for r in rows if r["kernel"] != "vllm"]
     if kernels:

@@ -79,6 +79,7 @@ def summarize(results: list[PairResult]) -> dict[str, Any]:
         "decode_batch": sum(r.decode_seqs for r in results) / max(1, nsteps),
         "switch_rate": sum(r.switches for r in results) / max(1, nsteps),
         "stall_s": sum(r.stall_s for r in results),
+        "straggler_s": sum(r.straggler_s for r in results),
         "busy_frac": sum(r.busy_s for r in results) / max(1e-12, sum(r.end_s for r in results)),
         "peak_host_gib": max(r.peak_host_blocks * r.block_bytes for r in results) / 2**30,
         "cross_node": len(pull), "cross_node_frac": len(pull) / max(1, len(ttft)),
@@ -120,7 +121,7 @@ def print_table(summaries: dict[str, dict[str, Any]], title: str) -> None:
     cols = ("system", "GPUs", "decode tok/s", "vs fcfs", "of ceiling", "tok/s/GPU",
             "TTFT p50/p99 s",
             "TPOT p50/p99 ms", "P99 TPOT fcfs/x", "step p50/p99 ms", "batch", "switch %",
-            "copy stall s", "sim wall s")
+            "copy stall s", "straggler s", "sim wall s")
     for c in cols:
         table.add_column(c, justify="left" if c == "system" else "right")
     base = summaries.get("fcfs", {})
@@ -135,7 +136,8 @@ def print_table(summaries: dict[str, dict[str, Any]], title: str) -> None:
             f"{s['tpot_p50_ms']:.1f}/{s['tpot_p99_ms']:.1f}",
             f"{tpot / s['tpot_p99_ms']:.2f}x" if tpot else "-",
             f"{s['step_p50_ms']:.1f}/{s['step_p99_ms']:.1f}", f"{s['decode_batch']:.1f}",
-            f"{100 * s['switch_rate']:.1f}", f"{s['stall_s']:.1f}", f"{s['sim_wall_s']:.1f}")
+            f"{100 * s['switch_rate']:.1f}", f"{s['stall_s']:.1f}", f"{s['straggler_s']:.1f}",
+            f"{s['sim_wall_s']:.1f}")
     Console(width=200).print(table)
     for name, s in summaries.items():
         if s.get("nodes", 1) > 1:

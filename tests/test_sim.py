@@ -63,6 +63,16 @@ def test_decode_attention_straggler_by_hand():
     assert vllm.decode_attention(aligned) == pytest.approx(cm.decode_attention(aligned))
     many = [50] * 64 + [550]  # 65 x 8 = 520 blocks > 512: V1, whole-sequence units
     assert vllm.decode_attention(many) == pytest.approx(cm.decode_attention(many))
+    # The straggler part is what grouping by length can remove: above the total KV's cost.
+    base, extra = cm.attention_parts(mixed)
+    assert (base, extra) == pytest.approx((2 * total, 2 * 0.9 * unit(550)))
+    assert none.attention_parts(mixed)[1] == 0
+    assert fluid.attention_parts(mixed)[1] == 0  # here the total outlasts the longest unit
+    alone = 5000 * per_token / 1e12
+    assert unit(5000) > alone
+    assert fluid.attention_parts([5000])[1] == pytest.approx(2 * (unit(5000) - alone))
+    step, straggler = cm.step_parts(mixed, [(0, 4)])
+    assert step == cm.step(mixed, [(0, 4)]) and straggler == extra
     with pytest.raises(ValueError, match="unknown decode kernel"):
         CostModel(HW, M, kernel="v3")
 
@@ -138,6 +148,7 @@ def test_the_baselines_bracket_what_alignment_can_win():
     assert all(s["completed"] == 60 for s in res.values())
     assert res["ceiling"]["decode_tps"] >= res["fcfs-disagg"]["decode_tps"]
     assert res["ceiling"]["step_p50_ms"] <= res["fcfs-disagg"]["step_p50_ms"]
+    assert res["ceiling"]["straggler_s"] == 0 < res["fcfs-disagg"]["straggler_s"]
     cfg = base.but(policy="fcfs-sorted")
     sched = make_scheduler(cfg, CostModel(hardware(cfg.hardware), model(cfg.model)))
     assert isinstance(sched, SortedFCFSScheduler)
