@@ -271,7 +271,8 @@ class AlignedScheduler:
 
     def _distance(self, length: int, band: Band) -> float:
         c = self.cfg
-        return band_distance(length, *band, c.max_spread, c.slack_tokens, c.align_by)
+        return band_distance(length, *band, c.max_spread, c.slack_tokens, c.align_by,
+                             c.split_above_tokens)
 
     def _new_band(self, slots: int) -> Band:
         """Where a thin batch's band moves: the densest aligned group of the most overdue

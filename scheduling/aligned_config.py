@@ -83,6 +83,11 @@ class AlignedConfig(AlignedKnobs):
                                   "free at admission, for KV growth")
     refill_buffer: int = Field(4, ge=0, description="candidate-requests buffer: pooled "
                                "requests whose KV is prefetched")
+    split_above_tokens: int | None = Field(
+        None, ge=1, description="align_by longest: the decode kernel splits a batch's KV into "
+        "partitions once a member is longer than this (vLLM's PagedAttention V2 above 8,192 "
+        "tokens), and such a step has no straggler: any length joins it, and a request that "
+        "long joins any batch. None: the kernel never splits")
 
     @model_validator(mode="after")
     def _check(self) -> AlignedConfig:

@@ -95,7 +95,8 @@ def _narrowest_fixed(
 
 
 def band_distance(length: int, lo: int, hi: int, max_spread: float,
-                  slack_tokens: int = 0, by: str = "spread") -> float:
+                  slack_tokens: int = 0, by: str = "spread",
+                  split_above: int | None = None) -> float:
     """How far `length` lies from the aligned band [lo, hi]: 0 when it joins the band still
     `aligned` (or lies inside it); otherwise 1 plus how many further `max_spread` factors it
     stretches the band (a request one band away is 1, two bands away about 2).
@@ -106,8 +107,12 @@ def band_distance(length: int, lo: int, hi: int, max_spread: float,
     step, so a request no longer than the band's top joins freely; a longer one still
     counts from the band's bottom, which keeps a short band from creeping upward), or
     "total" (load-balanced kernels: a step costs the batch's total KV however lengths are
-    grouped, so every length is at distance 0)."""
-    if by == "total" or (by == "longest" and length <= hi):
+    grouped, so every length is at distance 0). Under "longest", `split_above` is where the
+    kernel splits a long sequence into partitions (vLLM's V2, above 8,192 tokens): a step
+    with a member that long has no straggler, so with one in the band, or as the newcomer,
+    every length is at distance 0."""
+    if by == "total" or (by == "longest" and (
+            length <= hi or (split_above is not None and max(length, hi) > split_above))):
         return 0.0
     a, b = min(lo, length), max(hi, length)
     if lo <= length <= hi or aligned(a, b, max_spread, slack_tokens):

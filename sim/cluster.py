@@ -48,7 +48,7 @@ from alignedserve.scheduling.fcfs import FCFSScheduler, SchedulerLimits
 from alignedserve.scheduling.interface import Scheduler, SchedulerOutput
 from alignedserve.scheduling.request import Request
 from alignedserve.sim.config import SimConfig
-from alignedserve.sim.cost_model import CostModel
+from alignedserve.sim.cost_model import VLLM_V1_MAX_LEN, CostModel
 from alignedserve.sim.links import CopyLinks
 from alignedserve.sim.nodes import Pull
 from alignedserve.sim.workload import TOKEN, SimWorkload, make_request
@@ -96,6 +96,9 @@ def make_scheduler(cfg: SimConfig, cost: CostModel) -> Scheduler:
     host_blocks = max(1, int(cfg.host_pool_gib * 2**30 // cost.kv_bytes(1, cfg.block_size)))
     knobs = {name: getattr(cfg, name) for name in AlignedKnobs.model_fields}
     knobs["align_by"] = cfg.kernel_align_by
+    # vLLM's dispatch takes PagedAttention V2 (512-token partitions: no straggler) once a
+    # member passes 8,192 tokens; the policy knows it, as it would on such a GPU.
+    knobs["split_above_tokens"] = VLLM_V1_MAX_LEN if cfg.kernel == "vllm" else None
     return AlignedScheduler(device, BlockAllocator(host_blocks), AlignedConfig(
         **{**knobs, "min_batch": min(cfg.min_batch, cfg.max_num_seqs)},
         max_batch=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens))

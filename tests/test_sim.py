@@ -378,6 +378,20 @@ def test_align_by_longest_lets_shorter_requests_ride_free():
     assert band_distance(9000, 4000, 5000, 1.5, 0, by="longest") == band_distance(
         9000, 4000, 5000, 1.5, 0, by="spread") > 0
     assert band_distance(9000, 4000, 5000, 1.5, 0, by="total") == 0
+    # vLLM splits sequences past 8,192 tokens into partitions (no straggler): such a
+    # request joins any band, and a band holding one takes any length.
+    assert band_distance(9000, 400, 500, 1.5, 0, by="longest", split_above=8192) == 0
+    assert band_distance(3000, 400, 9000, 1.5, 0, by="longest", split_above=8192) == 0
+    assert band_distance(3000, 400, 500, 1.5, 0, by="longest", split_above=8192) > 0
+    assert band_distance(9000, 400, 500, 1.5, 0, by="spread", split_above=8192) > 0
+    from alignedserve.sim.cluster import make_scheduler
+
+    def split_at(kernel: str) -> int | None:
+        cfg = SimConfig(kernel=kernel)
+        sched = make_scheduler(cfg, CostModel(hardware(cfg.hardware), model(cfg.model), kernel))
+        return sched.cfg.split_above_tokens
+
+    assert [split_at(k) for k in ("vllm", "v1", "split")] == [8192, None, None]
     assert SimConfig().kernel_align_by == "longest"  # the simulator models GPU kernels
     auto = SimConfig(align_by="auto")
     assert [auto.but(kernel=k).kernel_align_by for k in ("v1", "vllm", "split", "fluid")] == [
