@@ -39,6 +39,7 @@ class RedisQueueIndex:
         tie = seq & ((1 << _TIE_BITS) - 1)
         pipe.zadd(self.keys.decode, {request_id: (kv_len << _TIE_BITS) | tie})
         pipe.zadd(self.keys.decode_arrival, {request_id: arrival_time})
+        wake_dispatch(pipe, self.keys)
 
     def remove(self, request_id: str) -> bool:
         """Whoever removes a request from the index holds it (ZREM returns 1 once)."""
@@ -70,3 +71,10 @@ def unindex(pipe: redis.client.Pipeline, keys: RedisKeys, rid: str) -> None:
     `rid` was in the index (the caller then holds it)."""
     pipe.zrem(keys.decode, rid)
     pipe.zrem(keys.decode_arrival, rid)
+
+
+def wake_dispatch(pipe: redis.client.Pipeline, keys: RedisKeys) -> None:
+    """Queue a wake-up of the leader's dispatch on `pipe` (the wake list keeps one token, so
+    it stays one entry however many wake it while no leader reads it)."""
+    pipe.lpush(keys.wake, 1)
+    pipe.ltrim(keys.wake, 0, 0)

@@ -16,6 +16,8 @@
     p routed:{router} set    ids of the open requests whose client is on that router
     p stores          hash   node id -> `StoreInfo` JSON (its KV store's gRPC address, usage)
     p cordon          hash   node id -> stage ("decode", "prefill" or "all") kept off it
+    p wake            list   at most one token: something for the leader to dispatch (an
+                             index insert, a replica's new state); it waits on it (BLPOP)
 
 Ownership: a request is held by exactly one stage at a time (prefill queue, a prefetch
 worker, the decode index, the leader in transit, a compute replica); the record's `holder`
@@ -92,10 +94,14 @@ class RedisKeys:
     def counters(self) -> str:
         return f"{self.prefix}counters"
 
+    @property
+    def wake(self) -> str:
+        return f"{self.prefix}wake"
+
     def owned(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """(exact keys, glob patterns) of every key this layout uses: what a deployment
         owns, without matching a longer prefix that merely starts with this one."""
         exact = (self.prefill, self.decode, self.decode_arrival, self.seq, self.aborted,
                  self.replicas, self.leader, self.counters, self.routers, self.stores,
-                 self.cordon)
+                 self.cordon, self.wake)
         return exact, (self.req("*"), self.tok("*"), self.inbox("*"), self.routed("*"))

@@ -247,7 +247,13 @@ class ReplicaState:
 
 
 def publish_state(client: redis.Redis, keys: RedisKeys, state: ReplicaState) -> None:
-    client.hset(keys.replicas, state.replica, state.to_json())
+    """Publish a replica's state, and wake the dispatch: its room may have changed."""
+    from alignedserve.global_queue.index import wake_dispatch
+
+    pipe = client.pipeline(transaction=False)
+    pipe.hset(keys.replicas, state.replica, state.to_json())
+    wake_dispatch(pipe, keys)
+    pipe.execute()
 
 
 def load_states(client: redis.Redis, keys: RedisKeys) -> list[ReplicaState]:

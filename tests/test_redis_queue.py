@@ -249,6 +249,32 @@ def test_leader_loop_only_one_dispatches(redis_url, r, keys):
             lp.stop()
 
 
+def test_an_idle_leader_waits_for_a_wake_up_instead_of_polling(redis_url, r, keys):
+    """Nothing to dispatch: the leader ticks about once per idle_s (it polled every 5 ms,
+    a steady tax on a 2-core host). An index insert, or a replica's new state, wakes it at
+    once: dispatch does not wait out idle_s."""
+    lp = LeaderLoop(redis_url, keys, ttl_s=5.0, knobs=DispatchKnobs(1.5, 0, 10.0),
+                    idle_s=1.0).start()
+    try:
+        deadline = time.monotonic() + 5
+        while not lp.is_leader and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert lp.is_leader
+        t0, before = time.monotonic(), lp.ticks
+        time.sleep(2.0)
+        assert lp.ticks - before <= 4, lp.ticks - before  # 5 ms polling: ~400
+        publish_state(r, keys, ReplicaState("rep", time.time(), free=4))
+        RedisQueueIndex(r, keys).put("w1", 10)
+        t0 = time.monotonic()
+        while not r.llen(keys.inbox("rep")) and time.monotonic() - t0 < 5:
+            time.sleep(0.005)
+        assert r.lrange(keys.inbox("rep"), 0, -1) == [b"w1"]
+        assert time.monotonic() - t0 < 0.5  # woken, well inside idle_s
+        assert r.llen(keys.wake) <= 1  # one token at most, however many woke it
+    finally:
+        lp.stop()
+
+
 def test_a_starting_deployment_clears_what_a_dead_one_left_and_refuses_a_live_one(r, keys):
     other = RedisKeys(keys.prefix + "other:")
     r.set(other.leader, "x")  # another deployment's keys on the same Redis stay

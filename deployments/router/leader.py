@@ -161,7 +161,7 @@ class LeaderLoop:
 
     def __init__(self, redis_url: str, keys: RedisKeys, ttl_s: float, knobs: DispatchKnobs,
                  free_kv: FreeKV | None = None,
-                 tick_s: float = 0.005, outage_s: float = 60.0,
+                 tick_s: float = 0.005, idle_s: float = 0.1, outage_s: float = 60.0,
                  router_id: str | None = None) -> None:
         self.r = connect(redis_url, outage_s)
         self.keys = keys
@@ -169,7 +169,9 @@ class LeaderLoop:
         self.free_kv = free_kv
         self.lock = LeaderLock(self.r, keys.leader, ttl_s)
         self.dispatcher = Dispatcher(self.r, keys, knobs, free_kv)
-        self.tick_s = tick_s
+        self.tick_s = tick_s  # after a Redis error, before trying again
+        self.idle_s = idle_s  # a tick that moved nothing waits this long for a wake-up
+        self.ticks = 0
         self.ttl_s = ttl_s
         self.is_leader = False
         self._stop = threading.Event()
@@ -197,6 +199,7 @@ class LeaderLoop:
                         forget_dead_replicas(self.r, self.keys, time.time())
                 if self.is_leader:
                     moved = self.dispatcher.tick()
+                    self.ticks += 1
                 if failing:
                     log.info("leader loop: Redis reachable again")
                     failing = False
@@ -209,7 +212,15 @@ class LeaderLoop:
             if not self.is_leader:
                 self._stop.wait(self.ttl_s / 3)
             elif not moved:
-                self._stop.wait(self.tick_s)
+                self._wait_for_work()
+
+    def _wait_for_work(self) -> None:
+        """Until an index insert or a replica's new state wakes the dispatch, or `idle_s`
+        (the starvation clocks and cordons still move): no polling while nothing changes."""
+        try:
+            self.r.blpop([self.keys.wake], timeout=self.idle_s)
+        except redis.RedisError:
+            self._stop.wait(self.tick_s)
 
     def _set_leader(self, leading: bool) -> None:
         if leading != self.is_leader:
