@@ -321,14 +321,15 @@ class PrefetchWorker:
 
 
 def admit_claimed(engine: LLMEngine, r: redis.Redis, keys: RedisKeys,
-                  rids: list[str]) -> list[RequestRecord]:
+                  rids: list[str], kept: set[str] | None = None) -> list[RequestRecord]:
     """Queue the requests `claim_prefill` just gave this process in `engine`: a resumed one
     with the output its client already has (prompt + output are recomputed). A request the
     engine cannot serve gets an error event instead. Returns the records admitted.
 
     A request this engine still serves comes back when a router took this process for dead
     while it was only slow (its heartbeat stalled) and resumed it: the claim makes this
-    process its holder again, and the engine keeps serving it as it was."""
+    process its holder again, and the engine keeps serving it as it was (its id goes into
+    `kept`: the abort the router sent with the resume is for the hold it ended)."""
     if not rids:
         return []
     admitted: list[RequestRecord] = []
@@ -337,6 +338,8 @@ def admit_claimed(engine: LLMEngine, r: redis.Redis, keys: RedisKeys,
         if engine.get_request(rec.request_id) is not None:
             log.warning("claimed a request it still serves (resumed while alive): keeps it",
                         extra=log_rid(rec.request_id))
+            if kept is not None:
+                kept.add(rec.request_id)
             continue
         if rec.output_token_ids:
             log.info("resumed after %d tokens: recomputing", len(rec.output_token_ids),

@@ -133,6 +133,9 @@ class ComputeReplica(ReplicaLiveness):
         self.counts: dict[str, int] = {}  # request id -> output tokens so far
         # prefill_on=replica: requests claimed off the prefill queue, no token sampled yet.
         self.prefilling: set[str] = set()
+        # Requests a router resumed while this replica was alive, claimed back and kept:
+        # the "rid@me" abort sent with that resume is stale for them (admit_claimed).
+        self._kept: set[str] = set()
         self._claim_window = max(1, ecfg.max_num_batched_tokens // 64)  # as the worker's
         self._cordon_at, self._cordoned = 0.0, False
         # Requests whose KV the worker is pulling from another node: id -> (pull, record).
@@ -145,6 +148,9 @@ class ComputeReplica(ReplicaLiveness):
         self._pubsub.subscribe(self.keys.abort_channel)
         self._state_at = 0.0
         self._last_state = self._state()
+        # Published before the loop can claim a request: a router that finds a holder
+        # with no state takes it for dead and resumes its requests.
+        self._publish_now()
         self._thread = threading.Thread(target=self._run, name="decode-loop", daemon=True)
         self._thread.start()
         self._heart = threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True)
@@ -276,7 +282,7 @@ class ComputeReplica(ReplicaLiveness):
         if room <= 0 or self._cordoned:
             return
         rids = claim_prefill(self.r, self.keys, self.replica_id, room)
-        for rec in admit_claimed(self.engine, self.r, self.keys, rids):
+        for rec in admit_claimed(self.engine, self.r, self.keys, rids, self._kept):
             self.metrics.record_queue_time(max(0.0, time.time() - rec.arrival_time))
             self.counts[rec.request_id] = len(rec.output_token_ids)
             self.prefilling.add(rec.request_id)
@@ -314,6 +320,9 @@ class ComputeReplica(ReplicaLiveness):
             # "rid", or "rid@holder": only that holder aborts (a request resumed elsewhere
             # after this replica was taken for dead)
             rid, _, holder = msg["data"].decode().partition("@")
+            if holder and rid in self._kept:  # claimed back before this abort came
+                self._kept.discard(rid)
+                continue
             if rid in self.counts and holder in ("", self.replica_id):
                 log.info("aborted after %d tokens", self.counts[rid], extra=log_rid(rid))
                 self.engine.abort(rid)

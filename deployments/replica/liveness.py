@@ -41,6 +41,10 @@ class ReplicaLiveness:
     _error: BaseException | None
     _last_state: ReplicaState
 
+    def _publish_now(self) -> None:
+        """Publish the latest state with a fresh timestamp."""
+        publish_state(self.r, self.keys, dataclasses.replace(self._last_state, ts=time.time()))
+
     def _heartbeat(self) -> None:
         """Publish the decode loop's latest state with a fresh timestamp every 0.1 s (the
         routers take a replica that stops as dead), and watch the prefetch worker."""
@@ -61,8 +65,7 @@ class ReplicaLiveness:
                     publish_store(self.r, self.keys, StoreInfo(
                         self.node, self.store_address, time.time(), st.num_blocks,
                         st.used_blocks, st.num_requests, st.bytes_read))
-                publish_state(self.r, self.keys,
-                              dataclasses.replace(self._last_state, ts=time.time()))
+                self._publish_now()
             except ray.exceptions.RayError as e:
                 self._fail(e)
                 return
