@@ -100,10 +100,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: done.set())
         app.start(cfg, model_dir)
+        # The local Ray cluster and Redis. Taken now as well as at the drain: a signal to
+        # the whole process group can end the raylet first, and its workers (the KV store
+        # among them) are then no longer our descendants when the drain looks.
+        started = psutil.Process().children(recursive=True)
         _print_usage(cfg)
         done.wait()
         print("draining...", flush=True)
-        ours = psutil.Process().children(recursive=True)  # the local Ray cluster, Redis
+        ours = list({*started, *psutil.Process().children(recursive=True)})
         core = [p for p in ours if _name(p) in ("gcs_server", "raylet")]
         drained = threading.Event()  # after it, ray.shutdown ends the GCS itself
         stopped = _stop_within(lambda: _stop_all(drained), cfg.drain_timeout_s + _STOP_MARGIN_S,

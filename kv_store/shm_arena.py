@@ -22,6 +22,7 @@ from multiprocessing import resource_tracker, shared_memory
 from pathlib import Path
 
 import numpy as np
+import psutil
 import torch
 
 _HEADER_ITEM = 8  # bytes per header slot (int64)
@@ -141,10 +142,11 @@ def remove_orphans(prefix: str = PREFIX) -> list[str]:
 
 
 def _alive(pid: int) -> bool:
+    """A zombie is dead: it will never unlink what it made (one whose parent was killed
+    can stay unreaped for good where PID 1 does not reap, as in many containers)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:
+    except psutil.AccessDenied:
         return True  # someone else's process: alive
-    return True

@@ -9,6 +9,7 @@ import threading
 import time
 import uuid
 
+import psutil
 import pytest
 import torch
 
@@ -206,15 +207,22 @@ def test_arenas_of_dead_creators_are_removed_and_live_ones_kept():
         assert proc.stdout.readline().strip() == "up"
         assert dead not in remove_orphans()  # its creator is alive
         proc.send_signal(signal.SIGKILL)  # dies without unlinking
-        proc.wait(timeout=30)
+        # Not reaped yet: a zombie, as a process whose parent was killed stays where PID 1
+        # does not reap. It will never unlink its segment either.
+        deadline = time.monotonic() + 30
+        while psutil.Process(proc.pid).status() != psutil.STATUS_ZOMBIE:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        mine = ShmArena.create(_name(), 4, (2, 3), torch.float32)
+        try:
+            assert Path("/dev/shm", dead).exists()
+            removed = remove_orphans()
+            assert dead in removed and mine.spec.name not in removed
+            assert not Path("/dev/shm", dead).exists()
+            assert Path("/dev/shm", mine.spec.name).exists()
+        finally:
+            mine.close()
+            mine.unlink()
     finally:
         proc.kill()
-    mine = ShmArena.create(_name(), 4, (2, 3), torch.float32)
-    try:
-        assert Path("/dev/shm", dead).exists()
-        removed = remove_orphans()
-        assert dead in removed and mine.spec.name not in removed
-        assert not Path("/dev/shm", dead).exists() and Path("/dev/shm", mine.spec.name).exists()
-    finally:
-        mine.close()
-        mine.unlink()
+        proc.wait(timeout=30)
