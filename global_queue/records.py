@@ -25,6 +25,7 @@ import redis
 import redis.asyncio as aioredis
 
 from alignedserve.global_queue.events import STREAM_TTL_S
+from alignedserve.global_queue.index import wake_dispatch
 from alignedserve.global_queue.keys import RedisKeys
 from alignedserve.scheduling.sampling_params import SamplingParams
 
@@ -248,8 +249,6 @@ class ReplicaState:
 
 def publish_state(client: redis.Redis, keys: RedisKeys, state: ReplicaState) -> None:
     """Publish a replica's state, and wake the dispatch: its room may have changed."""
-    from alignedserve.global_queue.index import wake_dispatch
-
     pipe = client.pipeline(transaction=False)
     pipe.hset(keys.replicas, state.replica, state.to_json())
     wake_dispatch(pipe, keys)
