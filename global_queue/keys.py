@@ -4,6 +4,8 @@
     p prefill         list   request ids waiting for prefill, FCFS (router RPUSH, worker LPOP)
     p decode          zset   prefilled request ids scored by KV length (`RedisQueueIndex`)
     p decode:arrival  zset   the same ids scored by arrival time (the starvation clocks)
+    p admitting       zset   ids admitted by a router but not yet queued, scored by the
+                             time (the admission bound counts them; `records.admit`)
     p seq             string counter giving index ties their insertion order
     p inbox:{replica} list   request ids the leader assigned to a compute replica
     p tok:{id}        stream token events of one request (`TokenEvent`; replica/worker XADD)
@@ -63,6 +65,10 @@ class RedisKeys:
         return f"{self.prefix}decode:arrival"
 
     @property
+    def admitting(self) -> str:
+        return f"{self.prefix}admitting"
+
+    @property
     def seq(self) -> str:
         return f"{self.prefix}seq"
 
@@ -101,7 +107,7 @@ class RedisKeys:
     def owned(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """(exact keys, glob patterns) of every key this layout uses: what a deployment
         owns, without matching a longer prefix that merely starts with this one."""
-        exact = (self.prefill, self.decode, self.decode_arrival, self.seq, self.aborted,
-                 self.replicas, self.leader, self.counters, self.routers, self.stores,
-                 self.cordon, self.wake)
+        exact = (self.prefill, self.decode, self.decode_arrival, self.admitting, self.seq,
+                 self.aborted, self.replicas, self.leader, self.counters, self.routers,
+                 self.stores, self.cordon, self.wake)
         return exact, (self.req("*"), self.tok("*"), self.inbox("*"), self.routed("*"))

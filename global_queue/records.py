@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,6 +94,32 @@ def set_prefilled(pipe: redis.client.Pipeline, keys: RedisKeys, rid: str,
     pipe.hdel(keys.req(rid), "holder")
 
 
+def hand_off(client: redis.Redis, keys: RedisKeys, holder: str, rids: list[str],
+             write: Callable[[redis.client.Pipeline, list[str]], None]) -> list[str]:
+    """Hand requests on from the stage `holder`: `write(pipe, held)` queues the moves of
+    those of `rids` it still holds, and they commit in one transaction only if none of
+    their records changed since the check. A router may have resumed a request meanwhile
+    (it took the holder for dead): the stage then no longer holds it and must not hand it
+    on, or the request would run twice and the two copies write the same KV. Returns the
+    ids handed on; `write` may run again (the check is retried when a record changed)."""
+    watched = [keys.req(rid) for rid in rids]
+    while True:
+        with client.pipeline(transaction=True) as pipe:
+            try:
+                pipe.watch(*watched)
+                reads = client.pipeline(transaction=False)
+                for rid in rids:
+                    read_holder(reads, keys, rid)
+                held = [rid for rid, h in zip(rids, reads.execute(), strict=True)
+                        if h is not None and h.decode() == holder]
+                pipe.multi()
+                write(pipe, held)
+                pipe.execute()
+                return held
+            except redis.WatchError:
+                continue
+
+
 def set_kv_location(client: redis.Redis, keys: RedisKeys, rid: str, slots: list[int],
                     node: str) -> None:
     """The request's KV moved to `node`'s store (a cross-node pull): whoever frees it later
@@ -133,6 +160,11 @@ for i = 3, #ARGV do
 end
 return out
 """
+_TAKE_OVER = """
+if redis.call('hget', KEYS[1], 'holder') ~= ARGV[1] then return false end
+redis.call('hset', KEYS[1], 'holder', ARGV[2])
+return redis.call('hget', KEYS[1], 'node') or ''
+"""
 _RESUME = """
 if redis.call('hget', KEYS[1], 'holder') ~= ARGV[1] then return 0 end
 redis.call('hset', KEYS[1], 'out', ARGV[2], 'slots', '', 'node', '')
@@ -169,6 +201,39 @@ def abort(client: redis.Redis | aioredis.Redis, keys: RedisKeys, rid: str) -> An
         args=[rid, ABORTED_TTL_S, STREAM_TTL_S])
 
 
+_ADMIT = """
+local t = redis.call('time')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+redis.call('zremrangebyscore', KEYS[3], '-inf', now - tonumber(ARGV[3]))
+local waiting = redis.call('llen', KEYS[1]) + redis.call('zcard', KEYS[2])
+  + redis.call('zcard', KEYS[3])
+if waiting >= tonumber(ARGV[2]) then return {0, waiting} end
+redis.call('zadd', KEYS[3], now, ARGV[1])
+return {1, waiting}
+"""
+ADMIT_HOLD_S = 10.0  # an admitted request not queued within this long stops counting
+
+
+def reserve_admission(client: redis.Redis | aioredis.Redis, keys: RedisKeys, rid: str,
+          max_queued: int) -> Any:
+    """Reserve a place for `rid` among the requests waiting (prefill queue, decode index,
+    admitted but not yet enqueued) if fewer than `max_queued` wait: one script, so
+    concurrent arrivals on any number of routers cannot all pass the same count. Returns
+    [1 if admitted else 0, how many waited]; awaitable on an asyncio client. Enqueueing
+    the request (`enqueue`) releases the reservation; an abandoned one lapses after
+    `ADMIT_HOLD_S`."""
+    return client.register_script(_ADMIT)(
+        keys=[keys.prefill, keys.decode, keys.admitting],
+        args=[rid, max_queued, ADMIT_HOLD_S])
+
+
+def enqueue(pipe: redis.client.Pipeline, keys: RedisKeys, rec: RequestRecord) -> None:
+    """Queue an admitted request for prefill (its record first), releasing its place."""
+    put_record(pipe, keys, rec)
+    pipe.rpush(keys.prefill, rec.request_id)
+    pipe.zrem(keys.admitting, rec.request_id)
+
+
 def claim_prefill(client: redis.Redis, keys: RedisKeys, worker: str, n: int) -> list[str]:
     """Pop up to `n` request ids off the prefill queue and make `worker` their holder.
     Skips ids that are aborted, gone, or already held (a retried push may repeat one)."""
@@ -187,6 +252,16 @@ def assign(client: redis.Redis, keys: RedisKeys, replica: str,
         keys=[keys.decode, keys.decode_arrival, keys.aborted, keys.inbox(replica)],
         args=[keys.prefix, replica, *rids])
     return int(n), [tuple(x.decode().split(" ", 1)) for x in aborted]
+
+
+def take_over(client: redis.Redis | aioredis.Redis, keys: RedisKeys, rid: str, holder: str,
+              taker: str) -> Any:
+    """The first half of resuming a request whose holder looks dead: make `taker` its
+    holder, so the old one (should it be alive after all) can no longer hand it on
+    (`hand_off`) and its KV can be freed safely. Returns the node of its store KV ("" if
+    none yet), or None if `holder` no longer holds it (it moved on: its KV is in use).
+    `resume(..., taker, ...)` then queues it again. Awaitable on an asyncio client."""
+    return client.register_script(_TAKE_OVER)(keys=[keys.req(rid)], args=[holder, taker])
 
 
 def resume(client: redis.Redis | aioredis.Redis, keys: RedisKeys, rid: str, holder: str,

@@ -46,6 +46,7 @@ from alignedserve.global_queue.nodes import cordoned, store_address
 from alignedserve.global_queue.records import (
     RequestRecord,
     claim_prefill,
+    hand_off,
     is_aborted,
     load_records,
     set_kv_location,
@@ -271,38 +272,50 @@ class PrefetchWorker:
     def _hand_off(self, out: StepOutput) -> None:
         """Requests that just sampled their first token leave for the decode index."""
         keys = self.cfg.keys
-        # One transaction per step: each request's token, its new record fields and its
-        # place in the decode index land together or not at all.
-        pipe = self.r.pipeline(transaction=True)
         finished = {o.request_id: o for o in out.finished}
         rids = list(out.sampled)
-        seq = self.index.next_seqs(len(rids)) if rids else 0
-        for i, (rid, aborted) in enumerate(zip(rids, is_aborted(self.r, keys, rids),
-                                               strict=True)):
-            tok = out.sampled[rid]
-            lp = out.logprobs.get(rid)
-            lps = (lp,) if lp is not None else None
-            if rid in finished:
-                o = finished[rid]
-                publish(pipe, keys, rid, TokenEvent((tok,), len(o.token_ids), o.finish_reason,
-                                                    lps))
-            elif aborted:
-                log.info("aborted during prefill", extra=log_rid(rid))
-                self.engine.detach(rid)
-            else:
+        aborted = {rid for rid, dead in zip(rids, is_aborted(self.r, keys, rids), strict=True)
+                   if dead}
+        for rid in aborted:
+            log.info("aborted during prefill", extra=log_rid(rid))
+        live = [rid for rid in rids if rid not in aborted]
+
+        def write(pipe, held: list[str]) -> None:
+            # One transaction per step: each request's token, its new record fields and
+            # its place in the decode index land together or not at all.
+            seq = self.index.next_seqs(len(held)) if held else 0
+            for i, rid in enumerate(held):
+                tok = out.sampled[rid]
+                lp = out.logprobs.get(rid)
+                lps = (lp,) if lp is not None else None
+                if rid in finished:
+                    o = finished[rid]
+                    publish(pipe, keys, rid, TokenEvent((tok,), len(o.token_ids),
+                                                        o.finish_reason, lps))
+                    continue
                 req = self.engine.get_request(rid)
                 if req is None:
                     raise RuntimeError(f"{rid} sampled but is not tracked")  # a bug, not input
-                self.stats.prefills += 1
-                self.stats.prefill_tokens += req.num_prompt_tokens
                 slots = self._to_store(rid, req.block_ids, req.num_computed_tokens)
                 output = tuple(req.output_token_ids)
                 set_prefilled(pipe, keys, rid, output, tuple(slots), self.node)
                 publish(pipe, keys, rid, TokenEvent((tok,), len(output), None, lps))
                 self.index.put_on(pipe, rid, req.num_tokens, self._arrivals[rid], seq + i)
+
+        held = set(hand_off(self.r, keys, self.cfg.worker_id, live, write)) if live else set()
+        for rid in live:
+            if rid not in held:
+                # A router resumed it (this pair looked dead): another worker recomputes it.
+                # Whatever store blocks this worker took for it are left under the id: the
+                # new holder's allocation grows from them and overwrites them.
+                log.warning("no longer held (resumed elsewhere): dropped", extra=log_rid(rid))
+            elif rid not in finished:
+                req = self.engine.get_request(rid)
+                self.stats.prefills += 1
+                self.stats.prefill_tokens += req.num_prompt_tokens if req else 0
+        for rid in rids:
+            if rid not in finished:
                 self.engine.detach(rid)
-        pipe.execute()
-        for rid in out.sampled:
             self._arrivals.pop(rid, None)
 
     def _to_store(self, rid: str, device_blocks: list[int], num_tokens: int) -> list[int]:

@@ -88,7 +88,7 @@ class FakeBackend:
             if finish:
                 return
 
-    async def admit(self) -> None:
+    async def admit(self, request_id: str) -> None:
         if self.queue_limit is not None and self.inflight >= self.queue_limit:
             raise APIError(f"the server is at capacity ({self.inflight} requests queued)",
                            429, code="rate_limit_exceeded", type_="rate_limit_error",

@@ -184,7 +184,8 @@ def _dead_owner_arenas() -> list[str]:
 def _check_outputs(streams: list[Stream], reference: dict[str, str]) -> dict[str, int]:
     lost = [s for s in streams if s.error is not None or s.finish != "length"]
     assert not lost, [(s.prompt, s.error, s.finish) for s in lost]
-    differ = [s.prompt for s in streams if s.text != reference[s.prompt]]
+    differ = [(s.prompt, s.rid, s.text, reference[s.prompt]) for s in streams
+              if s.text != reference[s.prompt]]
     assert not differ, differ
     return {"in_flight": len(streams), "lost": 0, "identical": len(streams)}
 

@@ -368,3 +368,4 @@ def test_a_request_resumed_from_a_live_holder_is_kept_not_failed(r, keys, tiny_d
     pipe = r.pipeline()
     read_holder(pipe, keys, "a")
     assert pipe.execute() == [b"w-1"]  # its holder again
+

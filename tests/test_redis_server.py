@@ -72,7 +72,7 @@ def test_the_router_answers_503_with_retry_after_while_redis_is_down():
     async def main() -> list[APIError]:
         backend = RedisBackend(f"redis://127.0.0.1:{_port()}/0", RedisKeys("t:"))  # nobody
         errors = []
-        for call in (backend.admit, backend.server_info):
+        for call in (lambda: backend.admit("r-1"), backend.server_info):
             with pytest.raises(APIError) as e:
                 await call()
             errors.append(e.value)

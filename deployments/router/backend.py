@@ -35,10 +35,12 @@ class GenerationBackend(Protocol):
         """Submit `req` and stream its events. Cancelling the iterator does not abort."""
         ...
 
-    async def admit(self) -> None:
-        """Raise APIError when no new request can be accepted now: 429 (the queue is full)
+    async def admit(self, request_id: str) -> None:
+        """Raise APIError when `request_id` cannot be accepted now: 429 (the queue is full)
         or 503 (the queue is unreachable), with `retry_after_s`. Called before a request
-        is answered, so the client gets the status, not an in-stream error."""
+        is answered, so the client gets the status, not an in-stream error. Admitting
+        holds a place for it until `generate` submits it: concurrent arrivals cannot all
+        pass the same count."""
         ...
 
     async def abort(self, request_id: str) -> None:

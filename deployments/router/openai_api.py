@@ -98,7 +98,7 @@ class OpenAIFrontend:
     async def start(self, rid: str, ids: list[int], params: SamplingParams) -> Generation:
         """Admit a validated request (raises APIError 429/503 when the queue cannot take
         it, before any response starts)."""
-        await self.backend.admit()
+        await self.backend.admit(rid)
         return Generation(GenerateRequest(rid, tuple(ids), params, time.time()),
                           TextStream(self.tokenizer, params))
 

@@ -36,9 +36,11 @@ from alignedserve.global_queue.records import (
     ReplicaState,
     RequestRecord,
     abort,
-    put_record,
+    enqueue,
     read_holder,
+    reserve_admission,
     resume,
+    take_over,
 )
 from alignedserve.logs import rid as log_rid
 
@@ -90,12 +92,11 @@ class RedisBackend:
         self._delivered[rid] = 0
         try:
             pipe = self.r.pipeline(transaction=False)
-            put_record(pipe, self.keys, rec)
+            enqueue(pipe, self.keys, rec)
             if self._ended:  # requests that ended since: off this router's list
                 ended, self._ended = self._ended, []
                 pipe.srem(self.keys.routed(self.router_id), *ended)
             pipe.sadd(self.keys.routed(self.router_id), rid)
-            pipe.rpush(self.keys.prefill, rid)
             try:
                 await pipe.execute()
             except aioredis.RedisError as e:
@@ -114,15 +115,13 @@ class RedisBackend:
             self._delivered.pop(rid, None)
             self._ended.append(rid)
 
-    async def admit(self) -> None:
+    async def admit(self, request_id: str) -> None:
         try:
-            pipe = self.r.pipeline(transaction=False)
-            pipe.llen(self.keys.prefill)
-            pipe.zcard(self.keys.decode)
-            waiting = sum(await pipe.execute())
+            admitted, waiting = await reserve_admission(self.r, self.keys, request_id,
+                                                        self.max_queued)
         except aioredis.RedisError as e:
             raise _unavailable(e) from e
-        if waiting >= self.max_queued:
+        if not admitted:
             raise APIError(f"the server is at capacity ({waiting} requests queued); retry "
                            "later", 429, code="rate_limit_exceeded", type_="rate_limit_error",
                            retry_after_s=_RETRY_AFTER_S)
@@ -201,18 +200,25 @@ class RedisBackend:
         return not await asyncio.to_thread(self.holder_alive, st)
 
     async def _resume(self, rid: str, holder: str, holder_node: str) -> None:
-        """Free the request's KV and queue it again with the output its client has. The KV
-        is freed where the record says it is and on the holder's node (a holder that died
-        while pulling it from another node may have got part of it)."""
+        """Take the request from its dead holder, free its KV and queue it again with the
+        output its client has. The KV is freed where the record says it is and on the
+        holder's node (a holder that died while pulling it from another node may have got
+        part of it): only after the take-over, so a holder that was only slow cannot hand
+        the request on with KV freed under it; and before it is queued, so no new holder
+        has allocated under the same id yet."""
+        taker = f"{self.router_id}:resuming"  # a holder no state names: dead if we stall
+        node = await take_over(self.r, self.keys, rid, holder, taker)
+        if node is None:
+            return  # no longer held by `holder`: it moved on or ended
         out, final = replay(await self.r.xrange(self.keys.tok(rid)))
-        if final:  # it ended just now; the reader will pass the end on
-            return
-        node = await self.r.hget(self.keys.req(rid), "node")
-        if self.free_kv is not None:  # before a new worker allocates under the same id
-            for where in {node.decode() if node else "", holder_node} - {""}:
+        if self.free_kv is not None:
+            for where in {node.decode(), holder_node} - {""}:
                 self.free_kv(rid, where)
-        if not await resume(self.r, self.keys, rid, holder, tuple(out)):
-            return  # no longer held by `holder`
+        if final:  # it ended just now (the reader passes the end on): drop what is left
+            await self.r.delete(self.keys.req(rid))
+            return
+        if not await resume(self.r, self.keys, rid, taker, tuple(out)):
+            return  # aborted meanwhile
         # Should the holder only have been slow, it drops the request (no double work).
         await self.r.publish(self.keys.abort_channel, f"{rid}@{holder}")
         await self.r.hincrby(self.keys.counters, "resumed", 1)
