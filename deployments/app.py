@@ -51,9 +51,16 @@ def build(args: dict[str, Any]) -> Application:
 def init_ray(cfg: ServeConfig) -> None:
     import ray
 
+    from alignedserve.deployments.grpc_bind import HOST_ENV
+
     if not ray.is_initialized():
+        # A local Ray: Serve's gRPC proxy listens on `host` too, not on every interface.
+        env = None if cfg.ray_address is not None else {
+            "worker_process_setup_hook":
+                "alignedserve.deployments.grpc_bind.bind_grpc_to_host",
+            "env_vars": {HOST_ENV: cfg.host}}
         ray.init(address=cfg.ray_address, include_dashboard=cfg.ray_address is None,
-                 dashboard_host="127.0.0.1", log_to_driver=False)
+                 dashboard_host="127.0.0.1", log_to_driver=False, runtime_env=env)
 
 
 def start(cfg: ServeConfig, model_dir: str) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
 import uuid
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from tqdm import tqdm
 
 from alignedserve.loadgen.report import RequestRecord, SystemRun, plot_png, summarize, write_json
 from alignedserve.loadgen.workloads import WorkloadRequest, make_workload
+from alignedserve.ports import free_port
 
 
 @dataclass(frozen=True)
@@ -44,12 +44,6 @@ class ServeBenchConfig:
     out_dir: str | None = None
     progress: bool = True
     command: str = ""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def _one(http: httpx.AsyncClient, url: str, model: str, req: WorkloadRequest,
@@ -104,9 +98,9 @@ def run_serve_path(cfg: ServeBenchConfig, requests: list[WorkloadRequest]) -> tu
     from alignedserve.deployments import app
     from alignedserve.global_queue.redis_server import LocalRedis
 
-    url = f"redis://127.0.0.1:{_free_port()}/0"
+    url = f"redis://127.0.0.1:{free_port()}/0"
     scfg = ServeConfig(
-        model=cfg.model, served_model_name=cfg.label, http_port=_free_port(), grpc_port=0,
+        model=cfg.model, served_model_name=cfg.label, http_port=free_port(), grpc_port=0,
         redis_url=url, redis_prefix=f"bench-{uuid.uuid4().hex[:6]}:", start_redis=False,
         num_replicas=cfg.num_replicas, host_kv_gib=cfg.host_kv_gib, replica_cpus=0.5,
         worker_cpus=0.5, replica_threads=cfg.replica_threads,

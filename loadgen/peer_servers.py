@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import time
 from collections import deque
@@ -23,6 +22,8 @@ from pathlib import Path
 
 import httpx
 import psutil
+
+from alignedserve.ports import free_port
 
 PEERS_DIR = Path(__file__).resolve().parent / "peers"
 PEER_PYTHON = PEERS_DIR / ".venv-vllm" / "bin" / "python"
@@ -34,12 +35,6 @@ VLLM_BLOCK_SIZE = 32
 MAX_NUM_SEQS = 64  # both servers: requests per step at most (AlignedServe's default)
 MAX_NUM_BATCHED_TOKENS = 1024  # both: tokens per step at most (AlignedServe's default)
 _LOG_TAIL = 40  # log lines quoted when a server fails
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def peer_env(extra: dict[str, str]) -> dict[str, str]:

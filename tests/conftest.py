@@ -40,14 +40,10 @@ def tiny_dir(model_dirs) -> Path:
 @pytest.fixture(scope="session")
 def redis_url():
     """A real redis-server on loopback for the session (started and stopped here)."""
-    import socket
-
     from alignedserve.global_queue.redis_server import LocalRedis
+    from alignedserve.ports import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"redis://127.0.0.1:{port}/0"
+    url = f"redis://127.0.0.1:{free_port()}/0"
     srv = LocalRedis(url).start()
     yield url
     srv.stop()

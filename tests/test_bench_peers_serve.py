@@ -14,7 +14,7 @@ import pytest
 
 from alignedserve.cluster.cli import main
 from alignedserve.loadgen import bench_peers_serve as bps
-from alignedserve.loadgen.peer_servers import ServerProcess, ServerSpec, free_port
+from alignedserve.loadgen.peer_servers import ServerProcess, ServerSpec
 from alignedserve.loadgen.peers_serve_report import (
     compare,
     compare_all,
@@ -24,6 +24,7 @@ from alignedserve.loadgen.peers_serve_report import (
     plot_png,
 )
 from alignedserve.loadgen.workloads import make_workload
+from alignedserve.ports import free_port
 
 
 def _result(**overrides) -> dict:

@@ -132,13 +132,24 @@ def server(tiny_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reference(server) -> dict[str, str]:
-    """The fault-free outputs, from the same server."""
+def reference(server, tiny_dir) -> dict[str, str]:
+    """The fault-free outputs, from the same server; they are transformers' greedy
+    outputs (so a fault that corrupted the reference itself cannot pass unseen)."""
+    from hf_reference import hf_greedy
+
+    from alignedserve.engine.tokenizer import load_tokenizer
+
     # Two replicas: prefill_on=auto leaves prefill to the prefetch workers, whose deaths
     # and their KV hand-offs these tests exercise.
     assert {rep["prefill"] for rep in _replicas(server)} == {"worker"}
     streams = Load(server.base, PROMPTS).finish()
     assert all(s.error is None and s.finish == "length" for s in streams), streams
+    tok = load_tokenizer(tiny_dir)
+    truth = hf_greedy(str(tiny_dir), tuple(tuple(tok(p).input_ids) for p in PROMPTS),
+                      N_TOKENS, ignore_eos=True)
+    wrong = [(s.prompt, s.rid, s.text, tok.decode(ids)) for s, ids in
+             zip(streams, truth, strict=True) if s.text != tok.decode(ids)]
+    assert not wrong, wrong
     return {s.prompt: s.text for s in streams}
 
 

@@ -5,10 +5,9 @@ prefill, and a KV pool small enough to force recompute preemption."""
 from __future__ import annotations
 
 import random
-from functools import cache
 
 import pytest
-import torch
+from hf_reference import hf_greedy
 
 from alignedserve import LLM, SamplingParams
 
@@ -21,27 +20,6 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS)
 def random_prompts(vocab: int, seed: int = 0) -> list[list[int]]:
     rng = random.Random(seed)
     return [[rng.randrange(4, vocab) for _ in range(n)] for n in PROMPT_LENS]
-
-
-@cache
-def hf_greedy(model_dir: str, prompts: tuple[tuple[int, ...], ...]) -> list[list[int]]:
-    """transformers' greedy generate, one prompt at a time (no padding effects)."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model.eval()
-    pad = model.generation_config.eos_token_id
-    pad = pad[0] if isinstance(pad, list) else pad
-    out = []
-    with torch.inference_mode():
-        for p in prompts:
-            ids = torch.tensor([p])
-            gen = model.generate(
-                ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
-                do_sample=False, pad_token_id=pad,
-            )
-            out.append(gen[0, len(p) :].tolist())
-    return out
 
 
 def assert_same(outs, refs) -> None:

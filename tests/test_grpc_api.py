@@ -5,7 +5,6 @@ generated stub with `application` metadata, and disconnects through Serve's HTTP
 # No `from __future__ import annotations`: Serve's ingress rebinds the methods of `Both`,
 # and FastAPI must see the real `Request` class in their signatures, not a string.
 import json
-import socket
 import sys
 import time
 
@@ -20,6 +19,7 @@ from ray import serve
 from alignedserve.deployments.router.grpc_api import GrpcApiMixin
 from alignedserve.deployments.router.openai_api import OpenAIFrontend, install_error_handlers
 from alignedserve.engine.tokenizer import final_text, load_tokenizer
+from alignedserve.ports import free_port
 from alignedserve.scheduling.sampling_params import SamplingParams
 
 APP = "alignedserve"
@@ -56,12 +56,6 @@ class Both(GrpcApiMixin):
         return JSONResponse(self.backend.aborted)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def served(tiny_dir):
     import ray
@@ -78,7 +72,7 @@ def served(tiny_dir):
         for attempt in range(3):
             # A probed free port can be taken by another process (Ray starts many) before
             # Serve's proxy binds it: then probe again.
-            http_port, grpc_port = _free_port(), _free_port()
+            http_port, grpc_port = free_port(), free_port()
             try:
                 serve.start(http_options={"host": "127.0.0.1", "port": http_port},
                             grpc_options=gRPCOptions(port=grpc_port,

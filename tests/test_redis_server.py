@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,12 +13,7 @@ import pytest
 import redis
 
 from alignedserve.global_queue.redis_server import LocalRedis, ping
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from alignedserve.ports import free_port
 
 
 def _wait(cond, timeout_s: float = 20.0) -> bool:
@@ -32,7 +26,7 @@ def _wait(cond, timeout_s: float = 20.0) -> bool:
 
 
 def test_a_killed_redis_is_restarted_with_its_data_and_password():
-    url = f"redis://:pw0@127.0.0.1:{_port()}/0"
+    url = f"redis://:pw0@127.0.0.1:{free_port()}/0"
     with LocalRedis(url) as srv:
         r = redis.Redis.from_url(url)
         r.set("k", "v")
@@ -49,7 +43,7 @@ def test_a_killed_redis_is_restarted_with_its_data_and_password():
 
 
 def test_redis_dies_with_the_process_that_started_it():
-    url = f"redis://127.0.0.1:{_port()}/0"
+    url = f"redis://127.0.0.1:{free_port()}/0"
     code = ("import time; from alignedserve.global_queue.redis_server import LocalRedis; "
             f"LocalRedis({url!r}).start(); print('up', flush=True); time.sleep(600)")
     owner = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
@@ -70,7 +64,7 @@ def test_the_router_answers_503_with_retry_after_while_redis_is_down():
     from alignedserve.global_queue.keys import RedisKeys
 
     async def main() -> list[APIError]:
-        backend = RedisBackend(f"redis://127.0.0.1:{_port()}/0", RedisKeys("t:"))  # nobody
+        backend = RedisBackend(f"redis://127.0.0.1:{free_port()}/0", RedisKeys("t:"))  # nobody
         errors = []
         for call in (lambda: backend.admit("r-1"), backend.server_info):
             with pytest.raises(APIError) as e:

@@ -8,6 +8,7 @@ import signal
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import psutil
 import pytest
 from cli_server import start_cli_server
 
@@ -24,6 +25,13 @@ def test_serve_cli_answers_and_drains_on_sigterm(tiny_dir, tmp_path):
         # One CPU replica: prefill_on=auto has the replica prefill (no worker prefill).
         snap = status_snapshot(server.redis_url, "cli-test:")
         assert [rep["prefill"] for rep in snap["replicas"]] == ["replica"]
+        # It listens on loopback only: HTTP, gRPC (Serve's proxy would take [::]) and Redis.
+        ports = {int(a.rsplit(":", 1)[1].split("/")[0]) for a in
+                 (server.base, server.grpc, server.redis_url)}
+        listening = [c.laddr for c in psutil.net_connections("tcp")
+                     if c.status == psutil.CONN_LISTEN and c.laddr.port in ports]
+        assert {a.port for a in listening} == ports, listening
+        assert all(a.ip in ("127.0.0.1", "::ffff:127.0.0.1") for a in listening), listening
         body = {"model": "tiny", "prompt": "drain me", "max_tokens": 120, "temperature": 0,
                 "ignore_eos": True, "stream": True}
         chunks, reason = 0, None

@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from alignedserve import LLM, SamplingParams
+from alignedserve.ports import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -58,14 +59,6 @@ def cluster(tiny_dir, redis_url):
         cli_serve.stop()
     finally:
         ray.shutdown()
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _base(cfg) -> str:
