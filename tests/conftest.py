@@ -49,6 +49,24 @@ def redis_url():
     srv.stop()
 
 
+@pytest.fixture
+def r(redis_url):
+    """A client of the session's redis-server."""
+    import redis
+
+    return redis.Redis.from_url(redis_url)
+
+
+@pytest.fixture
+def keys():
+    """A key prefix of its own, so tests sharing the Redis never meet."""
+    import uuid
+
+    from alignedserve.global_queue.keys import RedisKeys
+
+    return RedisKeys(f"test-{uuid.uuid4().hex[:8]}:")
+
+
 @pytest.fixture(scope="session")
 def helm() -> Path:
     """The pinned helm binary (`make tools` installs it into .tools/; installed here if not)."""

@@ -6,14 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 
-import pytest
 import redis
 
 from alignedserve.deployments.router.openai_protocol import APIError
 from alignedserve.deployments.router.redis_backend import RedisBackend
-from alignedserve.global_queue.keys import RedisKeys
 from alignedserve.global_queue.records import (
     ADMIT_HOLD_S,
     RequestRecord,
@@ -25,16 +22,6 @@ from alignedserve.global_queue.records import (
     set_prefilled,
 )
 from alignedserve.scheduling.sampling_params import SamplingParams
-
-
-@pytest.fixture
-def r(redis_url):
-    return redis.Redis.from_url(redis_url)
-
-
-@pytest.fixture
-def keys():
-    return RedisKeys(f"test-{uuid.uuid4().hex[:8]}:")
 
 
 def _claimed(r, keys, rids: tuple[str, ...], holder: str) -> None:

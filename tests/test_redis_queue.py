@@ -4,10 +4,8 @@ events round-trip, and the scheduler leader fails over (real redis-server on loo
 from __future__ import annotations
 
 import time
-import uuid
 
 import pytest
-import redis
 
 from alignedserve.deployments.router.leader import Dispatcher, LeaderLock, LeaderLoop
 from alignedserve.global_queue.events import TokenEvent, publish, replay
@@ -30,16 +28,6 @@ from alignedserve.global_queue.records import (
 from alignedserve.scheduling.dispatch import DispatchKnobs
 from alignedserve.scheduling.length_index import InMemoryLengthIndex
 from alignedserve.scheduling.sampling_params import SamplingParams
-
-
-@pytest.fixture
-def r(redis_url):
-    return redis.Redis.from_url(redis_url)
-
-
-@pytest.fixture
-def keys():
-    return RedisKeys(f"test-{uuid.uuid4().hex[:8]}:")
 
 
 def test_redis_index_orders_like_the_in_memory_index(r, keys):
