@@ -79,6 +79,8 @@ def start(cfg: ServeConfig, model_dir: str) -> None:
         log.warning("removed %d keys under %r left by a deployment that stopped uncleanly",
                     removed, cfg.redis_prefix)
     init_ray(cfg)
+    if cfg.ray_address is None:
+        check_fits(cfg)
     if cfg.ray_address is None and cfg.kv_grpc_host is None:
         # A cluster of this one machine: its stores need not be reachable from anywhere else.
         cfg = cfg.model_copy(update={"kv_grpc_host": "127.0.0.1"})
@@ -87,6 +89,24 @@ def start(cfg: ServeConfig, model_dir: str) -> None:
     serve.start(http_options={"host": cfg.host, "port": cfg.http_port},
                 grpc_options=grpc, proxy_location=cfg.proxy_location)
     serve.run(build_app(cfg, model_dir), name=APP_NAME, route_prefix="/")
+
+
+def check_fits(cfg: ServeConfig) -> None:
+    """On a Ray this process started (nothing will be added to it), the app's CPU
+    reservations must fit, or Serve waits forever for the replicas it cannot place.
+    Raises ValueError naming the knobs. A joined cluster may still grow: not checked."""
+    import ray
+
+    need = (cfg.num_replicas * (cfg.replica_cpus + cfg.worker_cpus)
+            + cfg.num_routers * cfg.router_cpus)
+    have = ray.cluster_resources().get("CPU", 0.0)
+    if need > have + 1e-6:
+        raise ValueError(
+            f"{cfg.num_replicas} compute replica(s) x (replica_cpus {cfg.replica_cpus} + "
+            f"worker_cpus {cfg.worker_cpus}) + {cfg.num_routers} router(s) x router_cpus "
+            f"{cfg.router_cpus} = {need:g} Ray CPUs, but this machine's Ray has {have:g}: "
+            "lower replica_cpus / worker_cpus (they are reservations, not threads; "
+            "replica_threads sets those) or num_replicas")
 
 
 def stop() -> None:

@@ -90,6 +90,9 @@ async def _drive(base: str, model: str, requests: list[WorkloadRequest], progres
         return list(records), time.monotonic() - t0
 
 
+_PAIR_CPUS = 1.8  # of the benchmark Ray's 2 CPUs, what the compute pairs reserve
+
+
 def run_serve_path(cfg: ServeBenchConfig, requests: list[WorkloadRequest]) -> tuple[SystemRun,
                                                                                      list[float]]:
     import ray
@@ -102,8 +105,10 @@ def run_serve_path(cfg: ServeBenchConfig, requests: list[WorkloadRequest]) -> tu
     scfg = ServeConfig(
         model=cfg.model, served_model_name=cfg.label, http_port=free_port(), grpc_port=0,
         redis_url=url, redis_prefix=f"bench-{uuid.uuid4().hex[:6]}:", start_redis=False,
-        num_replicas=cfg.num_replicas, host_kv_gib=cfg.host_kv_gib, replica_cpus=0.5,
-        worker_cpus=0.5, replica_threads=cfg.replica_threads,
+        num_replicas=cfg.num_replicas, host_kv_gib=cfg.host_kv_gib,
+        # Reservations that fit the 2 Ray CPUs below beside the router, however many pairs.
+        replica_cpus=_PAIR_CPUS / 2 / cfg.num_replicas,
+        worker_cpus=_PAIR_CPUS / 2 / cfg.num_replicas, replica_threads=cfg.replica_threads,
         worker_threads=cfg.worker_threads,
         engine={"kv_cache_gib": cfg.kv_cache_gib},
     )

@@ -302,3 +302,13 @@ def test_a_request_survives_the_death_of_every_replica(cluster, tiny_dir):
     assert killed and not errors, errors
     assert "".join(text) == ref.text
     assert _status(cluster)["resumed_requests"] >= 1
+
+
+def test_an_app_too_big_for_the_local_ray_is_refused_not_left_pending(cluster):
+    """Serve would wait forever for replicas it cannot place (a benchmark hung 25 minutes
+    on 2 pairs x 1 CPU + the router on 2 CPUs): on a Ray it started, `start` says so."""
+    from alignedserve.deployments.app import check_fits
+
+    check_fits(cluster)  # the running app: 2 x (0.25 + 0.25) + 0.1 of 2 CPUs
+    with pytest.raises(ValueError, match=r"= 2.1 Ray CPUs, but this machine's Ray has 2"):
+        check_fits(cluster.model_copy(update={"replica_cpus": 0.5, "worker_cpus": 0.5}))
