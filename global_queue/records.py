@@ -215,7 +215,7 @@ ADMIT_HOLD_S = 10.0  # an admitted request not queued within this long stops cou
 
 
 def reserve_admission(client: redis.Redis | aioredis.Redis, keys: RedisKeys, rid: str,
-          max_queued: int) -> Any:
+                      max_queued: int) -> Any:
     """Reserve a place for `rid` among the requests waiting (prefill queue, decode index,
     admitted but not yet enqueued) if fewer than `max_queued` wait: one script, so
     concurrent arrivals on any number of routers cannot all pass the same count. Returns

@@ -275,9 +275,10 @@ class PrefetchWorker:
         finished = {o.request_id: o for o in out.finished}
         rids = list(out.sampled)
         aborted = {rid for rid, dead in zip(rids, is_aborted(self.r, keys, rids), strict=True)
-                   if dead}
-        for rid in aborted:
+                   if dead and rid not in finished}
+        for rid in aborted:  # its client is gone: nobody reads its record any more
             log.info("aborted during prefill", extra=log_rid(rid))
+            self.r.delete(keys.req(rid))
         live = [rid for rid in rids if rid not in aborted]
 
         def write(pipe, held: list[str]) -> None:
