@@ -68,7 +68,8 @@ class AlignedScheduler:
         self.requests: dict[str, Request] = {}
         self.counters = AlignedStats()
         self.steps = 0  # engine steps run: the starvation clock
-        self._since: dict[str, int] = {}  # pooled id -> step it entered the pool (oldest first)
+        self._since: dict[str, int] = {}  # pooled id -> its aging clock's start (pool order)
+        self._entered: dict[str, int] = {}  # id -> step it first entered the pool
         self._hosted: dict[str, None] = {}  # pooled ids whose KV is in the host pool, in order
         self._band: Band | None = None  # the band a thin batch is being filled toward
         self._band_cache: tuple[tuple[int, int, int], tuple[int, int, int]] | None = None
@@ -153,7 +154,9 @@ class AlignedScheduler:
     def _to_pool(self, req: Request) -> None:
         req.status = RequestStatus.WAITING
         self.pooled[req.request_id] = req
-        self._since[req.request_id] = self.steps
+        # A member sent back (swapped out, or a refill that could not be copied in) keeps
+        # its age: it waits no longer than had it never run.
+        self._since[req.request_id] = self._entered.setdefault(req.request_id, self.steps)
         if req.num_computed_tokens:
             self._hosted[req.request_id] = None
         self.index.put(req.request_id, req.num_tokens)
@@ -194,10 +197,36 @@ class AlignedScheduler:
         return max(1, min(self.cfg.min_batch, self.device.num_blocks // max(1, typical)))
 
     def _room(self) -> int:
-        """Device blocks a new member may take: free blocks less the watermark and every
-        running member's lookahead growth."""
-        grow = sum(self._cost(r) - len(r.block_ids) for r in self.running)
-        return self.device.num_free_blocks - self.device.watermark_blocks - max(0, grow)
+        """Device blocks a new member may take: free blocks less the watermark and the
+        running batch's peak growth over the next `lookahead_tokens` steps."""
+        return (self.device.num_free_blocks - self.device.watermark_blocks
+                - self._peak_growth())
+
+    def _peak_growth(self) -> int:
+        """Blocks the running members will need beyond what they hold, at the worst step of
+        the next `lookahead_tokens`, counting that a member which finishes within that window
+        frees its blocks for the others' growth. A member's steps left come from max_tokens
+        (an upper bound; exact under ignore_eos) plus its prefill steps; each member's blocks
+        are bounded by (tokens + block_size) / block_size, summed, so one pass over the
+        members sorted by their end gives the peak."""
+        look, bs = self.cfg.lookahead_tokens, self.device.block_size
+        held, ends = 0, []
+        for r in self.running:
+            held += len(r.block_ids)
+            left = min(r.params.max_tokens - r.num_output_tokens,
+                       r.max_model_len - r.num_tokens)
+            prefill = -(-max(0, r.num_uncomputed_tokens - 1) // self.cfg.max_num_batched_tokens)
+            ends.append((max(1, left + prefill), r.num_tokens))
+        ends.sort()
+        tokens, alive, peak = sum(n for _, n in ends), len(ends), 0
+        for end, n in ends:  # at step t = end - 1 this member and every later one are alive
+            t = min(end - 1, look)
+            peak = max(peak, (tokens + alive * (t + bs)) // bs)
+            if end > look:
+                break  # every member left outlives the window: t = look was the last
+            tokens -= n
+            alive -= 1
+        return max(0, peak - held)
 
     def _fill(self) -> bool:
         """Fill free slots and blocks from the pool (module doc, step 2). True when the band
@@ -232,12 +261,10 @@ class AlignedScheduler:
                 break  # in order: the next in line waits for room rather than be skipped
             host_kv = bool(r.num_computed_tokens)
             hit = r.request_id in self.staged
-            since = self._since[r.request_id]
             self._take(r)
             self.staged.pop(r.request_id, None)
             if not self.swap.swap_in(r):
                 self._to_pool(r)
-                self._since[r.request_id] = since  # it keeps its place in the aging order
                 break
             room -= cost
             r.status = RequestStatus.RUNNING
@@ -377,6 +404,7 @@ class AlignedScheduler:
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
         self.requests_done += 1
+        self._entered.pop(req.request_id, None)
         del self.requests[req.request_id]
 
     def _cost(self, req: Request) -> int:

@@ -331,14 +331,14 @@ def test_staged_requests_join_without_a_fence():
     is copied in ahead of time, and joins a freed slot without the step waiting on it."""
     s = sched(max_batch=3, min_batch=1, refill_buffer=4, max_spread=2.0)
     ex = FakeExecutor(s, lag_steps=0)
-    for r in (make("short", 30, 4), make("x", 31, 40), make("y", 33, 40)):
+    for r in (make("short", 30, 4), make("x", 31, 40), make("y", 33, 40), make("z", 33, 40)):
         s.add_request(r)
     ex.step()
     ex.step()
+    assert s.requests["z"].status is RequestStatus.WAITING, "the batch holds three"
     y = s.requests["y"]
-    s._swap_out(y)  # y waits in the pool, its KV in the host pool
-    s.add_request(make("z", 33, 40))  # fresh, and nearer the batch: it takes the free slot
-    ex.step()
+    s._swap_out(y)  # y waits in the pool, its KV in the host pool, as old as z
+    ex.step()  # z, as old and shorter (y has grown), takes the free slot
     assert s.requests["z"].status is RequestStatus.RUNNING
     assert "y" in s.staged and y.block_ids, "y's KV is being prefetched"
     while "short" in s.requests:
@@ -350,3 +350,62 @@ def test_staged_requests_join_without_a_fence():
     outputs = ex.run()
     assert set(outputs) == {"x", "y", "z"}
     assert s.device.num_free_blocks == 256 and s.swap.host.num_free == 1024
+
+
+def test_a_member_about_to_finish_makes_room_for_a_newcomer():
+    """The room kept for growth counts that a member finishing within the lookahead frees
+    its blocks: the newcomer joins now, where reserving every member's full lookahead
+    (a: 1 block, b: 9, room 0) would hold it back; nothing is swapped out for it."""
+    s = sched(device_blocks=40, max_batch=4, min_batch=1, lookahead_tokens=32,
+              max_num_batched_tokens=128, align_by="total")
+    ex = FakeExecutor(s, lag_steps=0)
+    s.add_request(make("a", 60, 3))
+    s.add_request(make("b", 60, 40))
+    ex.step()  # both prefilled: 15 blocks each, a has 2 tokens to go
+    assert s.device.num_free_blocks == 10
+    s.add_request(c := make("c", 20, 4))  # 6 blocks with its growth
+    ex.step()
+    assert c.status is RequestStatus.RUNNING
+    outputs = ex.run()
+    assert all(outputs[r.request_id] == expected(r) for r in (c,))
+    assert s.stats().counters["preemptions"] == 0
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_peak_growth_is_never_below_the_exact_future_peak(seed):
+    """`_peak_growth` bounds, from above, the most blocks the running members will need
+    beyond what they hold at any step of the lookahead (each finishing member freeing its
+    blocks), and overshoots by less than one block per member."""
+    rng = random.Random(seed)
+    s = sched(device_blocks=4096, max_batch=32, min_batch=1,
+              lookahead_tokens=rng.choice([0, 5, 16, 64]), max_num_batched_tokens=4096,
+              align_by="total")
+    ex = FakeExecutor(s, lag_steps=0)
+    for k in range(rng.randint(1, 20)):
+        s.add_request(make(f"r{k}", rng.randint(1, 90), rng.randint(1, 80)))
+    for _ in range(rng.randint(1, 6)):
+        ex.step()
+    look = s.cfg.lookahead_tokens
+    held = sum(len(r.block_ids) for r in s.running)
+    left = {r.request_id: r.params.max_tokens - r.num_output_tokens for r in s.running}
+    exact = max(sum(-(-(r.num_tokens + t) // BS) for r in s.running if t < left[r.request_id])
+                for t in range(look + 1))
+    assert exact - held <= s._peak_growth() <= max(0, exact - held) + len(s.running) + 1
+
+
+def test_a_swapped_out_member_keeps_its_place_in_the_aging_order():
+    """A member sent back to the pool rejoins before requests that arrived after it (as a
+    preempted request goes first in vLLM), not as if it had just arrived."""
+    s = sched(max_batch=2, min_batch=1, align_by="total", max_num_batched_tokens=128)
+    ex = FakeExecutor(s, lag_steps=0)
+    s.add_request(make("a", 20, 30))
+    s.add_request(b := make("b", 20, 30))
+    ex.step()
+    s.add_request(c := make("c", 20, 30))
+    ex.step()
+    assert c.status is RequestStatus.WAITING
+    s._swap_out(b)
+    ex.step()
+    assert b.status is RequestStatus.RUNNING and c.status is RequestStatus.WAITING
+    outputs = ex.run()
+    assert outputs["b"] == expected(b) and outputs["c"] == expected(c)
