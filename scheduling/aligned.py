@@ -248,7 +248,13 @@ class AlignedScheduler:
                 self._band = self._new_band(slots)
                 switched = True
             band = self._band
-        line = self._eligible(band, slots)
+        # Under per-sequence kernels ("longest") a long member's straggler is paid whether it
+        # runs with this batch or later with fewer peers; when the whole pool fits there is
+        # no choice to make, and holding it back would only leave room idle and push its
+        # work later. (Under padded attention, "spread", it still waits for its peers.)
+        fits = self.cfg.align_by == "longest" and len(self.pooled) <= slots and sum(
+            self._cost(r) - len(r.block_ids) for r in self.pooled.values()) <= room
+        line = self._eligible(band, slots, force=fits)
         if not line and thin and not switched:  # the thin batch's band ran dry: move it
             self._band = band = self._new_band(slots)
             switched = True

@@ -228,6 +228,30 @@ def test_with_a_load_balanced_kernel_length_is_no_reason_to_wait(align_by, long_
     assert s.stats().counters["starved"] == 0  # at distance 0 it is no outlier
 
 
+@pytest.mark.parametrize("align_by", ["longest", "spread"])
+def test_under_per_sequence_kernels_a_long_request_waits_only_when_not_all_fit(align_by):
+    """Under "longest" the straggler of a long member is paid whether it joins now or later,
+    so when the whole pool fits the device it joins at once; with more pooled than fits, the
+    band still decides who goes first. Under "spread" it waits for its peers either way."""
+    s = sched(max_batch=8, min_batch=2, max_spread=1.3, max_wait_steps=10**6,
+              align_by=align_by)
+    ex = FakeExecutor(s)
+    for i in range(6):
+        s.add_request(make(f"s{i}", 10, 30))
+    s.add_request(make("long", 120, 4))
+    ex.step()
+    assert (s.requests["long"].status is RequestStatus.RUNNING) is (align_by == "longest")
+    crowded = sched(max_batch=4, min_batch=2, max_spread=1.3, max_wait_steps=10**6,
+                    align_by=align_by)
+    ex = FakeExecutor(crowded)
+    for i in range(6):
+        crowded.add_request(make(f"s{i}", 10, 30))
+    crowded.add_request(make("long", 120, 4))
+    for _ in range(5):
+        ex.step()
+    assert crowded.requests["long"].status is RequestStatus.WAITING
+
+
 @pytest.mark.parametrize(("align_by", "first"), [("spread", ["b", "d"]), ("total", ["a", "b"])])
 def test_a_burst_goes_shortest_first_only_where_length_costs(align_by, first):
     """A burst waits alike. Where misalignment costs the kernel, the shortest go first (more
