@@ -15,10 +15,12 @@ The running batch has a *band*: the densest aligned range of its members' KV len
 1. Admit waiting requests while the host pool can reserve their prompt (admission control:
    when it cannot, they wait in arrival order; nothing is dropped).
 2. Fill. The running batch may fill the device pool, as fcfs does: free slots and blocks
-   (kept back: every member's lookahead growth) go to pooled requests in `aging_score`
-   order, those inside the band first, oldest first. A request outside the band joins only
-   once it has waited `max_wait_steps` per band of distance: the starvation bound, counted
-   in engine steps so that the same workload batches alike on any machine. A batch below
+   (kept back: the running batch's peak growth over the lookahead, `_peak_growth`) go to
+   pooled requests in `aging_score` order, those inside the band first, oldest first. A
+   request outside the band joins only once it has waited `max_wait_steps` per band of
+   distance: the starvation bound, counted in engine steps so that the same workload
+   batches alike on any machine (a swapped-out member keeps its age). Under `longest`,
+   when the whole pool fits the room, nothing waits for its band. A batch below
    Kmin (`min_batch`, capped at what fits the device) is thin: its band moves to the pool's
    densest group (among the most overdue requests, if any are overdue). The members
    already running stay; nothing is swapped out to switch.

@@ -52,9 +52,10 @@ class AlignedKnobs(BaseModel):
         "the same workload batches alike on a faster or slower machine. Lower: tighter "
         "TTFT/ITL tails, less alignment.")
     lookahead_tokens: int = Field(
-        128, ge=0, description="aligned: growth (up to max_tokens) reserved per running member "
-        "when the batch is filled. 0 fills the device to the brim and swaps members out when "
-        "they outgrow it; higher: fewer swap-outs, a smaller batch.")
+        128, ge=0, description="aligned: the window, in steps, over which the running batch's "
+        "peak growth is kept free when the batch is filled (a member that finishes inside it, "
+        "by max_tokens, frees its blocks for the others). 0 fills the device to the brim and "
+        "swaps members out when they outgrow it; higher: fewer swap-outs, a smaller batch.")
     max_queue_delay_s: float = Field(
         10.0, gt=0.0, description="aligned, cluster dispatch: the global queue's starvation "
         "horizon in seconds since arrival (the same aging rule as max_wait_steps, on the "
