@@ -39,7 +39,7 @@ from collections.abc import Iterable
 from itertools import islice
 
 from alignedserve.scheduling.aligned_config import AlignedConfig, AlignedStats
-from alignedserve.scheduling.block_manager import KVBlockManager, blocks_for
+from alignedserve.scheduling.block_manager import KVBlockManager, blocks_for, peak_growth
 from alignedserve.scheduling.interface import (
     ScheduledChunk,
     SchedulerOutput,
@@ -205,30 +205,13 @@ class AlignedScheduler:
                 - self._peak_growth())
 
     def _peak_growth(self) -> int:
-        """Blocks the running members will need beyond what they hold, at the worst step of
-        the next `lookahead_tokens`, counting that a member which finishes within that window
-        frees its blocks for the others' growth. A member's steps left come from max_tokens
-        (an upper bound; exact under ignore_eos) plus its prefill steps; each member's blocks
-        are bounded by (tokens + block_size) / block_size, summed, so one pass over the
-        members sorted by their end gives the peak."""
-        look, bs = self.cfg.lookahead_tokens, self.device.block_size
-        held, ends = 0, []
-        for r in self.running:
-            held += len(r.block_ids)
-            left = min(r.params.max_tokens - r.num_output_tokens,
-                       r.max_model_len - r.num_tokens)
-            prefill = -(-max(0, r.num_uncomputed_tokens - 1) // self.cfg.max_num_batched_tokens)
-            ends.append((max(1, left + prefill), r.num_tokens))
-        ends.sort()
-        tokens, alive, peak = sum(n for _, n in ends), len(ends), 0
-        for end, n in ends:  # at step t = end - 1 this member and every later one are alive
-            t = min(end - 1, look)
-            peak = max(peak, (tokens + alive * (t + bs)) // bs)
-            if end > look:
-                break  # every member left outlives the window: t = look was the last
-            tokens -= n
-            alive -= 1
-        return max(0, peak - held)
+        """`peak_growth` of the running members. A member's steps left come from max_tokens
+        (an upper bound; exact under ignore_eos) plus its prefill steps."""
+        chunk = self.cfg.max_num_batched_tokens
+        return peak_growth(
+            ((min(r.params.max_tokens - r.num_output_tokens, r.max_model_len - r.num_tokens)
+              + -(-max(0, r.num_uncomputed_tokens - 1) // chunk), r.num_tokens, len(r.block_ids))
+             for r in self.running), self.cfg.lookahead_tokens, self.device.block_size)
 
     def _fill(self) -> bool:
         """Fill free slots and blocks from the pool (module doc, step 2). True when the band

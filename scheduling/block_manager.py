@@ -6,12 +6,38 @@ request holds. Block `b` of a request covers token positions [b*block_size, (b+1
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from alignedserve.scheduling.request import Request
 
 
 def blocks_for(num_tokens: int, block_size: int) -> int:
     """Blocks needed to hold `num_tokens` tokens."""
     return -(-num_tokens // block_size)
+
+
+def peak_growth(members: Iterable[tuple[int, int, int]], lookahead: int,
+                block_size: int) -> int:
+    """Blocks a set of decoding requests will need beyond what they hold, at the worst step
+    of the next `lookahead`, given each as (steps until it finishes, tokens now, blocks
+    held): a request that finishes inside the window frees its blocks for the others'
+    growth. Each request's blocks at step t are bounded by (tokens + t + block_size) //
+    block_size, summed, so one pass over the requests sorted by their end finds the peak;
+    it overshoots the exact peak by less than one block per request."""
+    ends, held = [], 0
+    for steps, tokens, blocks in members:
+        ends.append((max(1, steps), tokens))
+        held += blocks
+    ends.sort()
+    tokens, alive, peak = sum(n for _, n in ends), len(ends), 0
+    for end, n in ends:  # at step t = end - 1 this request and every later one are alive
+        t = min(end - 1, lookahead)
+        peak = max(peak, (tokens + alive * (t + block_size)) // block_size)
+        if end > lookahead:
+            break  # every request left outlives the window: t = lookahead was the last
+        tokens -= n
+        alive -= 1
+    return max(0, peak - held)
 
 
 class BlockAllocator:
