@@ -263,7 +263,7 @@ class AlignedScheduler:
             self.counters.refills += 1
             self.counters.host_refills += host_kv
             self.counters.refill_hits += hit
-            if self._distance(r.num_tokens, band):
+            if not fits and self._distance(r.num_tokens, band):
                 self.counters.starved += 1
         if switched:
             self.counters.batches += 1

@@ -211,45 +211,36 @@ def test_without_pressure_the_outlier_waits_for_peers():
     assert s.requests["long"].status is RequestStatus.WAITING
 
 
-@pytest.mark.parametrize(("align_by", "long_waits"), [("spread", True), ("total", False)])
-def test_with_a_load_balanced_kernel_length_is_no_reason_to_wait(align_by, long_waits):
-    """The same pool as the control above. Under a kernel whose step costs the batch's total
-    KV (align_by "total", the CPU engine's paged kernel) the long request takes a free slot
-    at once, as under fcfs; under padded attention ("spread") it waits for its peers."""
-    s = sched(max_batch=8, min_batch=2, max_spread=1.3, max_wait_steps=10**6,
+def _six_short_and_a_long(max_batch: int, align_by: str) -> tuple[AlignedScheduler, FakeExecutor]:
+    s = sched(max_batch=max_batch, min_batch=2, max_spread=1.3, max_wait_steps=10**6,
               align_by=align_by)
-    ex = FakeExecutor(s)
     for i in range(6):
         s.add_request(make(f"s{i}", 10, 30))
     s.add_request(make("long", 120, 4))
+    return s, FakeExecutor(s)
+
+
+@pytest.mark.parametrize(("align_by", "long_waits"),
+                         [("spread", True), ("total", False), ("longest", False)])
+def test_a_long_request_waits_for_peers_only_where_that_pays(align_by, long_waits):
+    """The same pool as the control above, with room for all of it. Under a kernel whose step
+    costs the batch's total KV (align_by "total", the CPU engine's paged kernel) the long
+    request takes a free slot at once, as under fcfs. Under per-sequence kernels ("longest")
+    its straggler is paid whether it joins now or later, and the whole pool fits: it joins
+    too. Under padded attention ("spread") it waits for its peers."""
+    s, ex = _six_short_and_a_long(8, align_by)
     ex.step()
     assert (s.requests["long"].status is RequestStatus.WAITING) is long_waits
     assert len(s.running) == (6 if long_waits else 7)
-    assert s.stats().counters["starved"] == 0  # at distance 0 it is no outlier
+    assert s.stats().counters["starved"] == 0  # joined at distance 0, or as all fit
 
 
 @pytest.mark.parametrize("align_by", ["longest", "spread"])
-def test_under_per_sequence_kernels_a_long_request_waits_only_when_not_all_fit(align_by):
-    """Under "longest" the straggler of a long member is paid whether it joins now or later,
-    so when the whole pool fits the device it joins at once; with more pooled than fits, the
-    band still decides who goes first. Under "spread" it waits for its peers either way."""
-    s = sched(max_batch=8, min_batch=2, max_spread=1.3, max_wait_steps=10**6,
-              align_by=align_by)
-    ex = FakeExecutor(s)
-    for i in range(6):
-        s.add_request(make(f"s{i}", 10, 30))
-    s.add_request(make("long", 120, 4))
-    ex.step()
-    assert (s.requests["long"].status is RequestStatus.RUNNING) is (align_by == "longest")
-    crowded = sched(max_batch=4, min_batch=2, max_spread=1.3, max_wait_steps=10**6,
-                    align_by=align_by)
-    ex = FakeExecutor(crowded)
-    for i in range(6):
-        crowded.add_request(make(f"s{i}", 10, 30))
-    crowded.add_request(make("long", 120, 4))
+def test_when_not_all_fit_the_band_decides_who_goes_first(align_by):
+    s, ex = _six_short_and_a_long(4, align_by)
     for _ in range(5):
         ex.step()
-    assert crowded.requests["long"].status is RequestStatus.WAITING
+    assert s.requests["long"].status is RequestStatus.WAITING
 
 
 @pytest.mark.parametrize(("align_by", "first"), [("spread", ["b", "d"]), ("total", ["a", "b"])])
