@@ -24,10 +24,13 @@ _PACK_HINT = 64  # the batch size oneDNN tunes the packed layout for; any size w
 
 
 def _can_pack(weight: torch.Tensor) -> bool:
+    """oneDNN's bf16 path needs AVX-512 (BW/VL/DQ) or AVX-NE-CONVERT; on a CPU without them
+    (an AVX2-only host) an explicit bfloat16 model runs its linears through `F.linear`."""
     return (os.environ.get("ALIGNEDSERVE_NO_PREPACK") != "1"
             and weight.device.type == "cpu" and torch.backends.mkldnn.is_available()
-            and weight.dtype in (torch.float32, torch.bfloat16)
-            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+            and (weight.dtype == torch.float32 or (
+                weight.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())))
 
 
 class Linear:
