@@ -48,6 +48,7 @@ from alignedserve.scheduling.interface import (
 )
 from alignedserve.scheduling.length_index import InMemoryLengthIndex, KVLengthIndex
 from alignedserve.scheduling.request import FinishReason, Request, RequestStatus
+from alignedserve.scheduling.staging import CandidateBuffer
 from alignedserve.scheduling.swap import HostAllocator, KVSwapper
 from alignedserve.scheduling.window_search import aging_score, band_distance, densest_window
 
@@ -66,17 +67,19 @@ class AlignedScheduler:
         self.waiting: deque[Request] = deque()
         self.pooled: dict[str, Request] = {}
         self.running: list[Request] = []
-        self.staged: dict[str, Request] = {}  # candidate-requests buffer (still pooled)
         self.requests: dict[str, Request] = {}
         self.counters = AlignedStats()
         self.steps = 0  # engine steps run: the starvation clock
-        self._since: dict[str, int] = {}  # pooled id -> its aging clock's start (pool order)
-        self._entered: dict[str, int] = {}  # id -> step it first entered the pool
+        # id -> the step it first entered the pool: its aging clock's start (a member sent
+        # back keeps it, so it waits no longer than had it never run)
+        self._entered: dict[str, int] = {}
         self._hosted: dict[str, None] = {}  # pooled ids whose KV is in the host pool, in order
         self._band: Band | None = None  # the band a thin batch is being filled toward
         self._band_cache: tuple[tuple[int, int, int], tuple[int, int, int]] | None = None
         self.requests_done = 0  # finished or aborted
-        self._bmax = max(1, int(self.cfg.batch_kv_fraction * device.num_blocks))
+        # the candidate-requests buffer: pooled requests whose KV is being copied in
+        self.buffer = CandidateBuffer(
+            self.swap, max(1, int(self.cfg.batch_kv_fraction * device.num_blocks)))
         self._host_reserve = int(self.cfg.host_watermark * host.num_blocks)
 
     # -- the Scheduler protocol ---------------------------------------------------------------
@@ -156,16 +159,13 @@ class AlignedScheduler:
     def _to_pool(self, req: Request) -> None:
         req.status = RequestStatus.WAITING
         self.pooled[req.request_id] = req
-        # A member sent back (swapped out, or a refill that could not be copied in) keeps
-        # its age: it waits no longer than had it never run.
-        self._since[req.request_id] = self._entered.setdefault(req.request_id, self.steps)
+        self._entered.setdefault(req.request_id, self.steps)
         if req.num_computed_tokens:
             self._hosted[req.request_id] = None
         self.index.put(req.request_id, req.num_tokens)
 
     def _take(self, req: Request) -> None:
         del self.pooled[req.request_id]
-        del self._since[req.request_id]
         self._hosted.pop(req.request_id, None)
         self.index.remove(req.request_id)
 
@@ -230,7 +230,7 @@ class AlignedScheduler:
         band, switched = None if thin else self._running_band(), False
         if band is None:
             if self._band is None or not self.running:
-                self._band = self._new_band(slots)
+                self._band = self._new_band(slots, room)
                 switched = True
             band = self._band
         # Under per-sequence kernels ("longest") a long member's straggler is paid whether it
@@ -241,7 +241,7 @@ class AlignedScheduler:
             self._cost(r) - len(r.block_ids) for r in self.pooled.values()) <= room
         line = self._eligible(band, slots, force=fits)
         if not line and thin and not switched:  # the thin batch's band ran dry: move it
-            self._band = band = self._new_band(slots)
+            self._band = band = self._new_band(slots, room)
             switched = True
             line = self._eligible(band, slots)
         if not line and not self.running:
@@ -251,9 +251,8 @@ class AlignedScheduler:
             if cost > room and self.running:
                 break  # in order: the next in line waits for room rather than be skipped
             host_kv = bool(r.num_computed_tokens)
-            hit = r.request_id in self.staged
             self._take(r)
-            self.staged.pop(r.request_id, None)
+            hit = self.buffer.take(r.request_id)
             if not self.swap.swap_in(r):
                 self._to_pool(r)
                 break
@@ -279,10 +278,10 @@ class AlignedScheduler:
         as fcfs, which leaves no burst's long prompts for a thin tail."""
         by_length = self.cfg.align_by != "total"
         scored = []
-        for k, rid in enumerate(self._since if among is None else among):
-            r, since = self.pooled[rid], self._since[rid]
+        for k, rid in enumerate(self.pooled if among is None else among):
+            r = self.pooled[rid]
             d = self._distance(r.num_tokens, band)
-            s = aging_score(d, self.steps - since, self.cfg.max_wait_steps)
+            s = aging_score(d, self.steps - self._entered[rid], self.cfg.max_wait_steps)
             if s <= 0 or force:
                 scored.append((s, r.num_tokens if by_length else 0, k, r))
         return [t[3] for t in heapq.nsmallest(limit, scored, key=lambda t: t[:3])]
@@ -292,48 +291,30 @@ class AlignedScheduler:
         return band_distance(length, *band, c.max_spread, c.slack_tokens, c.align_by,
                              c.split_above_tokens)
 
-    def _new_band(self, slots: int) -> Band:
+    def _new_band(self, slots: int, room: int) -> Band:
         """Where a thin batch's band moves: the densest aligned group of the most overdue
-        pooled requests (all of the pool when none is overdue), that fits the device."""
+        pooled requests (all of the pool when none is overdue), that fits `room` blocks."""
         horizon = self.cfg.max_wait_steps
-        level = {rid: (self.steps - since) // horizon for rid, since in self._since.items()}
+        level = {rid: (self.steps - self._entered[rid]) // horizon for rid in self.pooled}
         top = max(level.values())
         items = [(n, rid) for n, rid in self.index.sorted_items() if level[rid] == top]
         lengths = [n for n, _ in items]
         costs = [self._cost(self.pooled[rid]) for _, rid in items]
         w = densest_window(lengths, costs, min_batch=self._kmin(), max_batch=slots,
                            max_spread=self.cfg.max_spread,
-                           budget=max(1, self._room()), slack_tokens=self.cfg.slack_tokens)
+                           budget=max(1, room), slack_tokens=self.cfg.slack_tokens)
         lo, hi = (w.lo, w.hi) if w is not None else (0, 1)
         return lengths[lo], lengths[hi - 1]
 
     def _stage(self) -> None:
-        """Candidate-requests buffer: start copying in the KV of the host-resident pooled
-        requests next in line, within Bmax and the device's spare blocks, so that a freed
-        slot is refilled without waiting on a copy. Staged requests stay in the pool; one
-        that drops out of line gives its device blocks back."""
+        """Keep the candidate-requests buffer (`staging`) on the host-resident pooled
+        requests next in line."""
         if self.cfg.refill_buffer == 0 or not self.running or not self._hosted:
-            self._unstage(list(self.staged))
+            self.buffer.drop()
             return
         band = self._band or self._running_band()
         line = self._eligible(band, self.cfg.refill_buffer, among=list(self._hosted))
-        keep = {r.request_id for r in line}
-        self._unstage([k for k in self.staged if k not in keep])
-        spent = sum(self._cost(r) for r in self.staged.values())
-        room = self._room()
-        for r in line:
-            if r.request_id in self.staged:
-                continue
-            cost = self._cost(r)
-            if spent + cost > self._bmax or cost > room or not self.swap.swap_in(r):
-                return
-            spent += cost
-            room -= cost
-            self.staged[r.request_id] = r
-
-    def _unstage(self, ids: list[str]) -> None:
-        for k in ids:
-            self.swap.drop_device(self.staged.pop(k))
+        self.buffer.refresh(line, self._room(), self._cost)
 
     # -- one step -----------------------------------------------------------------------------
 
@@ -352,8 +333,8 @@ class AlignedScheduler:
                 i += 1
                 continue  # no budget left for this prefill; it stays and waits a step
             while not self.device.try_grow(req, n):
-                if self.staged:  # prefetched refills yield their blocks before members do
-                    self._unstage(list(self.staged))
+                if self.buffer:  # prefetched refills yield their blocks before members do
+                    self.buffer.drop()
                     continue
                 victim = self.running.pop()
                 if not self._swap_out(victim):
@@ -385,8 +366,7 @@ class AlignedScheduler:
     def _finish(self, req: Request, reason: FinishReason) -> None:
         if req.request_id in self.pooled:
             self._take(req)
-            if req.request_id in self.staged:
-                self.staged.pop(req.request_id)
+            self.buffer.take(req.request_id)
         elif req in self.waiting:
             self.waiting.remove(req)
         elif req in self.running:
