@@ -52,6 +52,12 @@ class RedisQueueIndex:
         items = self.r.zrange(self.keys.decode, 0, -1, withscores=True)
         return [(int(score) >> _TIE_BITS, rid.decode()) for rid, score in items]
 
+    def shortest_above(self, kv_len: int) -> tuple[int, str] | None:
+        """The first of `sorted_items` longer than `kv_len`, if any."""
+        items = self.r.zrangebyscore(self.keys.decode, (kv_len + 1) << _TIE_BITS, "+inf",
+                                     start=0, num=1, withscores=True)
+        return (int(items[0][1]) >> _TIE_BITS, items[0][0].decode()) if items else None
+
     def queued(self) -> list[Queued]:
         """The index as the dispatch policy reads it: by KV length, with arrival times."""
         pipe = self.r.pipeline(transaction=True)

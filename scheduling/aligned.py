@@ -246,6 +246,7 @@ class AlignedScheduler:
             line = self._eligible(band, slots)
         if not line and not self.running:
             line = self._eligible(band, 1, force=True)  # an idle device always takes one
+        line = self._split_first(line, slots)
         for r in line:
             cost = self._cost(r) - len(r.block_ids)  # a staged request holds its blocks
             if cost > room and self.running:
@@ -285,6 +286,21 @@ class AlignedScheduler:
             if s <= 0 or force:
                 scored.append((s, r.num_tokens if by_length else 0, k, r))
         return [t[3] for t in heapq.nsmallest(limit, scored, key=lambda t: t[:3])]
+
+    def _split_first(self, line: list[Request], slots: int) -> list[Request]:
+        """Under a kernel that splits members longer than `split_above_tokens` into
+        partitions (vLLM's PagedAttention V2), a step with one such member has no straggler
+        for any member. So when neither the running batch nor the head of `line` is that
+        long, the shortest pooled request that long (every band takes it) goes first."""
+        cut = self.cfg.split_above_tokens
+        if (cut is None or self.cfg.align_by != "longest" or not line
+                or line[0].num_tokens > cut or any(r.num_tokens > cut for r in self.running)):
+            return line
+        found = self.index.shortest_above(cut)
+        if found is None:
+            return line
+        split = self.pooled[found[1]]
+        return [split, *(r for r in line if r is not split)][:slots]
 
     def _distance(self, length: int, band: Band) -> float:
         c = self.cfg

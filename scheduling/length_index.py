@@ -26,6 +26,10 @@ class KVLengthIndex(Protocol):
         """All (kv_len, request_id), ascending by length (ties by insertion order)."""
         ...
 
+    def shortest_above(self, kv_len: int) -> tuple[int, str] | None:
+        """The first of `sorted_items` longer than `kv_len`, if any."""
+        ...
+
     def __len__(self) -> int: ...
 
 
@@ -54,6 +58,10 @@ class InMemoryLengthIndex:
 
     def sorted_items(self) -> list[tuple[int, str]]:
         return [(n, rid) for n, _, rid in self._keys]
+
+    def shortest_above(self, kv_len: int) -> tuple[int, str] | None:
+        i = bisect.bisect_left(self._keys, (kv_len + 1,))
+        return (self._keys[i][0], self._keys[i][2]) if i < len(self._keys) else None
 
     def __contains__(self, request_id: str) -> bool:
         return request_id in self._by_id

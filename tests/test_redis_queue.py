@@ -41,6 +41,9 @@ def test_redis_index_orders_like_the_in_memory_index(r, keys):
     assert not red.remove("zz")
     assert red.sorted_items() == mem.sorted_items()
     assert len(red) == len(mem) == 5
+    for n in (0, 6, 7, 50, 59, 60, 2999, 3000):
+        assert red.shortest_above(n) == mem.shortest_above(n), n
+    assert mem.shortest_above(7) == (50, "a") and mem.shortest_above(3000) is None
 
 
 def test_record_and_stream_event_round_trip(r, keys):

@@ -201,6 +201,29 @@ def test_a_burst_is_served_nearest_first_even_past_the_bound():
     assert sorted(firsts) == [10, 11, 12, 13, 14], order
 
 
+@pytest.mark.parametrize("running_long", [False, True])
+def test_a_kernel_that_splits_long_members_gets_one_in_every_step(running_long):
+    """Under vLLM's dispatch (V2 partitions once a member passes split_above_tokens) a step
+    with one such member has no straggler for any member: when the batch has none, the
+    shortest pooled request that long joins first, ahead of shorter ones."""
+    s = sched(max_batch=3, min_batch=1, align_by="longest", split_above_tokens=40,
+              max_num_batched_tokens=256)
+    ex = FakeExecutor(s, lag_steps=0)
+    first = [make("a", 50 if running_long else 10, 30), make("b", 11, 30), make("c", 12, 2)]
+    for r in first:
+        s.add_request(r)
+    ex.step()
+    for r in (make("s1", 10, 5), make("s2", 11, 5), make("long1", 45, 5), make("long2", 60, 5)):
+        s.add_request(r)
+    while "c" in s.requests:
+        ex.step()
+    ex.step()  # c's slot is refilled
+    joined = {r.request_id for r in s.running} - {"a", "b"}
+    assert joined == ({"s1"} if running_long else {"long1"}), joined
+    outputs = ex.run()
+    assert outputs["long2"] == expected(make("long2", 60, 5))
+
+
 def test_full_host_pool_makes_new_requests_wait_not_drop():
     s = sched(device_blocks=64, host_blocks=12, max_batch=4, min_batch=1, host_watermark=0.0)
     reqs = [make(f"r{i}", 14, 3) for i in range(6)]  # 4 host blocks each: 3 fit
