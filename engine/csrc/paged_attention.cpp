@@ -10,7 +10,8 @@
 // (fp32 or bf16), the way SDPA's CPU kernels accumulate.
 //
 // Vector code uses ATen's portable SIMD types (at::vec::Vectorized), compiled for the
-// widest instruction set the build machine has (the build is -march=native).
+// widest instruction set the build machine has (the build is -march=native); the score pass
+// has hand-written AVX-512 and AVX2 forms (`scores_rows`).
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
 #define CPU_CAPABILITY AVX512
 #define CPU_CAPABILITY_AVX512
@@ -85,6 +86,36 @@ inline Vec scores16(const float* q, const T* k, int64_t row, int64_t dim) {
   const __m512 y23 = _mm512_add_ps(_mm512_shuffle_f32x4(r2, r3, 0x44), _mm512_shuffle_f32x4(r2, r3, 0xEE));
   return _mm512_add_ps(_mm512_shuffle_f32x4(y01, y23, 0x88), _mm512_shuffle_f32x4(y01, y23, 0xDD));
 }
+constexpr int64_t kRows = 16;  // K rows scored at a time by `scores_rows`
+template <typename T>
+inline Vec scores_rows(const float* q, const T* k, int64_t row, int64_t dim) {
+  return scores16(q, k, row, dim);
+}
+#elif defined(CPU_CAPABILITY_AVX2)
+// The AVX2 form of scores16: 8 consecutive K rows, dim a multiple of 8, one accumulator per
+// row, then two rounds of pairwise horizontal adds and one cross-lane add (9 shuffle/add
+// ops for 8 scores, against 5-6 per score for a horizontal sum each).
+template <typename T>
+inline Vec scores8(const float* q, const T* k, int64_t row, int64_t dim) {
+  __m256 a[8];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) a[i] = _mm256_setzero_ps();
+  for (int64_t d = 0; d < dim; d += 8) {
+    const __m256 qv = _mm256_loadu_ps(q + d);
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; ++i) a[i] = _mm256_fmadd_ps(qv, load_f(k + i * row + d), a[i]);
+  }
+  // Per 128-bit lane: u0 = [rows 0-3 partial sums], u1 = [rows 4-7 partial sums].
+  const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+  // Lane i of the result: row i's two 128-bit halves added.
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+constexpr int64_t kRows = 8;
+template <typename T>
+inline Vec scores_rows(const float* q, const T* k, int64_t row, int64_t dim) {
+  return scores8(q, k, row, dim);
+}
 #endif
 
 // Splits work items over the intra-op threads, longest first onto the least-loaded thread
@@ -142,9 +173,10 @@ void attend(const Problem<T>& p, const int64_t* blocks, int64_t lo, int64_t n, i
       const T* kh = kblk + (j / p.group) * dim;
       float* sj = scratch + j * bs;
       int64_t t = 0;
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
       if (p.vdim == dim)
-        for (; t + 16 <= cnt; t += 16) Vec(scores16(qf + j * dim, kh + t * p.row, p.row, dim)).store(sj + t);
+        for (; t + kRows <= cnt; t += kRows)
+          scores_rows(qf + j * dim, kh + t * p.row, p.row, dim).store(sj + t);
 #endif
       for (; t < cnt; ++t) sj[t] = dot(qf + j * dim, kh + t * p.row, p.vdim, dim);
     }
