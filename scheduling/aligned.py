@@ -201,8 +201,7 @@ class AlignedScheduler:
     def _room(self) -> int:
         """Device blocks a new member may take: free blocks less the watermark and the
         running batch's peak growth over the next `lookahead_tokens` steps."""
-        return (self.device.num_free_blocks - self.device.watermark_blocks
-                - self._peak_growth())
+        return self.device.num_free_blocks - self.device.watermark_blocks - self._peak_growth()
 
     def _peak_growth(self) -> int:
         """`peak_growth` of the running members. A member's steps left come from max_tokens
@@ -246,7 +245,7 @@ class AlignedScheduler:
             line = self._eligible(band, slots)
         if not line and not self.running:
             line = self._eligible(band, 1, force=True)  # an idle device always takes one
-        line = self._split_first(line, slots)
+        line = self._split_first(line, slots, room)
         for r in line:
             cost = self._cost(r) - len(r.block_ids)  # a staged request holds its blocks
             if cost > room and self.running:
@@ -287,11 +286,10 @@ class AlignedScheduler:
                 scored.append((s, r.num_tokens if by_length else 0, k, r))
         return [t[3] for t in heapq.nsmallest(limit, scored, key=lambda t: t[:3])]
 
-    def _split_first(self, line: list[Request], slots: int) -> list[Request]:
-        """Under a kernel that splits members longer than `split_above_tokens` into
-        partitions (vLLM's PagedAttention V2), a step with one such member has no straggler
-        for any member. So when neither the running batch nor the head of `line` is that
-        long, the shortest pooled request that long (every band takes it) goes first."""
+    def _split_first(self, line: list[Request], slots: int, room: int) -> list[Request]:
+        """A kernel that splits members past `split_above_tokens` (vLLM's V2) runs a step
+        holding one without a straggler: if neither the batch nor the head of `line` is that
+        long, the shortest pooled one (any band takes it) goes first, if it fits `room`."""
         cut = self.cfg.split_above_tokens
         if (cut is None or self.cfg.align_by != "longest" or not line
                 or line[0].num_tokens > cut or any(r.num_tokens > cut for r in self.running)):
@@ -300,6 +298,8 @@ class AlignedScheduler:
         if found is None:
             return line
         split = self.pooled[found[1]]
+        if self.running and self._cost(split) - len(split.block_ids) > room:
+            return line
         return [split, *(r for r in line if r is not split)][:slots]
 
     def _distance(self, length: int, band: Band) -> float:

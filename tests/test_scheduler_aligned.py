@@ -224,6 +224,26 @@ def test_a_kernel_that_splits_long_members_gets_one_in_every_step(running_long):
     assert outputs["long2"] == expected(make("long2", 60, 5))
 
 
+def test_a_long_member_that_does_not_fit_yet_holds_up_no_one():
+    """The split-first rule puts a long request first only when it fits the free room:
+    otherwise the short request behind it would wait for room it does not need."""
+    s = sched(device_blocks=32, max_batch=3, min_batch=1, align_by="longest",
+              split_above_tokens=40, max_num_batched_tokens=256)
+    ex = FakeExecutor(s, lag_steps=0)
+    for r in (make("a", 10, 30), make("b", 11, 30), make("c", 12, 2)):
+        s.add_request(r)
+    ex.step()
+    for r in (make("s1", 10, 5), make("long2", 60, 5)):
+        s.add_request(r)
+    while "c" in s.requests:
+        ex.step()
+    long2 = s.requests["long2"]
+    assert s._cost(long2) > s._room(), "the long request does not fit yet"
+    ex.step()
+    assert {r.request_id for r in s.running} == {"a", "b", "s1"}
+    assert ex.run()["long2"] == expected(make("long2", 60, 5))
+
+
 def test_full_host_pool_makes_new_requests_wait_not_drop():
     s = sched(device_blocks=64, host_blocks=12, max_batch=4, min_batch=1, host_watermark=0.0)
     reqs = [make(f"r{i}", 14, 3) for i in range(6)]  # 4 host blocks each: 3 fit
