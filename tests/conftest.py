@@ -32,6 +32,17 @@ def model_dirs(tmp_path_factory):
     return get
 
 
+# KV pools for in-process engines in tests: room for every test's requests on the small
+# models, far below the engine's defaults (1 GiB device + 4 GiB host), which are zero-filled
+# at start-up: on these VMs memory beyond the first few GiB costs seconds per GiB to touch.
+SMALL_POOLS = {"kv_cache_gib": 0.1, "host_kv_gib": 0.25}
+
+
+@pytest.fixture(scope="session")
+def pools() -> dict[str, float]:
+    return dict(SMALL_POOLS)
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(model_dirs) -> Path:
     return model_dirs("tiny")

@@ -16,8 +16,11 @@ import pytest
 from alignedserve.cluster.cli import main
 from alignedserve.loadgen.bench_offline import OfflineBenchConfig, run_offline_bench
 
-# 6 short requests: len_scale 16 makes mix95 prompts 4..63 tokens, outputs 4..32.
-SMALL = {"num_requests": 6, "len_scale": 16.0, "threads": 1, "progress": False}
+# 6 short requests: len_scale 16 makes mix95 prompts 4..63 tokens, outputs 4..32; a small
+# device KV pool (the default 1 GiB is zero-filled at start-up, seconds on these VMs).
+SMALL = {"num_requests": 6, "len_scale": 16.0, "threads": 1, "progress": False,
+         "kv_cache_gib": 0.1}
+SMALL_HOST = ("host_kv_gib", 0.25)  # the aligned engine's host pool (default 4 GiB)
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +31,8 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 def test_offline_bench_all_systems(tiny_model, tmp_path):
-    cfg = OfflineBenchConfig(model=str(tiny_model), out_dir=str(tmp_path / "out"), **SMALL)
+    cfg = OfflineBenchConfig(model=str(tiny_model), out_dir=str(tmp_path / "out"),
+                             aligned=(SMALL_HOST,), **SMALL)
     result = run_offline_bench(cfg)
     assert result.json_path.is_file() and result.png_path.stat().st_size > 10_000
     data = json.loads(result.json_path.read_text())
@@ -66,6 +70,7 @@ def test_cli_subprocess_and_failed_policy(tiny_model, tmp_path):
     cmd = [sys.executable, "-m", "alignedserve.cluster.cli", "bench", "offline",
            "--model", str(tiny_model), "--policies", "fcfs,no-such-policy", "--peers", "none",
            "--num-requests", "3", "--len-scale", "32", "--threads", "1", "--no-hw-probe",
+           "--kv-cache-gib", "0.1",
            "--no-progress", "--out", str(out)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
@@ -114,7 +119,7 @@ def test_aligned_vs_fcfs_online_arrivals(tiny_model, tmp_path):
     switches, KV copies and counters, and produces the baseline's tokens."""
     cfg = OfflineBenchConfig(model=str(tiny_model), out_dir=str(tmp_path / "on"),
                              policies=("aligned", "fcfs"), peers=(), rate=40.0,
-                             hw_probe=False, aligned=(("min_batch", 2),), **SMALL)
+                             hw_probe=False, aligned=(("min_batch", 2), SMALL_HOST), **SMALL)
     path = run_offline_bench(cfg).json_path
     data = json.loads(path.read_text())
     al, fc = data["systems"]["aligned"], data["systems"]["fcfs"]
@@ -142,7 +147,7 @@ def test_repeats_alternate_the_order_and_keep_every_round(tiny_model, tmp_path):
     and the table shows each policy's median round."""
     cfg = OfflineBenchConfig(model=str(tiny_model), out_dir=str(tmp_path / "rep"),
                              policies=("aligned", "fcfs"), peers=(), repeats=3,
-                             aligned=(("align_by", "spread"),), hw_probe=False, **SMALL)
+                             aligned=(("align_by", "spread"), SMALL_HOST), hw_probe=False, **SMALL)
     data = json.loads(run_offline_bench(cfg).json_path.read_text())
     rounds = data["rounds"]
     assert [r["order"] for r in rounds] == [["aligned", "fcfs"], ["fcfs", "aligned"],

@@ -70,9 +70,9 @@ def _status(cfg) -> dict:
     return status_snapshot(cfg.redis_url, cfg.redis_prefix)
 
 
-def _reference(tiny_dir, max_tokens: int) -> list[str]:
+def _reference(tiny_dir, pools, max_tokens: int) -> list[str]:
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-    llm = LLM(str(tiny_dir), dtype="float32")
+    llm = LLM(str(tiny_dir), dtype="float32", **pools)
     return [o.text for o in llm.generate(PROMPTS, params, use_tqdm=False)]
 
 
@@ -99,7 +99,7 @@ def _wait_for_stores(cfg, n: int, timeout_s: float = 30) -> dict:
 
 
 def test_replicas_on_two_worker_nodes_serve_the_in_process_engines_greedy_outputs(
-        nodes, tiny_dir):
+        nodes, tiny_dir, pools):
     import json
     import subprocess
     import sys
@@ -121,12 +121,12 @@ def test_replicas_on_two_worker_nodes_serve_the_in_process_engines_greedy_output
         w.node_id: 1 for w in workers}
 
     got = asyncio.run(_complete_all(cfg, PROMPTS * 2, 24))
-    want = _reference(tiny_dir, 24) * 2
+    want = _reference(tiny_dir, pools, 24) * 2
     assert [g["choices"][0]["text"] for g in got] == want
 
 
 def test_a_request_decoded_on_another_node_than_its_prefill_moves_its_kv_over_grpc(
-        nodes, tiny_dir):
+        nodes, tiny_dir, pools):
     import redis
 
     from alignedserve.global_queue.keys import RedisKeys
@@ -146,7 +146,7 @@ def test_a_request_decoded_on_another_node_than_its_prefill_moves_its_kv_over_gr
     finally:
         uncordon(r, keys, a)
         uncordon(r, keys, b)
-    assert [g["choices"][0]["text"] for g in got] == _reference(tiny_dir, 24)
+    assert [g["choices"][0]["text"] for g in got] == _reference(tiny_dir, pools, 24)
     after = _status(cfg)
     pulls = after["cross_node_pulls"] - before["cross_node_pulls"]
     moved = after["cross_node_kv_bytes"] - before["cross_node_kv_bytes"]
@@ -170,7 +170,7 @@ def _block_bytes(cfg, tiny_dir) -> int:
     return serving_limits(cfg, str(tiny_dir)).pools.block_bytes
 
 
-def test_killing_a_worker_node_mid_load_loses_no_accepted_request(nodes, tiny_dir):
+def test_killing_a_worker_node_mid_load_loses_no_accepted_request(nodes, tiny_dir, pools):
     """Runs last: it removes worker node B (its raylet and every process on it, its KV
     store included) while 12 greedy streams run. Each completes with the undisturbed text:
     requests held on B resume on A by recompute."""
@@ -178,7 +178,7 @@ def test_killing_a_worker_node_mid_load_loses_no_accepted_request(nodes, tiny_di
 
     cfg, cluster, workers = nodes
     max_tokens = 80
-    want = _reference(tiny_dir, max_tokens)
+    want = _reference(tiny_dir, pools, max_tokens)
     prompts = PROMPTS * 2
     started = asyncio.Event()
 

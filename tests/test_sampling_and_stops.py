@@ -16,8 +16,8 @@ PROMPTS = [[5, 9, 200, 31, 77], list(range(40, 90)), [1000, 3, 44] * 7]
 
 
 @pytest.fixture(scope="module")
-def llm(tiny_dir):
-    return LLM(str(tiny_dir))
+def llm(tiny_dir, pools):
+    return LLM(str(tiny_dir), **pools)
 
 
 def test_seeded_sampling_is_reproducible_whatever_the_batch(llm):
@@ -76,8 +76,8 @@ def test_stop_string_cuts_text_and_ends_request(llm):
     assert kept.text == ref.text[: ref.text.find(stop) + len(stop)]
 
 
-def test_ignore_eos_keeps_going_past_eos(tiny_dir, tmp_path):
-    base = LLM(str(tiny_dir))
+def test_ignore_eos_keeps_going_past_eos(tiny_dir, pools, tmp_path):
+    base = LLM(str(tiny_dir), **pools)
     (ref,) = base.generate([PROMPTS[1]], SamplingParams(temperature=0, max_tokens=16,
                                                         ignore_eos=True), use_tqdm=False)
     eos = ref.token_ids[5]
@@ -88,7 +88,7 @@ def test_ignore_eos_keeps_going_past_eos(tiny_dir, tmp_path):
         cfg = json.loads((d / f).read_text())
         cfg["eos_token_id"] = eos
         (d / f).write_text(json.dumps(cfg))
-    llm = LLM(str(d))
+    llm = LLM(str(d), **pools)
     (stopped,) = llm.generate([PROMPTS[1]], SamplingParams(temperature=0, max_tokens=16),
                               use_tqdm=False)
     assert stopped.token_ids == ref.token_ids[:6] and stopped.finish_reason == "stop"
@@ -119,10 +119,10 @@ def test_bad_inputs_raise_clear_errors(llm):
         llm.generate(PROMPTS, [SamplingParams()], use_tqdm=False)
 
 
-def test_bfloat16_runs_and_mostly_agrees_with_fp32(tiny_dir):
+def test_bfloat16_runs_and_mostly_agrees_with_fp32(tiny_dir, pools):
     greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
-    fp32 = LLM(str(tiny_dir), dtype="float32").generate(PROMPTS, greedy, use_tqdm=False)
-    bf16 = LLM(str(tiny_dir), dtype="bfloat16").generate(PROMPTS, greedy, use_tqdm=False)
+    fp32 = LLM(str(tiny_dir), dtype="float32", **pools).generate(PROMPTS, greedy, use_tqdm=False)
+    bf16 = LLM(str(tiny_dir), dtype="bfloat16", **pools).generate(PROMPTS, greedy, use_tqdm=False)
     assert all(len(o.token_ids) == 8 for o in bf16)
     first = sum(a.token_ids[0] == b.token_ids[0] for a, b in zip(fp32, bf16, strict=True))
     assert first >= 2, "bf16 should usually pick the same first token as fp32"

@@ -99,9 +99,9 @@ def _store_used(ray) -> int:
     return ray.get(store.stats.remote()).used_blocks
 
 
-def test_greedy_completions_equal_the_in_process_engine(cluster, tiny_dir):
+def test_greedy_completions_equal_the_in_process_engine(cluster, tiny_dir, pools):
     client = _client(cluster)
-    llm = LLM(str(tiny_dir), dtype="float32", policy="aligned")
+    llm = LLM(str(tiny_dir), dtype="float32", policy="aligned", **pools)
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
     want = llm.generate(PROMPTS, params, use_tqdm=False)
     for prompt, ref in zip(PROMPTS, want, strict=True):
@@ -209,13 +209,13 @@ def test_malformed_json_is_a_400(cluster):
     assert resp.status_code == 400 and "error" in resp.json()
 
 
-def test_grpc_generate_abort_health_and_info(cluster, tiny_dir):
+def test_grpc_generate_abort_health_and_info(cluster, tiny_dir, pools):
     import grpc
 
     from alignedserve.deployments.protos import alignedserve_pb2 as pb
     from alignedserve.deployments.protos import alignedserve_pb2_grpc as pbg
 
-    llm = LLM(str(tiny_dir), dtype="float32", policy="aligned")
+    llm = LLM(str(tiny_dir), dtype="float32", policy="aligned", **pools)
     ref = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=12,
                                                   ignore_eos=True), use_tqdm=False)[0]
     meta = (("application", "alignedserve"),)
@@ -270,7 +270,7 @@ def test_metrics_and_status(cluster):
     assert [m.id for m in models.data] == ["tiny"]
 
 
-def test_a_request_survives_the_death_of_every_replica(cluster, tiny_dir):
+def test_a_request_survives_the_death_of_every_replica(cluster, tiny_dir, pools):
     """Runs last: it kills both compute replicas (and so their prefetch workers) while a
     greedy request streams. The request resumes on the replicas Serve starts instead, and
     the client's stream, token by token, equals an undisturbed run."""
@@ -280,7 +280,7 @@ def test_a_request_survives_the_death_of_every_replica(cluster, tiny_dir):
     r = redis.Redis.from_url(cluster.redis_url)
     body = {"model": "tiny", "prompt": "resumed", "max_tokens": 160, "temperature": 0,
             "ignore_eos": True, "stream": True, "logprobs": 1}
-    ref = LLM(str(tiny_dir), dtype="float32").generate([body["prompt"]], SamplingParams(
+    ref = LLM(str(tiny_dir), dtype="float32", **pools).generate([body["prompt"]], SamplingParams(
         max_tokens=160, temperature=0.0, ignore_eos=True), use_tqdm=False)[0]
     text, errors, killed = [], [], False
     with httpx.stream("POST", f"{_base(cluster)}/v1/completions", json=body,
