@@ -34,6 +34,9 @@ SERVERS: tuple[str, ...] = ("alignedserve", "vllm")
 VLLM_BLOCK_SIZE = 32
 MAX_NUM_SEQS = 64  # both servers: requests per step at most (AlignedServe's default)
 MAX_NUM_BATCHED_TOKENS = 1024  # both: tokens per step at most (AlignedServe's default)
+# both: the KV pool the running requests live in, in GiB (vLLM's VLLM_CPU_KVCACHE_SPACE,
+# AlignedServe's device pool per compute replica; its host pool, the KV store, comes on top).
+KV_CACHE_GIB = 2
 _LOG_TAIL = 40  # log lines quoted when a server fails
 
 
@@ -67,16 +70,18 @@ class ServerSpec:
 
 
 def alignedserve_spec(bin_dir: Path, model_dir: str, served: str, dtype: str) -> ServerSpec:
-    """`alignedserve serve` with its defaults (1 compute replica + 1 prefetch worker, one torch
-    thread each); the engine dtype has no flag, so it goes through ServeConfig's env."""
+    """`alignedserve serve` with its defaults (1 compute replica + 1 prefetch worker), the
+    same KV pool as vLLM's; engine knobs have no flags, so they go through ServeConfig's env."""
     port = free_port()
     argv = (str(bin_dir / "alignedserve"), "serve", "--model", model_dir,
             "--served-model-name", served, "--http-port", str(port), "--grpc-port", "0",
             "--redis-url", f"redis://127.0.0.1:{free_port()}/0")
     # compute_nice 0: model steps at the priority vLLM's engine runs at (Ray's workers
     # start at nice 15, below Redis and Ray's daemons); set where it shows in the command.
-    return ServerSpec("alignedserve", argv, (("ALIGNEDSERVE_ENGINE__DTYPE", dtype),
-                                             ("ALIGNEDSERVE_COMPUTE_NICE", "0")), port, served)
+    env = (("ALIGNEDSERVE_ENGINE__DTYPE", dtype), ("ALIGNEDSERVE_ENGINE__KV_CACHE_GIB",
+                                                    str(KV_CACHE_GIB)),
+           ("ALIGNEDSERVE_COMPUTE_NICE", "0"))
+    return ServerSpec("alignedserve", argv, env, port, served)
 
 
 def vllm_spec(model_dir: str, served: str, dtype: str) -> ServerSpec:
@@ -88,7 +93,7 @@ def vllm_spec(model_dir: str, served: str, dtype: str) -> ServerSpec:
             "--max-num-batched-tokens", str(MAX_NUM_BATCHED_TOKENS),
             "--block-size", str(VLLM_BLOCK_SIZE), "--no-enable-prefix-caching",
             "--generation-config", "vllm", "--seed", "0", "--served-model-name", served)
-    env = (("VLLM_CPU_NUM_OF_RESERVED_CPU", "0"), ("VLLM_CPU_KVCACHE_SPACE", "2"))
+    env = (("VLLM_CPU_NUM_OF_RESERVED_CPU", "0"), ("VLLM_CPU_KVCACHE_SPACE", str(KV_CACHE_GIB)))
     return ServerSpec("vllm", argv, env, port, served)
 
 

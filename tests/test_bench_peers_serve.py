@@ -14,7 +14,12 @@ import pytest
 
 from alignedserve.cluster.cli import main
 from alignedserve.loadgen import bench_peers_serve as bps
-from alignedserve.loadgen.peer_servers import ServerProcess, ServerSpec
+from alignedserve.loadgen.peer_servers import (
+    ServerProcess,
+    ServerSpec,
+    alignedserve_spec,
+    vllm_spec,
+)
 from alignedserve.loadgen.peers_serve_report import (
     compare,
     compare_all,
@@ -118,6 +123,20 @@ def test_bench_commands_of_each_dataset(tmp_path):
     assert cmd[cmd.index("--num-prompts") + 1] == "10"
     with pytest.raises(ValueError, match="JSONL"):
         bps.bench_command(cfg, "mix95", spec, tmp_path / "m.json", None)
+
+
+def test_both_servers_get_the_same_kv_pool(monkeypatch):
+    """vLLM's KV space and AlignedServe's device pool are one figure, and our server's
+    config really reads it (and the dtype) from the environment the spec sets."""
+    from alignedserve.config import load_config
+
+    ours = alignedserve_spec(Path("/venv/bin"), "/m", "m", "float32")
+    theirs = dict(vllm_spec("/m", "m", "float32").env)
+    for k, v in ours.env:
+        monkeypatch.setenv(k, v)
+    cfg = load_config()
+    assert cfg.engine.kv_cache_gib == float(theirs["VLLM_CPU_KVCACHE_SPACE"]) == 2
+    assert cfg.engine.dtype == "float32" and cfg.compute_nice == 0
 
 
 def test_config_counts_and_validation():
