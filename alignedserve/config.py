@@ -39,7 +39,9 @@ class EngineKnobs(AlignedKnobs):
     def _resolve_dtype(cls, value: str) -> str:
         return preferred_dtype() if value == "auto" else value
 
-    kv_cache_gib: float = Field(0.5, gt=0, description="Device KV pool per compute replica.")
+    # 2 GiB: 46k fp32 SmolLM2 tokens, room for max_num_seqs requests of ~700 tokens (0.5 held
+    # fewer tokens than 64 random 128/64 requests reach; vLLM's CPU default is 4 GiB).
+    kv_cache_gib: float = Field(2.0, gt=0, description="Device KV pool per compute replica.")
     max_num_seqs: int = Field(64, ge=1, description="Requests per decode step at most.")
     max_num_batched_tokens: int = Field(1024, ge=16, description="Tokens per step at most.")
     max_model_len: int | None = Field(None, ge=2, description="Context length cap.")

@@ -75,9 +75,9 @@ def test_rayservice_shape(rendered):
         shm = {v["name"]: v for v in pod["volumes"]}["dshm"]["emptyDir"]
         assert shm["medium"] == "Memory"
         assert {m["mountPath"] for m in c["volumeMounts"]} >= {"/dev/shm"}
-    # host pool 2 GiB + 1 replica x 0.5 GiB device pool + 1 GiB object store + 0.5 headroom
+    # host pool 2 GiB + 1 replica x 2 GiB device pool + 1 GiB object store + 0.5 headroom
     shm = {v["name"]: v for v in workers["template"]["spec"]["volumes"]}["dshm"]["emptyDir"]
-    assert shm["sizeLimit"] == f"{int(4.0 * 1024)}Mi"
+    assert shm["sizeLimit"] == f"{int(5.5 * 1024)}Mi"
     assert "nvidia.com/gpu" not in workers["template"]["spec"]["containers"][0]["resources"][
         "limits"]
 
