@@ -11,7 +11,7 @@
 //
 // Vector code uses ATen's portable SIMD types (at::vec::Vectorized), compiled for the
 // widest instruction set the build machine has (the build is -march=native); the score pass
-// has hand-written AVX-512 and AVX2 forms (`scores_rows`).
+// reduces its per-row sums with a hand-written AVX-512 or AVX2 tree (`lane_sums`).
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
 #define CPU_CAPABILITY AVX512
 #define CPU_CAPABILITY_AVX512
@@ -55,29 +55,24 @@ inline float dot(const float* q, const T* k, int64_t vdim, int64_t dim) {
   return s;
 }
 
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+// Scores of kRows consecutive K rows (row stride `row`) against q, dim a multiple of the
+// vector width: one accumulator per row, then a transpose-and-add tree (`lane_sums`, one
+// per instruction set) instead of a horizontal sum per row. Lane i of the result is row
+// i's score.
+constexpr int64_t kRows = kLanes;  // K rows scored at a time by `scores_rows`
+
 #if defined(CPU_CAPABILITY_AVX512)
-// Scores of 16 consecutive K rows (row stride `row`) against q, dim a multiple of 16: one
-// accumulator per row, then a transpose-and-add tree instead of 16 horizontal sums
-// (about 3 shuffle/add ops per score instead of 8). Lane i of the result is row i's score.
+// Per 128-bit lane L: [sum of a's four floats in L, same for b, c, d].
 inline __m512 hsum4(__m512 a, __m512 b, __m512 c, __m512 d) {
-  // Per 128-bit lane L: [sum of a's four floats in L, same for b, c, d].
   const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
   const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
   const __m512d abd = _mm512_castps_pd(ab), cdd = _mm512_castps_pd(cd);
   return _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(abd, cdd)),
                        _mm512_castpd_ps(_mm512_unpackhi_pd(abd, cdd)));
 }
-
-template <typename T>
-inline Vec scores16(const float* q, const T* k, int64_t row, int64_t dim) {
-  __m512 a[16];
-#pragma GCC unroll 16
-  for (int i = 0; i < 16; ++i) a[i] = _mm512_setzero_ps();
-  for (int64_t d = 0; d < dim; d += 16) {
-    const __m512 qv = _mm512_loadu_ps(q + d);
-#pragma GCC unroll 16
-    for (int i = 0; i < 16; ++i) a[i] = _mm512_fmadd_ps(qv, load_f(k + i * row + d), a[i]);
-  }
+// Lane i: the sum of a[i]'s 16 floats (about 3 shuffle/add ops per row instead of 8).
+inline Vec lane_sums(const Vec* a) {
   // r[g] holds, per 128-bit lane L, the partial sums of rows 4g..4g+3 over lane L.
   const __m512 r0 = hsum4(a[0], a[1], a[2], a[3]), r1 = hsum4(a[4], a[5], a[6], a[7]);
   const __m512 r2 = hsum4(a[8], a[9], a[10], a[11]), r3 = hsum4(a[12], a[13], a[14], a[15]);
@@ -86,35 +81,28 @@ inline Vec scores16(const float* q, const T* k, int64_t row, int64_t dim) {
   const __m512 y23 = _mm512_add_ps(_mm512_shuffle_f32x4(r2, r3, 0x44), _mm512_shuffle_f32x4(r2, r3, 0xEE));
   return _mm512_add_ps(_mm512_shuffle_f32x4(y01, y23, 0x88), _mm512_shuffle_f32x4(y01, y23, 0xDD));
 }
-constexpr int64_t kRows = 16;  // K rows scored at a time by `scores_rows`
-template <typename T>
-inline Vec scores_rows(const float* q, const T* k, int64_t row, int64_t dim) {
-  return scores16(q, k, row, dim);
-}
-#elif defined(CPU_CAPABILITY_AVX2)
-// The AVX2 form of scores16: 8 consecutive K rows, dim a multiple of 8, one accumulator per
-// row, then two rounds of pairwise horizontal adds and one cross-lane add (9 shuffle/add
-// ops for 8 scores, against 5-6 per score for a horizontal sum each).
-template <typename T>
-inline Vec scores8(const float* q, const T* k, int64_t row, int64_t dim) {
-  __m256 a[8];
-#pragma GCC unroll 8
-  for (int i = 0; i < 8; ++i) a[i] = _mm256_setzero_ps();
-  for (int64_t d = 0; d < dim; d += 8) {
-    const __m256 qv = _mm256_loadu_ps(q + d);
-#pragma GCC unroll 8
-    for (int i = 0; i < 8; ++i) a[i] = _mm256_fmadd_ps(qv, load_f(k + i * row + d), a[i]);
-  }
+#else
+// Lane i: the sum of a[i]'s 8 floats: two rounds of pairwise horizontal adds and one
+// cross-lane add (9 shuffle/add ops for 8 rows, against 5-6 per row for a sum each).
+inline Vec lane_sums(const Vec* a) {
   // Per 128-bit lane: u0 = [rows 0-3 partial sums], u1 = [rows 4-7 partial sums].
   const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
   const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
-  // Lane i of the result: row i's two 128-bit halves added.
   return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 }
-constexpr int64_t kRows = 8;
+#endif
+
 template <typename T>
 inline Vec scores_rows(const float* q, const T* k, int64_t row, int64_t dim) {
-  return scores8(q, k, row, dim);
+  Vec a[kRows];
+#pragma GCC unroll 16
+  for (int i = 0; i < kRows; ++i) a[i] = Vec(0.f);
+  for (int64_t d = 0; d < dim; d += kLanes) {
+    const Vec qv = Vec::loadu(q + d);
+#pragma GCC unroll 16
+    for (int i = 0; i < kRows; ++i) a[i] = at::vec::fmadd(qv, load_f(k + i * row + d), a[i]);
+  }
+  return lane_sums(a);
 }
 #endif
 
