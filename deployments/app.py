@@ -6,6 +6,7 @@ deployments (KubeRay `serveConfigV2`): `alignedserve.deployments.app:build`; `st
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 from ray import serve
@@ -18,6 +19,8 @@ from alignedserve.deployments.router.router import Router
 log = logging.getLogger("alignedserve.app")
 APP_NAME = "alignedserve"
 GRPC_SERVICER = "alignedserve.deployments.router.grpc_servicer.add_servicer_to_server"
+# Serve's controller loop period on the Ray clusters we start, and in the Helm chart's pods.
+SERVE_LOOP_ENV, SERVE_LOOP_S = "RAY_SERVE_CONTROL_LOOP_INTERVAL_S", "0.5"
 
 
 def build_app(cfg: ServeConfig, model_dir: str) -> Application:
@@ -54,6 +57,12 @@ def init_ray(cfg: ServeConfig) -> None:
     from alignedserve.deployments.grpc_bind import HOST_ENV
 
     if not ray.is_initialized():
+        if cfg.ray_address is None:
+            # Serve's controller reconciles every 0.1 s by default: 2.7% of a core under
+            # load on a 2-core node, where every bit of CPU beside the model stalls its
+            # two-thread steps; 0.5 s halves that (BENCHMARKS.md, issue 12, seventh
+            # session). The local Ray's processes inherit it; a value set by the user wins.
+            os.environ.setdefault(SERVE_LOOP_ENV, SERVE_LOOP_S)
         # A local Ray: Serve's gRPC proxy listens on `host` too, not on every interface.
         env = None if cfg.ray_address is not None else {
             "worker_process_setup_hook":

@@ -37,6 +37,14 @@ def test_api_key_reaches_ray_containers_and_the_test_pod_only_from_its_secret(re
             assert (key and key["valueFrom"]["secretKeyRef"]) == want, (name, c["name"])
 
 
+def test_serve_controller_loop_is_the_one_local_clusters_get(rendered):
+    from alignedserve.deployments.app import SERVE_LOOP_ENV, SERVE_LOOP_S
+
+    for docs in rendered.values():
+        for _, c in containers(one(docs, "RayService")):
+            assert {e["name"]: e for e in c["env"]}[SERVE_LOOP_ENV]["value"] == SERVE_LOOP_S
+
+
 def test_external_redis_url_goes_into_a_secret(helm):
     docs = docs_of(helm, "--set", "redis.enabled=false",
                  "--set", "redis.external.url=redis://:pw@redis.example:6379/2")

@@ -12,6 +12,8 @@ import psutil
 import pytest
 from cli_server import start_cli_server
 
+from alignedserve.deployments.app import SERVE_LOOP_ENV, SERVE_LOOP_S
+
 pytestmark = pytest.mark.slow
 
 
@@ -32,6 +34,11 @@ def test_serve_cli_answers_and_drains_on_sigterm(tiny_dir, tmp_path):
                      if c.status == psutil.CONN_LISTEN and c.laddr.port in ports]
         assert {a.port for a in listening} == ports, listening
         assert all(a.ip in ("127.0.0.1", "::ffff:127.0.0.1") for a in listening), listening
+        # The Ray it started runs Serve's controller loop at SERVE_LOOP_S (less CPU beside
+        # the model on a small node).
+        ctl = [p for p in psutil.Process(proc.pid).children(recursive=True)
+               if "ServeController" in " ".join(p.cmdline())]
+        assert ctl and all(p.environ().get(SERVE_LOOP_ENV) == SERVE_LOOP_S for p in ctl), ctl
         body = {"model": "tiny", "prompt": "drain me", "max_tokens": 120, "temperature": 0,
                 "ignore_eos": True, "stream": True}
         chunks, reason = 0, None
