@@ -237,7 +237,7 @@ class AlignedScheduler:
         # no choice to make, and holding it back would only leave room idle and push its
         # work later. (Under padded attention, "spread", it still waits for its peers.)
         fits = self.cfg.align_by == "longest" and len(self.pooled) <= slots and sum(
-            self._cost(r) - len(r.block_ids) for r in self.pooled.values()) <= room
+            self._to_take(r) for r in self.pooled.values()) <= room
         line = self._eligible(band, slots, force=fits)
         if not line and thin and not switched:  # the thin batch's band ran dry: move it
             self._band = band = self._new_band(slots, room)
@@ -247,7 +247,7 @@ class AlignedScheduler:
             line = self._eligible(band, 1, force=True)  # an idle device always takes one
         line = self._split_first(line, slots, room)
         for r in line:
-            cost = self._cost(r) - len(r.block_ids)  # a staged request holds its blocks
+            cost = self._to_take(r)
             if cost > room and self.running:
                 break  # in order: the next in line waits for room rather than be skipped
             host_kv = bool(r.num_computed_tokens)
@@ -298,7 +298,7 @@ class AlignedScheduler:
         if found is None:
             return line
         split = self.pooled[found[1]]
-        if self.running and self._cost(split) - len(split.block_ids) > room:
+        if self.running and self._to_take(split) > room:
             return line
         return [split, *(r for r in line if r is not split)][:slots]
 
@@ -398,3 +398,7 @@ class AlignedScheduler:
         """Device blocks the request needs now plus its lookahead growth."""
         grow = min(self.cfg.lookahead_tokens, req.params.max_tokens - req.num_output_tokens)
         return blocks_for(req.num_tokens + max(0, grow), self.device.block_size)
+
+    def _to_take(self, req: Request) -> int:
+        """Free device blocks a pooled request takes to join (a staged one holds some)."""
+        return self._cost(req) - len(req.block_ids)
