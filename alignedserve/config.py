@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import ConfigDict, Field, SecretStr, field_validator
+from pydantic import ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, YamlConfigSettingsSource
 
 from alignedserve.engine.config import preferred_dtype
@@ -85,6 +85,29 @@ class ServeConfig(BaseSettings):
     proxy_location: Literal["HeadOnly", "EveryNode"] = Field(
         "HeadOnly", description="Where Serve runs its HTTP/gRPC proxies: on the head node only, "
         "or on every node (each then binds host:http_port on its own node).")
+    ingress: Literal["auto", "direct", "proxy"] = Field(
+        "auto", description="On the Ray that `serve` starts (a joined cluster's own settings "
+        "decide there): `direct` has the router replica itself listen on host:http_port and "
+        "grpc_port (Serve's direct ingress), so tokens skip the hop through Serve's proxy "
+        "actor, which took 40% of the serving processes' CPU on a 2-core node (BENCHMARKS.md, "
+        "issue 12); Serve's proxy still runs, on free ports. It needs num_routers 1, and a "
+        "router restart refuses connections until it is back. `proxy`: clients talk to "
+        "Serve's proxy, which fails over between routers. `auto`: direct with one router, "
+        "else proxy.")
+
+    @model_validator(mode="after")
+    def _one_router_when_direct(self) -> ServeConfig:
+        if self.ingress == "direct" and self.num_routers != 1:
+            raise ValueError(f"ingress=direct serves from the router replica on one port: "
+                             f"num_routers must be 1, not {self.num_routers} (or set "
+                             "ingress to proxy or auto)")
+        return self
+
+    @property
+    def direct_ingress(self) -> bool:
+        """Whether a Ray that `serve` starts serves through the router directly."""
+        return self.ingress == "direct" or (self.ingress == "auto" and self.num_routers == 1)
+
     num_replicas: int = Field(1, ge=1, description="Compute replicas (each gets a paired "
                               "prefetch worker).")
     num_routers: int = Field(1, ge=1, description="Router replicas (one is the scheduler "

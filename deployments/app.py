@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from typing import Any
 
 from ray import serve
@@ -51,30 +52,69 @@ def build(args: dict[str, Any]) -> Application:
     return build_app(cfg, cfg.model)
 
 
-def init_ray(cfg: ServeConfig) -> None:
+def init_ray(cfg: ServeConfig) -> bool:
+    """Connect to `cfg.ray_address`, or start a local Ray; True if this call started one
+    (then `cfg.ingress` applies to it). Nothing happens if Ray is already initialized."""
     import ray
 
     from alignedserve.deployments.grpc_bind import HOST_ENV
 
-    if not ray.is_initialized():
-        if cfg.ray_address is None:
-            # Serve's controller reconciles every 0.1 s by default: 2.7% of a core under
-            # load on a 2-core node, where every bit of CPU beside the model stalls its
-            # two-thread steps; 0.5 s halves that (BENCHMARKS.md, issue 12, seventh
-            # session). The local Ray's processes inherit it; a value set by the user wins.
-            os.environ.setdefault(SERVE_LOOP_ENV, SERVE_LOOP_S)
-        # A local Ray: Serve's gRPC proxy listens on `host` too, not on every interface.
-        env = None if cfg.ray_address is not None else {
-            "worker_process_setup_hook":
-                "alignedserve.deployments.grpc_bind.bind_grpc_to_host",
+    if ray.is_initialized():
+        return False
+    if cfg.ray_address is not None:
+        ray.init(address=cfg.ray_address, log_to_driver=False)
+        return False
+    # Serve's controller reconciles every 0.1 s by default: 2.7% of a core under load on a
+    # 2-core node, where every bit of CPU beside the model stalls its two-thread steps;
+    # 0.5 s halves that (BENCHMARKS.md, issue 12, seventh session). A value set by the user
+    # wins. The local Ray's processes inherit these; this process's environment is restored.
+    env = {SERVE_LOOP_ENV: os.environ.get(SERVE_LOOP_ENV, SERVE_LOOP_S),
+           **ray_serve_env(cfg)}
+    # Serve's gRPC proxy (and a direct-ingress router) listens on `host` too, not on every
+    # interface.
+    hook = {"worker_process_setup_hook": "alignedserve.deployments.grpc_bind.bind_grpc_to_host",
             "env_vars": {HOST_ENV: cfg.host}}
-        ray.init(address=cfg.ray_address, include_dashboard=cfg.ray_address is None,
-                 dashboard_host="127.0.0.1", log_to_driver=False, runtime_env=env)
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False,
+                 runtime_env=hook)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k)
+            else:
+                os.environ[k] = v
+    return True
 
 
-def start(cfg: ServeConfig, model_dir: str) -> None:
+def ray_serve_env(cfg: ServeConfig) -> dict[str, str]:
+    """Serve's settings for `cfg.ingress` on a Ray we start (its processes read them when
+    they import Serve). Direct: the router replica gets host:http_port (and grpc_port) as
+    the only port of each range; a restarted router gets it back at once (no quarantine),
+    and a stopping one waits only for its open requests (no load balancer to leave)."""
+    if not cfg.direct_ingress:
+        return {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
+    grpc = cfg.grpc_port or _free_port(cfg.host)  # the range must be valid even unused
+    return {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_PORT_QUARANTINE_S": "0",
+            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0",
+            "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(cfg.http_port),
+            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(cfg.http_port + 1),
+            "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(grpc),
+            "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(grpc + 1)}
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def start(cfg: ServeConfig, model_dir: str, started_ray: bool = False) -> None:
     """Claim the queue, start Ray (if needed) and run the app; returns once it is deployed
-    and healthy. Raises ValueError if a live deployment already uses the queue."""
+    and healthy. Raises ValueError if a live deployment already uses the queue.
+    `started_ray`: the caller's `init_ray` started the Ray this runs on (`cfg.ingress`
+    applies only to a Ray started so)."""
     import redis
     from ray import serve
     from ray.serve.config import gRPCOptions
@@ -87,15 +127,18 @@ def start(cfg: ServeConfig, model_dir: str) -> None:
     if removed:
         log.warning("removed %d keys under %r left by a deployment that stopped uncleanly",
                     removed, cfg.redis_prefix)
-    init_ray(cfg)
+    direct = (init_ray(cfg) or started_ray) and cfg.direct_ingress
     if cfg.ray_address is None:
         check_fits(cfg)
     if cfg.ray_address is None and cfg.kv_grpc_host is None:
         # A cluster of this one machine: its stores need not be reachable from anywhere else.
         cfg = cfg.model_copy(update={"kv_grpc_host": "127.0.0.1"})
-    grpc = (gRPCOptions(port=cfg.grpc_port, grpc_servicer_functions=[GRPC_SERVICER])
-            if cfg.grpc_port else None)
-    serve.start(http_options={"host": cfg.host, "port": cfg.http_port},
+    http_port, grpc_port = cfg.http_port, cfg.grpc_port
+    if direct:  # the router listens on cfg's ports; the proxy Serve still starts, elsewhere
+        http_port, grpc_port = _free_port(cfg.host), grpc_port and _free_port(cfg.host)
+    grpc = (gRPCOptions(port=grpc_port, grpc_servicer_functions=[GRPC_SERVICER])
+            if grpc_port else None)
+    serve.start(http_options={"host": cfg.host, "port": http_port},
                 grpc_options=grpc, proxy_location=cfg.proxy_location)
     serve.run(build_app(cfg, model_dir), name=APP_NAME, route_prefix="/")
 

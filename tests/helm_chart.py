@@ -18,7 +18,7 @@ SCHEMAS = REPO.parent / "shared" / "schemas"  # CI: a fresh clone with shared/ b
 CI_VALUES = sorted((CHART / "ci").glob("*.yaml"))
 BIN = Path(sys.executable).parent
 # ServeConfig fields the chart sets itself instead of taking them from `serveConfig`.
-CHART_MANAGED = {"host", "http_port", "grpc_port", "kv_grpc_port", "proxy_location",
+CHART_MANAGED = {"host", "http_port", "grpc_port", "kv_grpc_port", "proxy_location", "ingress",
                  "start_redis", "ray_address", "redis_url",
                  "api_key"}
 CORE_KINDS = {"Service", "StatefulSet", "Secret", "ConfigMap", "PodDisruptionBudget",

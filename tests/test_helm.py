@@ -165,6 +165,7 @@ def test_serve_args_validate_as_serve_config(rendered):
         assert "redis_url" not in args and "redis://" not in rs["spec"]["serveConfigV2"], name
         cfg = ServeConfig.model_validate(args)  # extra="forbid": unknown args fail here
         assert cfg.start_redis is False and cfg.host == "0.0.0.0"
+        assert cfg.ingress == "proxy"  # KubeRay's Services and probes reach Serve's proxies
         values = yaml.safe_load((CHART / "ci" / f"{name}.yaml").read_text()) or {}
         for key, want in (values.get("serveConfig") or {}).items():
             got = getattr(cfg, key)

@@ -34,6 +34,13 @@ def test_serve_cli_answers_and_drains_on_sigterm(tiny_dir, tmp_path):
                      if c.status == psutil.CONN_LISTEN and c.laddr.port in ports]
         assert {a.port for a in listening} == ports, listening
         assert all(a.ip in ("127.0.0.1", "::ffff:127.0.0.1") for a in listening), listening
+        # One router, ingress=auto: the router replica itself listens on the HTTP and gRPC
+        # ports (Serve's direct ingress), not Serve's proxy.
+        api = {int(a.rsplit(":", 1)[1].split("/")[0]) for a in (server.base, server.grpc)}
+        owners = {" ".join(psutil.Process(c.pid).cmdline()) for c in
+                  psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN
+                  and c.laddr.port in api}
+        assert owners and all("ServeReplica:alignedserve:Router" in o for o in owners), owners
         # The Ray it started runs Serve's controller loop at SERVE_LOOP_S (less CPU beside
         # the model on a small node).
         ctl = [p for p in psutil.Process(proc.pid).children(recursive=True)

@@ -312,3 +312,25 @@ def test_an_app_too_big_for_the_local_ray_is_refused_not_left_pending(cluster):
     check_fits(cluster)  # the running app: 2 x (0.25 + 0.25) + 0.1 of 2 CPUs
     with pytest.raises(ValueError, match=r"= 2.1 Ray CPUs, but this machine's Ray has 2"):
         check_fits(cluster.model_copy(update={"replica_cpus": 0.5, "worker_cpus": 0.5}))
+
+
+def test_ingress_auto_is_direct_with_one_router_and_direct_refuses_two():
+    """`auto` serves through the router itself when there is one (the CLI test checks who
+    listens), through Serve's proxy when there are more; `direct` cannot take two routers on
+    one port, and says so when the config is read."""
+    from alignedserve.config import ServeConfig
+    from alignedserve.deployments.app import ray_serve_env
+
+    one = ServeConfig(http_port=8100, grpc_port=9100)
+    assert one.direct_ingress and not one.model_copy(update={"num_routers": 2}).direct_ingress
+    env = ray_serve_env(one)
+    assert env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "1"
+    # Serve's allocator hands out range(min, max): the configured port and nothing else.
+    assert (env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"],
+            env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"]) == ("8100", "8101")
+    assert (env["RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT"],
+            env["RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT"]) == ("9100", "9101")
+    assert ray_serve_env(ServeConfig(ingress="proxy")) == {
+        "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
+    with pytest.raises(ValueError, match="num_routers must be 1"):
+        ServeConfig(ingress="direct", num_routers=2)

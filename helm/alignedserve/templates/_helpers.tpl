@@ -42,6 +42,7 @@ Redis URL is not among them: it reaches Ray containers only as ALIGNEDSERVE_REDI
 {{- $_ = set $args "grpc_port" (int .Values.ports.grpc) -}}
 {{- $_ = set $args "kv_grpc_port" (int .Values.ports.kvStore) -}}
 {{- $_ = set $args "proxy_location" "EveryNode" -}}
+{{- $_ = set $args "ingress" "proxy" -}}
 {{- $_ = set $args "start_redis" false -}}
 {{- toYaml $args -}}
 {{- end -}}
