@@ -26,17 +26,21 @@ class StoreHostAllocator:
         self.num_blocks = num_blocks
         self._free = num_blocks
         self._free_at = 0.0
+        self._asked: ray.ObjectRef | None = None  # a stats call not answered yet
         self._releasing: list[str] = []  # released since the last transfer submit
         self._deferred: deque[tuple[int, list[str]]] = deque()  # (submitted seq, owners)
 
     @property
     def num_free(self) -> int:
-        """Free store blocks, refreshed at most every 0.2 s (admission uses it as a hint;
-        `reserve` is the authority)."""
+        """Free store blocks as of the store's last answer, asked for again at most every
+        0.2 s (admission uses it as a hint; `reserve` is the authority). Never waits: the
+        decode loop reads it every step, and a blocking call there stalls the step."""
+        if self._asked is not None and ray.wait([self._asked], timeout=0)[0]:
+            st, self._asked = ray.get(self._asked), None
+            self._free = st.num_blocks - st.used_blocks
         now = time.monotonic()
-        if now - self._free_at > _STATS_EVERY_S:
-            st = ray.get(self.store.stats.remote())
-            self._free, self._free_at = st.num_blocks - st.used_blocks, now
+        if self._asked is None and now - self._free_at > _STATS_EVERY_S:
+            self._asked, self._free_at = self.store.stats.remote(), now
         return self._free
 
     def reserve(self, owner: str, held: list[int], total: int) -> bool:

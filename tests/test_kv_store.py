@@ -226,3 +226,36 @@ def test_arenas_of_dead_creators_are_removed_and_live_ones_kept():
     finally:
         proc.kill()
         proc.wait(timeout=30)
+
+
+def test_the_host_allocators_free_count_never_waits_for_the_store(ray_local):
+    """The decode loop reads `num_free` every step: it answers from the store's last reply
+    and asks again in the background, even while the store is slow to answer."""
+    import types
+
+    from alignedserve.kv_store.host_allocator import StoreHostAllocator
+
+    @ray_local.remote(max_concurrency=2)
+    class GatedStore:
+        def __init__(self) -> None:
+            self.gate = threading.Event()
+
+        def open(self) -> None:
+            self.gate.set()
+
+        def stats(self) -> types.SimpleNamespace:
+            self.gate.wait()
+            return types.SimpleNamespace(num_blocks=10, used_blocks=7)
+
+    store = GatedStore.remote()
+    alloc = StoreHostAllocator(store, 10)
+    seen: list[int] = []
+    reader = threading.Thread(target=lambda: seen.extend(alloc.num_free for _ in range(3)))
+    reader.start()
+    reader.join(timeout=60)  # a read that waited for the store would still be blocked
+    assert not reader.is_alive() and seen == [10, 10, 10]
+    ray_local.get(store.open.remote())
+    deadline = time.monotonic() + 30
+    while alloc.num_free != 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert alloc.num_free == 3

@@ -41,6 +41,7 @@ def test_serve_cli_answers_and_drains_on_sigterm(tiny_dir, tmp_path):
                   psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN
                   and c.laddr.port in api}
         assert owners and all("ServeReplica:alignedserve:Router" in o for o in owners), owners
+        _abandoned_calls_are_aborted(server, "cli-test:")
         # The Ray it started runs Serve's controller loop at SERVE_LOOP_S (less CPU beside
         # the model on a small node).
         ctl = [p for p in psutil.Process(proc.pid).children(recursive=True)
@@ -65,6 +66,42 @@ def test_serve_cli_answers_and_drains_on_sigterm(tiny_dir, tmp_path):
         assert "OpenAI HTTP" in out and "draining" in out
     finally:
         server.kill()
+
+
+def _abandoned_calls_are_aborted(server, prefix: str) -> None:
+    """Through the router's own servers (direct ingress), as through Serve's proxy
+    (test_grpc_api, test_serving): a cancelled gRPC call and a closed HTTP stream abort
+    their request (Redis remembers aborted ids for an hour)."""
+    import time
+
+    import grpc
+    import redis
+
+    from alignedserve.deployments.protos import alignedserve_pb2 as pb
+    from alignedserve.deployments.protos import alignedserve_pb2_grpc as pbg
+    from alignedserve.global_queue.keys import RedisKeys
+
+    r, aborted = redis.Redis.from_url(server.redis_url), RedisKeys(prefix).aborted
+
+    def is_aborted(rid: str) -> bool:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not r.sismember(aborted, rid):
+            time.sleep(0.1)
+        return bool(r.sismember(aborted, rid))
+
+    with grpc.insecure_channel(server.grpc) as ch:
+        call = pbg.AlignedServeStub(ch).Generate(pb.GenerateRequest(
+            request_id="cli-cancel", text="cancel me", sampling=pb.SamplingParams(
+                max_tokens=120, ignore_eos=True)), timeout=60)
+        next(call), next(call)
+        call.cancel()
+    body = {"model": "tiny", "prompt": "leave me", "max_tokens": 120, "ignore_eos": True,
+            "stream": True}
+    with httpx.stream("POST", f"{server.base}/v1/completions", json=body, timeout=60) as resp:
+        lines = (line for line in resp.iter_lines() if line.startswith("data: {"))
+        rid = json.loads(next(lines)[6:])["id"]
+        next(lines)
+    assert is_aborted("cli-cancel") and is_aborted(rid)
 
 
 def test_a_server_over_the_redis_of_an_uncleanly_stopped_one_serves_everything(
