@@ -2,8 +2,9 @@
 hard-codes the host (`ray.serve._private.grpc_util.start_grpc_server`). A server started on
 one machine must listen where its config says (`host`, 127.0.0.1 by default), as the HTTP
 proxy does. `init_ray` installs `bind_grpc_to_host` as the job's worker setup hook when it
-starts a local Ray: in every worker (the proxies among them) it makes the address the proxy
-adds use `ALIGNEDSERVE_GRPC_HOST` instead of `[::]`. On a cluster that Ray was started for
+starts a local Ray: in every worker (the proxies among them, and a router replica that
+serves gRPC itself under `ingress: direct`) it makes the address Serve's gRPC server adds
+use `ALIGNEDSERVE_GRPC_HOST` instead of `[::]`. On a cluster that Ray was started for
 by someone else (KubeRay) the proxies are not ours to patch, and listening on the pod's
 interfaces is what a Service needs there.
 """

@@ -1,7 +1,8 @@
-"""What Serve's gRPC proxy imports (`gRPCOptions.grpc_servicer_functions`): registers the
+"""What Serve's gRPC server imports (`gRPCOptions.grpc_servicer_functions`): registers the
 AlignedServe service and makes a cancelled `Generate` call abort its request.
 
-Runs in the proxy process, not in a router replica. Why it exists: Ray Serve 2.60's proxy
+Runs in Serve's proxy process, or in the router replica when that serves gRPC itself
+(`ingress: direct`); the abort goes back through the same server. Why it exists: Ray Serve 2.60's proxy
 cancels the replica's streaming call only when the client's cancel lands while the proxy
 awaits the replica's next message. When it lands while the proxy is writing a message to
 the client (a few percent to a quarter of the time, depending on how fast tokens come), the
