@@ -154,3 +154,40 @@ def test_a_server_over_the_redis_of_an_uncleanly_stopped_one_serves_everything(
         assert server.stop() == 0
     finally:
         server.kill()
+
+
+def test_a_lone_router_killed_comes_back_on_its_port(tiny_dir, tmp_path):
+    """Direct ingress: the one router owns the ports. Killed, Serve replaces it, and the
+    new one gets the same ports back (no quarantine of the old one's), so the server
+    answers there again."""
+    import time
+
+    def routers() -> list[psutil.Process]:
+        return [p for p in psutil.Process(server.proc.pid).children(recursive=True)
+                if "ServeReplica:alignedserve:Router" in " ".join(p.cmdline())]
+
+    server = start_cli_server(tiny_dir, tmp_path, "cli-kill:")
+    try:
+        (old,) = routers()
+        old.kill()
+        old.wait(timeout=30)
+        body = {"model": "tiny", "prompt": "back again", "max_tokens": 4}
+        deadline, resp = time.monotonic() + 180, None
+        while time.monotonic() < deadline:
+            try:
+                resp = httpx.post(f"{server.base}/v1/completions", json=body, timeout=30)
+                if resp.status_code == 200:
+                    break
+            except httpx.TransportError:  # refused until the new router listens
+                pass
+            time.sleep(1)
+        assert resp is not None and resp.status_code == 200, resp
+        assert resp.json()["usage"]["completion_tokens"] == 4
+        (new,) = routers()
+        assert new.pid != old.pid
+        grpc_port = int(server.grpc.rsplit(":", 1)[1])
+        assert any(c.laddr.port == grpc_port and c.status == psutil.CONN_LISTEN
+                   for c in new.net_connections("tcp"))
+        assert server.stop() == 0
+    finally:
+        server.kill()

@@ -2,14 +2,14 @@
 AlignedServe service and makes a cancelled `Generate` call abort its request.
 
 Runs in Serve's proxy process, or in the router replica when that serves gRPC itself
-(`ingress: direct`); the abort goes back through the same server. Why it exists: Ray Serve 2.60's proxy
-cancels the replica's streaming call only when the client's cancel lands while the proxy
-awaits the replica's next message. When it lands while the proxy is writing a message to
-the client (a few percent to a quarter of the time, depending on how fast tokens come), the
-proxy drops its generators without cancelling the replica call, and the request runs to
-completion for nobody. This wrapper sees every way a `Generate` call ends and, unless the
-stream ended by itself, sends `Abort` for the request id through the proxy's own `Abort`
-route, so the request stops and its KV is freed wherever it is.
+(`ingress: direct`); the abort goes back through the same server. Why it exists: Ray Serve
+2.60's proxy cancels the replica's streaming call only when the client's cancel lands while
+the proxy awaits the replica's next message. When it lands while the proxy is writing a
+message to the client (a few percent to a quarter of the time, depending on how fast tokens
+come), the proxy drops its generators without cancelling the replica call, and the request
+runs to completion for nobody. This wrapper sees every way a `Generate` call ends and,
+unless the stream ended by itself, sends `Abort` for the request id through the proxy's own
+`Abort` route, so the request stops and its KV is freed wherever it is.
 """
 
 from __future__ import annotations
