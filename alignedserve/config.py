@@ -95,19 +95,6 @@ class ServeConfig(BaseSettings):
         "Serve's proxy, which fails over between routers. `auto`: direct with one router, "
         "else proxy.")
 
-    @model_validator(mode="after")
-    def _one_router_when_direct(self) -> ServeConfig:
-        if self.ingress == "direct" and self.num_routers != 1:
-            raise ValueError(f"ingress=direct serves from the router replica on one port: "
-                             f"num_routers must be 1, not {self.num_routers} (or set "
-                             "ingress to proxy or auto)")
-        return self
-
-    @property
-    def direct_ingress(self) -> bool:
-        """Whether a Ray that `serve` starts serves through the router directly."""
-        return self.ingress == "direct" or (self.ingress == "auto" and self.num_routers == 1)
-
     num_replicas: int = Field(1, ge=1, description="Compute replicas (each gets a paired "
                               "prefetch worker).")
     num_routers: int = Field(1, ge=1, description="Router replicas (one is the scheduler "
@@ -185,6 +172,19 @@ class ServeConfig(BaseSettings):
         "INFO", description="Level of the serving processes' logs (request id on every line; "
         "prompts and outputs are never logged at INFO or above).")
     engine: EngineKnobs = Field(default_factory=EngineKnobs)
+
+    @model_validator(mode="after")
+    def _one_router_when_direct(self) -> ServeConfig:
+        if self.ingress == "direct" and self.num_routers != 1:
+            raise ValueError(f"ingress=direct serves from the router replica on one port: "
+                             f"num_routers must be 1, not {self.num_routers} (or set "
+                             "ingress to proxy or auto)")
+        return self
+
+    @property
+    def direct_ingress(self) -> bool:
+        """Whether a Ray that `serve` starts serves through the router directly."""
+        return self.ingress == "direct" or (self.ingress == "auto" and self.num_routers == 1)
 
     @property
     def model_name(self) -> str:

@@ -94,12 +94,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         redis_srv.start()
     stopped = True
     try:
-        started_ray = app.init_ray(cfg)
+        direct_ingress = app.init_ray(cfg)
         # After ray.init, whose native handler would otherwise end the process at once on
         # SIGTERM, skipping the drain. A signal during start-up drains once it is up.
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: done.set())
-        app.start(cfg, model_dir, started_ray)
+        app.start(cfg, model_dir, direct_ingress)
         # The local Ray cluster and Redis. Taken now as well as at the drain: a signal to
         # the whole process group can end the raylet first, and its workers (the KV store
         # among them) are then no longer our descendants when the drain looks.

@@ -53,8 +53,9 @@ def build(args: dict[str, Any]) -> Application:
 
 
 def init_ray(cfg: ServeConfig) -> bool:
-    """Connect to `cfg.ray_address`, or start a local Ray; True if this call started one
-    (then `cfg.ingress` applies to it). Nothing happens if Ray is already initialized."""
+    """Connect to `cfg.ray_address`, or start a local Ray. True if this call started one
+    whose router serves clients itself (direct ingress, `ray_serve_env`): pass it on to
+    `start`. Nothing happens if Ray is already initialized."""
     import ray
 
     from alignedserve.deployments.grpc_bind import HOST_ENV
@@ -85,7 +86,7 @@ def init_ray(cfg: ServeConfig) -> bool:
                 os.environ.pop(k)
             else:
                 os.environ[k] = v
-    return True
+    return env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "1"
 
 
 def ray_serve_env(cfg: ServeConfig) -> dict[str, str]:
@@ -110,11 +111,11 @@ def _free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
-def start(cfg: ServeConfig, model_dir: str, started_ray: bool = False) -> None:
+def start(cfg: ServeConfig, model_dir: str, direct_ingress: bool = False) -> None:
     """Claim the queue, start Ray (if needed) and run the app; returns once it is deployed
     and healthy. Raises ValueError if a live deployment already uses the queue.
-    `started_ray`: the caller's `init_ray` started the Ray this runs on (`cfg.ingress`
-    applies only to a Ray started so)."""
+    `direct_ingress`: what the caller's own `init_ray` returned (`cfg.ingress` applies
+    only to a Ray started so)."""
     import redis
     from ray import serve
     from ray.serve.config import gRPCOptions
@@ -127,7 +128,7 @@ def start(cfg: ServeConfig, model_dir: str, started_ray: bool = False) -> None:
     if removed:
         log.warning("removed %d keys under %r left by a deployment that stopped uncleanly",
                     removed, cfg.redis_prefix)
-    direct = (init_ray(cfg) or started_ray) and cfg.direct_ingress
+    direct = init_ray(cfg) or direct_ingress
     if cfg.ray_address is None:
         check_fits(cfg)
     if cfg.ray_address is None and cfg.kv_grpc_host is None:

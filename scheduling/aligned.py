@@ -33,7 +33,6 @@ The running batch has a *band*: the densest aligned range of its members' KV len
 
 from __future__ import annotations
 
-import heapq
 from collections import deque
 from collections.abc import Iterable
 from itertools import islice
@@ -47,12 +46,11 @@ from alignedserve.scheduling.interface import (
     TokenBudget,
 )
 from alignedserve.scheduling.length_index import InMemoryLengthIndex, KVLengthIndex
+from alignedserve.scheduling.lineup import Band, distance, line_up
 from alignedserve.scheduling.request import FinishReason, Request, RequestStatus
 from alignedserve.scheduling.staging import CandidateBuffer
 from alignedserve.scheduling.swap import HostAllocator, KVSwapper
-from alignedserve.scheduling.window_search import aging_score, band_distance, densest_window
-
-Band = tuple[int, int]  # (shortest, longest) KV length
+from alignedserve.scheduling.window_search import densest_window
 
 
 class AlignedScheduler:
@@ -238,13 +236,13 @@ class AlignedScheduler:
         # work later. (Under padded attention, "spread", it still waits for its peers.)
         fits = self.cfg.align_by == "longest" and len(self.pooled) <= slots and sum(
             self._to_take(r) for r in self.pooled.values()) <= room
-        line = self._eligible(band, slots, force=fits)
+        line = self._line_up(band, slots, force=fits)
         if not line and thin and not switched:  # the thin batch's band ran dry: move it
             self._band = band = self._new_band(slots, room)
             switched = True
-            line = self._eligible(band, slots)
+            line = self._line_up(band, slots)
         if not line and not self.running:
-            line = self._eligible(band, 1, force=True)  # an idle device always takes one
+            line = self._line_up(band, 1, force=True)  # an idle device always takes one
         line = self._split_first(line, slots, room)
         for r in line:
             cost = self._to_take(r)
@@ -262,29 +260,17 @@ class AlignedScheduler:
             self.counters.refills += 1
             self.counters.host_refills += host_kv
             self.counters.refill_hits += hit
-            if not fits and self._distance(r.num_tokens, band):
+            if not fits and distance(r.num_tokens, band, self.cfg):
                 self.counters.starved += 1
         if switched:
             self.counters.batches += 1
             self.counters.switches += had_members
         return switched
 
-    def _eligible(self, band: Band, limit: int, force: bool = False,
-                  among: Iterable[str] | None = None) -> list[Request]:
-        """Up to `limit` pooled requests (of `among`, default all) with aging score <= 0
-        (any score if `force`), best first; ties shortest first (more members fit the
-        device, and a burst is swept from short to long), then earlier in the pool. Under
-        align_by "total" length decides nothing: oldest first, then pool (arrival) order,
-        as fcfs, which leaves no burst's long prompts for a thin tail."""
-        by_length = self.cfg.align_by != "total"
-        scored = []
-        for k, rid in enumerate(self.pooled if among is None else among):
-            r = self.pooled[rid]
-            d = self._distance(r.num_tokens, band)
-            s = aging_score(d, self.steps - self._entered[rid], self.cfg.max_wait_steps)
-            if s <= 0 or force:
-                scored.append((s, r.num_tokens if by_length else 0, k, r))
-        return [t[3] for t in heapq.nsmallest(limit, scored, key=lambda t: t[:3])]
+    def _line_up(self, band: Band, limit: int, force: bool = False,
+                 among: Iterable[str] | None = None) -> list[Request]:
+        return line_up(self.pooled, self._entered, self.steps, band, self.cfg, limit,
+                       force, among)
 
     def _split_first(self, line: list[Request], slots: int, room: int) -> list[Request]:
         """A kernel that splits members past `split_above_tokens` (vLLM's V2) runs a step
@@ -301,11 +287,6 @@ class AlignedScheduler:
         if self.running and self._to_take(split) > room:
             return line
         return [split, *(r for r in line if r is not split)][:slots]
-
-    def _distance(self, length: int, band: Band) -> float:
-        c = self.cfg
-        return band_distance(length, *band, c.max_spread, c.slack_tokens, c.align_by,
-                             c.split_above_tokens)
 
     def _new_band(self, slots: int, room: int) -> Band:
         """Where a thin batch's band moves: the densest aligned group of the most overdue
@@ -329,7 +310,7 @@ class AlignedScheduler:
             self.buffer.drop()
             return
         band = self._band or self._running_band()
-        line = self._eligible(band, self.cfg.refill_buffer, among=list(self._hosted))
+        line = self._line_up(band, self.cfg.refill_buffer, among=list(self._hosted))
         self.buffer.refresh(line, self._room(), self._cost)
 
     # -- one step -----------------------------------------------------------------------------
