@@ -11,6 +11,8 @@
     p tok:{id}        stream token events of one request (`TokenEvent`; replica/worker XADD)
     p aborted         set    ids a client abandoned; every stage checks it at hand-off
     p abort           pubsub ids to abort now (compute replicas listen)
+    p work            pubsub new work: a prompt queued for prefill, ids put in an inbox (an
+                             idle compute replica or prefetch worker waits on it)
     p replicas        hash   replica id -> `ReplicaState` JSON, refreshed every loop
     p leader          string the scheduler leader's lock (token, with a TTL)
     p counters        hash   deployment-wide event counts (e.g. `resumed`), for status
@@ -79,6 +81,10 @@ class RedisKeys:
     @property
     def abort_channel(self) -> str:
         return f"{self.prefix}abort"
+
+    @property
+    def work_channel(self) -> str:
+        return f"{self.prefix}work"
 
     @property
     def replicas(self) -> str:

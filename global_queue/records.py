@@ -158,6 +158,7 @@ for i = 3, #ARGV do
     end
   end
 end
+if out[1] > 0 then redis.call('publish', KEYS[5], ARGV[2]) end
 return out
 """
 _TAKE_OVER = """
@@ -170,6 +171,7 @@ if redis.call('hget', KEYS[1], 'holder') ~= ARGV[1] then return 0 end
 redis.call('hset', KEYS[1], 'out', ARGV[2], 'slots', '', 'node', '')
 redis.call('hdel', KEYS[1], 'holder')
 redis.call('lpush', KEYS[2], ARGV[3])
+redis.call('publish', KEYS[3], 'prefill')
 return 1
 """
 
@@ -228,10 +230,12 @@ def reserve_admission(client: redis.Redis | aioredis.Redis, keys: RedisKeys, rid
 
 
 def enqueue(pipe: redis.client.Pipeline, keys: RedisKeys, rec: RequestRecord) -> None:
-    """Queue an admitted request for prefill (its record first), releasing its place."""
+    """Queue an admitted request for prefill (its record first), releasing its place, and
+    wake the idle stages that claim prompts (the work channel)."""
     put_record(pipe, keys, rec)
     pipe.rpush(keys.prefill, rec.request_id)
     pipe.zrem(keys.admitting, rec.request_id)
+    pipe.publish(keys.work_channel, "prefill")
 
 
 def claim_prefill(client: redis.Redis, keys: RedisKeys, worker: str, n: int) -> list[str]:
@@ -249,8 +253,8 @@ def assign(client: redis.Redis, keys: RedisKeys, replica: str,
     and (id, node of its KV) of those aborted meanwhile: the caller frees their KV (their
     records are deleted)."""
     n, *aborted = client.register_script(_ASSIGN)(
-        keys=[keys.decode, keys.decode_arrival, keys.aborted, keys.inbox(replica)],
-        args=[keys.prefix, replica, *rids])
+        keys=[keys.decode, keys.decode_arrival, keys.aborted, keys.inbox(replica),
+              keys.work_channel], args=[keys.prefix, replica, *rids])
     return int(n), [tuple(x.decode().split(" ", 1)) for x in aborted]
 
 
@@ -272,7 +276,8 @@ def resume(client: redis.Redis | aioredis.Redis, keys: RedisKeys, rid: str, hold
     Truthy if it moved; falsy if `holder` no longer holds it (it finished, or someone
     resumed it). Awaitable on an asyncio client."""
     return client.register_script(_RESUME)(
-        keys=[keys.req(rid), keys.prefill], args=[holder, json.dumps(list(output_ids)), rid])
+        keys=[keys.req(rid), keys.prefill, keys.work_channel],
+        args=[holder, json.dumps(list(output_ids)), rid])
 
 
 def load_records(client: redis.Redis, keys: RedisKeys, rids: list[str]) -> list[RequestRecord]:
@@ -322,11 +327,13 @@ class ReplicaState:
         return cls(**d)
 
 
-def publish_state(client: redis.Redis, keys: RedisKeys, state: ReplicaState) -> None:
-    """Publish a replica's state, and wake the dispatch: its room may have changed."""
+def publish_state(client: redis.Redis, keys: RedisKeys, state: ReplicaState,
+                  wake: bool = True) -> None:
+    """Publish a replica's state, and wake the dispatch (`wake`: its room changed)."""
     pipe = client.pipeline(transaction=False)
     pipe.hset(keys.replicas, state.replica, state.to_json())
-    wake_dispatch(pipe, keys)
+    if wake:
+        wake_dispatch(pipe, keys)
     pipe.execute()
 
 

@@ -63,7 +63,7 @@ from alignedserve.scheduling.interface import KVTransfer
 
 log = logging.getLogger("alignedserve.prefetch")
 HEADER_DONE_SEQ = 0  # device-arena header slot: every transfer with seq <= it has finished
-_IDLE_POLL_S = 0.01  # prefill queue poll while idle
+_IDLE_WAIT_S = 0.25  # an idle prefill loop waits this long at most for the work channel
 _CORDON_EVERY_S = 1.0  # how often the prefill loop checks whether its node is cordoned
 PULL_THREADS = 2  # concurrent cross-node pulls (the actor's "pull" concurrency group)
 
@@ -242,7 +242,11 @@ class PrefetchWorker:
         budget = self.cfg.engine.max_num_batched_tokens
         keys, me = self.cfg.keys, self.cfg.worker_id
         cordon_at, closed = 0.0, False
+        work = self.r.pubsub(ignore_subscribe_messages=True)  # this thread's own
+        work.subscribe(keys.work_channel)
         while not self._stop.is_set():
+            while work.get_message(timeout=0) is not None:
+                pass  # the claim below sees what these announce; later ones end the wait
             if time.monotonic() - cordon_at > _CORDON_EVERY_S:
                 cordon_at = time.monotonic()
                 closed = self.node in cordoned(self.r, keys, "prefill")
@@ -255,7 +259,7 @@ class PrefetchWorker:
                 self._admit(claim_prefill(self.r, keys, me, room))
             if not self.engine.has_unfinished():
                 self.cores.set_busy(False)
-                self._stop.wait(_IDLE_POLL_S)
+                work.get_message(timeout=_IDLE_WAIT_S)  # a prompt queued wakes it at once
                 continue
             self.cores.before_step()  # threads: worker_threads, or the pair's if decode idles
             t0 = time.perf_counter()

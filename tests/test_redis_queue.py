@@ -360,3 +360,57 @@ def test_a_request_resumed_from_a_live_holder_is_kept_not_failed(r, keys, tiny_d
     read_holder(pipe, keys, "a")
     assert pipe.execute() == [b"w-1"]  # its holder again
 
+
+
+def test_new_work_is_announced_and_a_heartbeat_wakes_the_dispatch_only_when_room_moved(
+        r, keys):
+    """Idle compute replicas and prefetch workers wait on the work channel instead of
+    polling Redis: a prompt queued (new or resumed) and ids put in an inbox announce
+    themselves there, an assignment that moved nothing does not. A replica's heartbeat
+    refreshes its state's timestamp but wakes the leader's dispatch only when the
+    replica's room changed."""
+    from alignedserve.deployments.replica.liveness import ReplicaLiveness
+    from alignedserve.global_queue.records import enqueue
+
+    sub = r.pubsub(ignore_subscribe_messages=True)
+    sub.subscribe(keys.work_channel)
+
+    def announced() -> list[bytes]:
+        """What the channel carried within half a second."""
+        got, end = [], time.monotonic() + 0.5
+        while (left := end - time.monotonic()) > 0:
+            if (msg := sub.get_message(timeout=left)) is not None:
+                got.append(msg["data"])
+        return got
+
+    pipe = r.pipeline()
+    enqueue(pipe, keys, RequestRecord("w1", (1, 2), SamplingParams(), 1.0))
+    pipe.execute()
+    assert announced() == [b"prefill"]
+    assert claim_prefill(r, keys, "wk", 1) == ["w1"]
+    RedisQueueIndex(r, keys).put("w1", 3)
+    assert assign(r, keys, "rep", ["w1"]) == (1, [])
+    assert announced() == [b"rep"]
+    assert assign(r, keys, "rep", ["w1"]) == (0, [])  # already taken: nothing to announce
+    assert resume(r, keys, "w1", "rep", (7,))
+    assert announced() == [b"prefill"]
+    assert r.lrange(keys.prefill, 0, -1) == [b"w1"]
+
+    class Heart(ReplicaLiveness):
+        def __init__(self) -> None:
+            self.r, self.keys = r, keys
+            self._last_state = ReplicaState("rep", 0.0, free=4)
+
+    heart = Heart()
+    r.delete(keys.wake)
+    heart._publish_now()
+    assert r.llen(keys.wake) == 1  # the first state: the dispatch has a replica to fill
+    r.delete(keys.wake)
+    t0 = ReplicaState.from_json(r.hget(keys.replicas, "rep")).ts
+    time.sleep(0.01)
+    heart._publish_now()
+    assert ReplicaState.from_json(r.hget(keys.replicas, "rep")).ts > t0  # still alive
+    assert r.llen(keys.wake) == 0  # nothing new for the dispatch
+    heart._last_state = ReplicaState("rep", 0.0, free=3)
+    heart._publish_now()
+    assert r.llen(keys.wake) == 1

@@ -66,7 +66,9 @@ from alignedserve.prefetch_workers.worker import (
 )
 
 log = logging.getLogger("alignedserve.replica")
-_IDLE_WAIT_S = 0.02
+# An idle loop waits this long at most for work (the work channel wakes it at once); while
+# KV is still moving (a copy, a cross-node pull) it looks again after _BUSY_WAIT_S.
+_IDLE_WAIT_S, _BUSY_WAIT_S = 0.25, 0.02
 _CORDON_EVERY_S = 1.0  # prefill_on=replica: how often it checks whether its node is cordoned
 _WORKER_START_S = 180.0  # a paired worker not up by then cannot be placed (or is stuck)
 
@@ -145,7 +147,7 @@ class ComputeReplica(ReplicaLiveness):
         self._draining = threading.Event()
         self._error: BaseException | None = None
         self._pubsub = self.r.pubsub(ignore_subscribe_messages=True)
-        self._pubsub.subscribe(self.keys.abort_channel)
+        self._pubsub.subscribe(self.keys.abort_channel, self.keys.work_channel)
         self._state_at = 0.0
         self._last_state = self._state()
         # Published before the loop can claim a request: a router that finds a holder
@@ -226,13 +228,15 @@ class ComputeReplica(ReplicaLiveness):
         # each step (Ray starts actors with OMP_NUM_THREADS=1, which new threads inherit).
         try:
             while not self._stop.is_set():
+                # Messages first: work announced after this is still unread when the loop
+                # idles, and ends its wait.
+                self._apply_aborts()
                 if not self._draining.is_set():
                     self._pull_inbox()
                     if self.cfg.replica_prefills:
                         self._claim_prefill()
                 if self.pulling:
                     self._finish_pulls()
-                self._apply_aborts()
                 q = self.transfers
                 self.host.flush(q.submitted, q.poll())  # frees whose copies have all run
                 if self.engine.has_unfinished():
@@ -242,7 +246,8 @@ class ComputeReplica(ReplicaLiveness):
                 else:
                     self.cores.set_busy(False)
                     self._publish_state()
-                    time.sleep(_IDLE_WAIT_S)
+                    moving = self.pulling or q.poll() < q.submitted
+                    self._apply_aborts(wait=_BUSY_WAIT_S if moving else _IDLE_WAIT_S)
         except BaseException as e:
             log.exception("replica %s: decode loop failed", self.replica_id)
             self._fail(e)
@@ -315,8 +320,13 @@ class ComputeReplica(ReplicaLiveness):
                 continue
             self._add(rec, slots)
 
-    def _apply_aborts(self) -> None:
-        while (msg := self._pubsub.get_message(timeout=0)) is not None:
+    def _apply_aborts(self, wait: float = 0.0) -> None:
+        """Abort what the abort channel names. `wait`: block up to this long for the first
+        message (an idle loop: any message on the work channel ends the wait)."""
+        while (msg := self._pubsub.get_message(timeout=wait)) is not None:
+            wait = 0.0
+            if msg["channel"].decode() != self.keys.abort_channel:
+                continue  # work: the loop looks at its inbox and the prefill queue next
             # "rid", or "rid@holder": only that holder aborts (a request resumed elsewhere
             # after this replica was taken for dead)
             rid, _, holder = msg["data"].decode().partition("@")

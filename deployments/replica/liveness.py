@@ -41,9 +41,14 @@ class ReplicaLiveness:
     _error: BaseException | None
     _last_state: ReplicaState
 
+    _published_free: int | None = None  # the room last published
+
     def _publish_now(self) -> None:
-        """Publish the latest state with a fresh timestamp."""
-        publish_state(self.r, self.keys, dataclasses.replace(self._last_state, ts=time.time()))
+        """Publish the latest state with a fresh timestamp. The leader's dispatch is woken
+        only when the replica's room moved: a heartbeat alone has nothing for it."""
+        state = dataclasses.replace(self._last_state, ts=time.time())
+        wake, self._published_free = state.free != self._published_free, state.free
+        publish_state(self.r, self.keys, state, wake=wake)
 
     def _heartbeat(self) -> None:
         """Publish the decode loop's latest state with a fresh timestamp every 0.1 s (the

@@ -161,7 +161,7 @@ class LeaderLoop:
 
     def __init__(self, redis_url: str, keys: RedisKeys, ttl_s: float, knobs: DispatchKnobs,
                  free_kv: FreeKV | None = None,
-                 tick_s: float = 0.005, idle_s: float = 0.1, outage_s: float = 60.0,
+                 tick_s: float = 0.005, idle_s: float = 0.5, outage_s: float = 60.0,
                  router_id: str | None = None) -> None:
         self.r = connect(redis_url, outage_s)
         self.keys = keys
