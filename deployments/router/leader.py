@@ -88,12 +88,14 @@ class Dispatcher:
 
     def tick(self) -> int:
         """Assign what fits; returns the number of requests assigned."""
+        queued = self.index.queued()
+        if not queued:  # replicas that prefill claim their prompts themselves: often empty
+            return 0
         rooms = [Room(s.replica, s.free, s.node) for s in self.live_replicas()
                  if s.free > 0 and s.node not in self.cordoned]
         if not rooms:
             return 0
-        plan = plan_dispatch(self._located(self.index.queued()), rooms, self.knobs,
-                             time.time())
+        plan = plan_dispatch(self._located(queued), rooms, self.knobs, time.time())
         moved = sum(self._assign(replica, rids) for replica, rids in plan)
         self.dispatched += moved
         return moved
