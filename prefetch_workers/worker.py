@@ -239,11 +239,17 @@ class PrefetchWorker:
     # -- prefill ------------------------------------------------------------------------------
 
     def _prefill_loop(self) -> None:
+        work = self.r.pubsub(ignore_subscribe_messages=True)  # this thread's own
+        work.subscribe(self.cfg.keys.work_channel)
+        try:
+            self._prefill_until_stopped(work)
+        finally:
+            work.close()
+
+    def _prefill_until_stopped(self, work: redis.client.PubSub) -> None:
         budget = self.cfg.engine.max_num_batched_tokens
         keys, me = self.cfg.keys, self.cfg.worker_id
         cordon_at, closed = 0.0, False
-        work = self.r.pubsub(ignore_subscribe_messages=True)  # this thread's own
-        work.subscribe(keys.work_channel)
         while not self._stop.is_set():
             while work.get_message(timeout=0) is not None:
                 pass  # the claim below sees what these announce; later ones end the wait

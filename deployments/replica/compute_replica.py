@@ -209,6 +209,7 @@ class ComputeReplica(ReplicaLiveness):
         except Exception as e:  # the worker may be gone; the arena must still go
             log.warning("replica %s: prefetch worker did not stop cleanly: %r",
                         self.replica_id, e)
+        self._pubsub.close()
         self.arena.close()  # idempotent
 
     def _pair_threads(self, cfg: ServeConfig) -> int:
