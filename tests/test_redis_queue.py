@@ -414,3 +414,22 @@ def test_new_work_is_announced_and_a_heartbeat_wakes_the_dispatch_only_when_room
     heart._last_state = ReplicaState("rep", 0.0, free=3)
     heart._publish_now()
     assert r.llen(keys.wake) == 1
+
+
+def test_an_idle_leader_renews_a_short_lock_in_time(redis_url, r, keys):
+    """An idle leader waits for a wake-up, but never past its lock's renewal: with a TTL
+    shorter than `idle_s` a rival must still find the lock held throughout."""
+    lp = LeaderLoop(redis_url, keys, ttl_s=0.3, knobs=DispatchKnobs(1.5, 0, 10.0),
+                    idle_s=5.0).start()
+    try:
+        deadline = time.monotonic() + 5
+        while not lp.is_leader and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert lp.is_leader
+        rival = LeaderLock(r, keys.leader, 0.3)
+        for _ in range(30):  # 1.5 s: five TTLs
+            assert not rival.hold()
+            time.sleep(0.05)
+        assert lp.is_leader
+    finally:
+        lp.stop()

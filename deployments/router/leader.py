@@ -213,14 +213,15 @@ class LeaderLoop:
                 self._set_leader(False)
             if not self.is_leader:
                 self._stop.wait(self.ttl_s / 3)
-            elif not moved:
-                self._wait_for_work()
+            elif not moved:  # never past the lock's renewal: a short TTL must not lapse
+                self._wait_for_work(min(self.idle_s, renew_at - time.monotonic()))
 
-    def _wait_for_work(self) -> None:
-        """Until an index insert or a replica's new state wakes the dispatch, or `idle_s`
-        (the starvation clocks and cordons still move): no polling while nothing changes."""
+    def _wait_for_work(self, timeout_s: float) -> None:
+        """Until an index insert or a replica's new state wakes the dispatch, or
+        `timeout_s` (the starvation clocks and cordons still move): no polling while
+        nothing changes."""
         try:
-            self.r.blpop([self.keys.wake], timeout=self.idle_s)
+            self.r.blpop([self.keys.wake], timeout=max(0.01, timeout_s))
         except redis.RedisError:
             self._stop.wait(self.tick_s)
 
