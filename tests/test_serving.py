@@ -270,6 +270,30 @@ def test_metrics_and_status(cluster):
     assert [m.id for m in models.data] == ["tiny"]
 
 
+def _redis_calls(r) -> int:
+    return sum(v["calls"] for v in r.info("commandstats").values())
+
+
+def test_an_idle_cluster_waits_on_redis_instead_of_polling_it(cluster):
+    """Idle compute replicas wait on the work channel and the leader on its wake list; what
+    remains is each replica's heartbeat (its state, 10 times a second) and slower upkeep.
+    Polling the inbox and the prefill queue every 20 ms, as replicas once did, and a leader
+    woken by every heartbeat, made over 400 Redis calls a second on this cluster."""
+    import redis
+
+    assert _wait_idle(cluster)["busy"] == 0
+    r = redis.Redis.from_url(cluster.redis_url)
+    time.sleep(1.0)  # the last request's wake-ups have passed
+    before = _redis_calls(r)
+    time.sleep(4.0)
+    per_s = (_redis_calls(r) - before) / 4.0
+    assert per_s < 120, f"{per_s:.0f} Redis calls a second while idle"
+    # and it still wakes: a request now is served
+    out = _client(cluster).completions.create(model="tiny", prompt="hello", max_tokens=3,
+                                              temperature=0)
+    assert out.usage.completion_tokens == 3
+
+
 def test_a_request_survives_the_death_of_every_replica(cluster, tiny_dir, pools):
     """Runs last: it kills both compute replicas (and so their prefetch workers) while a
     greedy request streams. The request resumes on the replicas Serve starts instead, and
@@ -302,30 +326,6 @@ def test_a_request_survives_the_death_of_every_replica(cluster, tiny_dir, pools)
     assert killed and not errors, errors
     assert "".join(text) == ref.text
     assert _status(cluster)["resumed_requests"] >= 1
-
-
-def _redis_calls(r) -> int:
-    return sum(v["calls"] for v in r.info("commandstats").values())
-
-
-def test_an_idle_cluster_waits_on_redis_instead_of_polling_it(cluster):
-    """Idle compute replicas wait on the work channel and the leader on its wake list; what
-    remains is each replica's heartbeat (its state, 10 times a second) and slower upkeep.
-    Polling the inbox and the prefill queue every 20 ms, as replicas once did, and a leader
-    woken by every heartbeat, made over 400 Redis calls a second on this cluster."""
-    import redis
-
-    assert _wait_idle(cluster)["busy"] == 0
-    r = redis.Redis.from_url(cluster.redis_url)
-    time.sleep(1.0)  # the last request's wake-ups have passed
-    before = _redis_calls(r)
-    time.sleep(4.0)
-    per_s = (_redis_calls(r) - before) / 4.0
-    assert per_s < 120, f"{per_s:.0f} Redis calls a second while idle"
-    # and it still wakes: a request now is served
-    out = _client(cluster).completions.create(model="tiny", prompt="hello", max_tokens=3,
-                                              temperature=0)
-    assert out.usage.completion_tokens == 3
 
 
 def test_an_app_too_big_for_the_local_ray_is_refused_not_left_pending(cluster):
