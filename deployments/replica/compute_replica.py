@@ -231,7 +231,7 @@ class ComputeReplica(ReplicaLiveness):
             while not self._stop.is_set():
                 # Messages first: work announced after this is still unread when the loop
                 # idles, and ends its wait.
-                self._apply_aborts()
+                self._read_messages()
                 if not self._draining.is_set():
                     self._pull_inbox()
                     if self.cfg.replica_prefills:
@@ -239,7 +239,8 @@ class ComputeReplica(ReplicaLiveness):
                 if self.pulling:
                     self._finish_pulls()
                 q = self.transfers
-                self.host.flush(q.submitted, q.poll())  # frees whose copies have all run
+                copied = q.poll()
+                self.host.flush(q.submitted, copied)  # frees whose copies have all run
                 if self.engine.has_unfinished():
                     self.cores.before_step()  # our turn (alternate), threads as CoreShare says
                     self._step()
@@ -247,8 +248,8 @@ class ComputeReplica(ReplicaLiveness):
                 else:
                     self.cores.set_busy(False)
                     self._publish_state()
-                    moving = self.pulling or q.poll() < q.submitted
-                    self._apply_aborts(wait=_BUSY_WAIT_S if moving else _IDLE_WAIT_S)
+                    moving = self.pulling or copied < q.submitted
+                    self._read_messages(wait=_BUSY_WAIT_S if moving else _IDLE_WAIT_S)
         except BaseException as e:
             log.exception("replica %s: decode loop failed", self.replica_id)
             self._fail(e)
@@ -321,9 +322,10 @@ class ComputeReplica(ReplicaLiveness):
                 continue
             self._add(rec, slots)
 
-    def _apply_aborts(self, wait: float = 0.0) -> None:
-        """Abort what the abort channel names. `wait`: block up to this long for the first
-        message (an idle loop: any message on the work channel ends the wait)."""
+    def _read_messages(self, wait: float = 0.0) -> None:
+        """Read the pub/sub messages: abort what the abort channel names; a work-channel
+        message only ends the wait. `wait`: block up to this long for the first message
+        (an idle loop)."""
         while (msg := self._pubsub.get_message(timeout=wait)) is not None:
             wait = 0.0
             if msg["channel"].decode() != self.keys.abort_channel:
