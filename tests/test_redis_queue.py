@@ -29,6 +29,19 @@ from alignedserve.scheduling.length_index import InMemoryLengthIndex
 from alignedserve.scheduling.sampling_params import SamplingParams
 
 
+def test_replies_are_parsed_by_hiredis(r):
+    """The router reads every token through redis-py: its replies go through hiredis's C
+    parser (a pinned dependency), not redis-py's pure-Python fallback."""
+    from redis.utils import HIREDIS_AVAILABLE
+
+    assert HIREDIS_AVAILABLE
+    conn = r.connection_pool.get_connection()
+    try:
+        assert type(conn._parser).__name__ == "_HiredisParser"
+    finally:
+        r.connection_pool.release(conn)
+
+
 def test_redis_index_orders_like_the_in_memory_index(r, keys):
     red, mem = RedisQueueIndex(r, keys), InMemoryLengthIndex()
     ops = [("a", 50), ("b", 7), ("c", 50), ("d", 3000), ("b", 60), ("e", 7), ("f", 50)]
