@@ -110,9 +110,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         ours = list({*started, *psutil.Process().children(recursive=True)})
         core = [p for p in ours if _name(p) in ("gcs_server", "raylet")]
         drained = threading.Event()  # after it, ray.shutdown ends the GCS itself
-        stopped = _stop_within(lambda: _stop_all(drained), cfg.drain_timeout_s + _STOP_MARGIN_S,
+        # Serve may take a compute replica's whole stop budget (a replacement replica
+        # still starting after a node died took 8 s to stop).
+        budget = app.replica_stop_s(cfg) + _STOP_MARGIN_S
+        stopped = _stop_within(lambda: _stop_all(drained), budget,
                                gave_up=lambda: not drained.is_set() and
                                any(not _running(p) for p in core))
+        if not stopped and cfg.ray_address is not None:
+            print(f"the app did not stop within {budget:g} s; exiting (the joined Ray "
+                  "cluster keeps running)", flush=True)
         if not stopped and cfg.ray_address is None:
             # SIGTERM to the whole process group (docker stop, systemd) reaches the local
             # Ray cluster's processes too: Serve cannot drain without its GCS, and
@@ -172,7 +178,7 @@ def _reap_arenas(ours: set[int], timeout_s: float = 5.0) -> None:
         print(f"shared memory still held by live processes: {', '.join(left)}", flush=True)
 
 
-_STOP_MARGIN_S = 5.0  # past drain_timeout_s, for Serve and Ray to stop
+_STOP_MARGIN_S = 5.0  # past a compute replica's stop budget, for Serve and Ray to stop
 
 
 def _stop_within(stop, timeout_s: float, gave_up=lambda: False) -> bool:

@@ -14,7 +14,7 @@ from ray import serve
 from ray.serve import Application
 
 from alignedserve.config import ServeConfig, load_config
-from alignedserve.deployments.replica.compute_replica import ComputeReplica
+from alignedserve.deployments.replica.compute_replica import WORKER_STOP_S, ComputeReplica
 from alignedserve.deployments.router.router import Router
 
 log = logging.getLogger("alignedserve.app")
@@ -24,13 +24,19 @@ GRPC_SERVICER = "alignedserve.deployments.router.grpc_servicer.add_servicer_to_s
 SERVE_LOOP_ENV, SERVE_LOOP_S = "RAY_SERVE_CONTROL_LOOP_INTERVAL_S", "0.5"
 
 
+def replica_stop_s(cfg: ServeConfig) -> float:
+    """How long Serve gives a compute replica to stop: its drain, then its prefetch
+    worker's stop. Whoever waits for the whole app to stop must wait at least this long."""
+    return cfg.drain_timeout_s + WORKER_STOP_S
+
+
 def build_app(cfg: ServeConfig, model_dir: str) -> Application:
     compute = serve.deployment(
         ComputeReplica, name="ComputeReplica", num_replicas=cfg.num_replicas,
         ray_actor_options={"num_cpus": cfg.replica_cpus, "num_gpus": cfg.replica_gpus,
                            "resources": dict(cfg.replica_resources)},
         max_ongoing_requests=16, health_check_period_s=2,
-        graceful_shutdown_timeout_s=cfg.drain_timeout_s + 15,
+        graceful_shutdown_timeout_s=replica_stop_s(cfg),
     ).bind(cfg, model_dir)
     router = serve.deployment(
         Router, name="Router", num_replicas=cfg.num_routers,

@@ -71,6 +71,7 @@ log = logging.getLogger("alignedserve.replica")
 _IDLE_WAIT_S, _BUSY_WAIT_S = 0.25, 0.02
 _CORDON_EVERY_S = 1.0  # prefill_on=replica: how often it checks whether its node is cordoned
 _WORKER_START_S = 180.0  # a paired worker not up by then cannot be placed (or is stuck)
+WORKER_STOP_S = 15.0  # how long a stopping replica waits for its prefetch worker to stop
 
 
 class ComputeReplica(ReplicaLiveness):
@@ -205,7 +206,7 @@ class ComputeReplica(ReplicaLiveness):
         self.pulling.clear()
         self.r.hdel(self.keys.replicas, self.replica_id)
         try:
-            ray.get(self.worker.stop.remote(), timeout=15)
+            ray.get(self.worker.stop.remote(), timeout=WORKER_STOP_S)
         except Exception as e:  # the worker may be gone; the arena must still go
             log.warning("replica %s: prefetch worker did not stop cleanly: %r",
                         self.replica_id, e)
