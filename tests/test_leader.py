@@ -83,6 +83,25 @@ def test_the_dispatcher_keeps_kv_on_its_node_and_honours_a_decode_cordon(r, keys
     assert uncordon(r, keys, "A") and cordoned(r, keys, "decode") == set()
 
 
+def test_a_request_queued_again_is_located_again(r, keys):
+    """The dispatcher reads where a queued request's KV is once; a request that comes back
+    to the decode index (resumed after its holder died, prefilled on another node) must be
+    read again, even when the index was empty in between."""
+    index = RedisQueueIndex(r, keys)
+    publish_state(r, keys, ReplicaState("ra", time.time(), free=8, node="A"))
+    publish_state(r, keys, ReplicaState("rb", time.time(), free=8, node="B"))
+    d = Dispatcher(r, keys, DispatchKnobs(1.5, 0, 10.0))
+    index.put("x", 10)
+    r.hset(keys.req("x"), "node", "A")
+    assert d.tick() == 1 and r.lrange(keys.inbox("ra"), 0, -1) == [b"x"]
+    assert d.tick() == 0  # nothing queued
+    r.delete(keys.inbox("ra"))
+    index.put("x", 12)  # back, with its KV now on B
+    r.hset(keys.req("x"), "node", "B")
+    assert d.tick() == 1
+    assert r.lrange(keys.inbox("rb"), 0, -1) == [b"x"] and not r.llen(keys.inbox("ra"))
+
+
 def test_leader_loop_only_one_dispatches(redis_url, r, keys):
     loops = [LeaderLoop(redis_url, keys, ttl_s=0.5, knobs=DispatchKnobs(1.5, 0, 10.0)).start()
              for _ in range(2)]

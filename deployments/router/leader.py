@@ -90,6 +90,7 @@ class Dispatcher:
         """Assign what fits; returns the number of requests assigned."""
         queued = self.index.queued()
         if not queued:  # replicas that prefill claim their prompts themselves: often empty
+            self._nodes.clear()  # (ids aborted while queued leave without a plan)
             return 0
         rooms = [Room(s.replica, s.free, s.node) for s in self.live_replicas()
                  if s.free > 0 and s.node not in self.cordoned]
@@ -97,6 +98,9 @@ class Dispatcher:
             return 0
         plan = plan_dispatch(self._located(queued), rooms, self.knobs, time.time())
         moved = sum(self._assign(replica, rids) for replica, rids in plan)
+        for _, rids in plan:  # out of the index; back only if resumed, maybe elsewhere
+            for rid in rids:
+                self._nodes.pop(rid, None)
         self.dispatched += moved
         return moved
 
