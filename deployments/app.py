@@ -99,16 +99,18 @@ def ray_serve_env(cfg: ServeConfig) -> dict[str, str]:
     """Serve's settings for `cfg.ingress` on a Ray we start (its processes read them when
     they import Serve). Direct: the router replica gets host:http_port (and grpc_port) as
     the only port of each range; a restarted router gets it back at once (no quarantine),
-    and a stopping one waits only for its open requests (no load balancer to leave)."""
+    and a stopping one waits only for its open requests (no load balancer to leave).
+    With gRPC off Serve allocates no gRPC port, so its gRPC range is left at its default."""
     if not cfg.direct_ingress:
         return {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
-    grpc = cfg.grpc_port or _free_port(cfg.host)  # the range must be valid even unused
-    return {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_PORT_QUARANTINE_S": "0",
-            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0",
-            "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(cfg.http_port),
-            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(cfg.http_port + 1),
-            "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(grpc),
-            "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(grpc + 1)}
+    env = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_PORT_QUARANTINE_S": "0",
+           "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0",
+           "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(cfg.http_port),
+           "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(cfg.http_port + 1)}
+    if cfg.grpc_port:
+        env["RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT"] = str(cfg.grpc_port)
+        env["RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT"] = str(cfg.grpc_port + 1)
+    return env
 
 
 def _free_port(host: str) -> int:

@@ -354,6 +354,8 @@ def test_ingress_auto_is_direct_with_one_router_and_direct_refuses_two():
             env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"]) == ("8100", "8101")
     assert (env["RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT"],
             env["RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT"]) == ("9100", "9101")
+    no_grpc = ray_serve_env(one.model_copy(update={"grpc_port": 0}))
+    assert not any("GRPC" in k for k in no_grpc)  # Serve allocates no gRPC port then
     assert ray_serve_env(ServeConfig(ingress="proxy")) == {
         "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
     with pytest.raises(ValueError, match="num_routers must be 1"):
