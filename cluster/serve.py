@@ -203,12 +203,14 @@ def _stop_within(stop, timeout_s: float, gave_up=lambda: False) -> bool:
 
 def _print_usage(cfg: ServeConfig) -> None:
     base = f"http://{cfg.host}:{cfg.http_port}"
+    grpc = (f"{cfg.host}:{cfg.grpc_port} (service alignedserve.v1.AlignedServe, metadata\n"
+            "               application=alignedserve)" if cfg.grpc_port else
+            "off (grpc_port 0)")
     print(f"""
 AlignedServe is serving {cfg.model_name!r} ({cfg.num_replicas} compute replica(s), each with
 a prefetch worker).
   OpenAI HTTP: {base}/v1   (health {base}/health, metrics {base}/metrics)
-  gRPC:        {cfg.host}:{cfg.grpc_port} (service alignedserve.v1.AlignedServe, metadata
-               application=alignedserve)
+  gRPC:        {grpc}
 Try:
   curl {base}/v1/chat/completions -H 'Content-Type: application/json' \\
     -d '{{"model": "{cfg.model_name}", "messages": [{{"role": "user", "content": "Hi!"}}]}}'

@@ -83,16 +83,20 @@ def store_name(node_id: str, prefix: str = "alignedserve") -> str:
 
 def get_or_create_store(num_blocks: int, block_shape: tuple[int, ...], dtype: torch.dtype,
                         node_id: str | None = None,
-                        namespace_prefix: str = "alignedserve") -> ray.actor.ActorHandle:
+                        namespace_prefix: str = "alignedserve",
+                        wait: bool = True) -> ray.actor.ActorHandle:
     """The node's store actor, created on first use and pinned to the node. Detached, so it
-    outlives whichever router or replica happened to create it; `close_stores` ends it."""
+    outlives whichever router or replica happened to create it; `close_stores` ends it.
+    `wait=False` returns before it has started (its calls queue until it has), so the
+    caller can start other actors meanwhile."""
     node = node_id or ray.get_runtime_context().get_node_id()
     name = store_name(node, namespace_prefix)
     handle = KVStore.options(
         name=name, get_if_exists=True, lifetime="detached",
         scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
     ).remote(f"as-kv-{node[:12]}-{uuid.uuid4().hex[:6]}", num_blocks, tuple(block_shape), dtype)
-    ray.get(handle.ping.remote())
+    if wait:
+        ray.get(handle.ping.remote())
     return handle
 
 

@@ -191,3 +191,15 @@ def test_a_lone_router_killed_comes_back_on_its_port(tiny_dir, tmp_path):
         assert server.stop() == 0
     finally:
         server.kill()
+
+
+def test_the_banner_names_the_grpc_address_or_says_grpc_is_off(capsys):
+    from alignedserve.cluster.serve import _print_usage
+    from alignedserve.config import ServeConfig
+
+    _print_usage(ServeConfig(grpc_port=9123))
+    assert "gRPC:        127.0.0.1:9123 (service alignedserve.v1.AlignedServe" in (
+        capsys.readouterr().out)
+    _print_usage(ServeConfig(grpc_port=0))
+    out = capsys.readouterr().out
+    assert "gRPC:        off" in out and ":0 " not in out

@@ -85,14 +85,16 @@ class ComputeReplica(ReplicaLiveness):
         self.r = connect(cfg.redis_url, cfg.redis_outage_s)
         ecfg = engine_config(cfg, model_dir, cfg.replica_threads)
         lim = serving_limits(cfg, model_dir).pools
-        self.store = get_or_create_store(lim.host_blocks, lim.block_shape, lim.dtype)
+        # The node's store (the first replica there starts it) and this replica's worker
+        # start side by side: each is a new process that takes seconds to start.
+        self.store = get_or_create_store(lim.host_blocks, lim.block_shape, lim.dtype,
+                                         wait=False)
         # The device pool is created first (its size is known from the config), so the
         # worker can map it and the engine gets every part at construction.
         remove_orphans()  # arenas of replicas that were killed before unlinking theirs
         self.arena = ShmArena.create(
             f"as-dev-{self.replica_id}", lim.device_blocks, lim.block_shape, lim.dtype)
         node = self.node = ray.get_runtime_context().get_node_id()
-        self.store_address = serve_store(self.store, cfg)
         pcfg = PrefetchConfig(
             engine=engine_config(cfg, model_dir, cfg.worker_threads, policy="fcfs",
                                  kv_cache_gib=0.25,
@@ -112,6 +114,7 @@ class ComputeReplica(ReplicaLiveness):
             num_gpus=cfg.worker_gpus,
             scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
         ).remote(pcfg, self.store, self.arena.spec)
+        self.store_address = serve_store(self.store, cfg)  # waits for the store to start
         # The worker has mapped the arena once it answers.
         try:
             self._pids = (os.getpid(), ray.get(self.worker.ping.remote(),
