@@ -106,6 +106,24 @@ inline Vec scores_rows(const float* q, const T* k, int64_t row, int64_t dim) {
 }
 #endif
 
+// acc[0 : N vectors] += sum over t < cnt of w[t] * row t of v (rows `row` apart), each
+// element summed over t in order from zero, then added: N independent FMA chains, where one
+// chain per vector would wait on each FMA's latency.
+template <int N, typename T>
+inline void weighted_rows(const float* w, const T* v, int64_t row, int64_t cnt, float* acc) {
+  Vec sum[N];
+#pragma GCC unroll 8
+  for (int i = 0; i < N; ++i) sum[i] = Vec(0.f);
+  for (int64_t t = 0; t < cnt; ++t) {
+    const Vec wt(w[t]);
+    const T* vt = v + t * row;
+#pragma GCC unroll 8
+    for (int i = 0; i < N; ++i) sum[i] = at::vec::fmadd(wt, load_f(vt + i * kLanes), sum[i]);
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < N; ++i) (Vec::loadu(acc + i * kLanes) + sum[i]).store(acc + i * kLanes);
+}
+
 // Splits work items over the intra-op threads, longest first onto the least-loaded thread
 // (LPT), so one long sequence does not leave the other threads idle at the end of a layer.
 // An item is a sequence and `per_seq` of its KV heads.
@@ -181,17 +199,16 @@ void attend(const Problem<T>& p, const int64_t* blocks, int64_t lo, int64_t n, i
       if (alpha != 1.f)
         at::vec::map([alpha](Vec x) { return x * Vec(alpha); }, acc + j * dim, acc + j * dim, dim);
     }
-    // acc[j] += p[j, :cnt] @ V[:cnt, head of j], one vector of dim at a time, the sum over
-    // the block's tokens kept in a register.
+    // acc[j] += p[j, :cnt] @ V[:cnt, head of j]: the sums over the block's tokens kept in
+    // registers, several vectors of dim at once (independent FMA chains).
     for (int64_t j = 0; j < hq; ++j) {
       const T* vh = vblk + (j / p.group) * dim;
       const float* pj = scratch + j * bs;
       float* aj = acc + j * dim;
-      for (int64_t d = 0; d < p.vdim; d += kLanes) {
-        Vec sum(0.f);
-        for (int64_t t = 0; t < cnt; ++t) sum = at::vec::fmadd(Vec(pj[t]), load_f(vh + t * p.row + d), sum);
-        (Vec::loadu(aj + d) + sum).store(aj + d);
-      }
+      int64_t d = 0;
+      for (; d + 8 * kLanes <= p.vdim; d += 8 * kLanes) weighted_rows<8>(pj, vh + d, p.row, cnt, aj + d);
+      for (; d + 4 * kLanes <= p.vdim; d += 4 * kLanes) weighted_rows<4>(pj, vh + d, p.row, cnt, aj + d);
+      for (; d < p.vdim; d += kLanes) weighted_rows<1>(pj, vh + d, p.row, cnt, aj + d);
       for (int64_t d = p.vdim; d < dim; ++d) {
         float sum = 0.f;
         for (int64_t t = 0; t < cnt; ++t) sum += pj[t] * to_float(vh[t * p.row + d]);
