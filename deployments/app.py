@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import socket
 from typing import Any
 
@@ -114,7 +115,22 @@ def ray_serve_env(cfg: ServeConfig) -> dict[str, str]:
 
 
 def _free_port(host: str) -> int:
-    with socket.socket() as s:
+    """A port free on `host` now, below the kernel's ephemeral range: the port is bound
+    again later, by Serve's proxy, and an ephemeral one could meanwhile go to any of the
+    processes Ray is starting that bind port 0 (CI saw the proxy fail to bind so)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768  # Linux's default
+    for port in random.sample(range(10_000, max(10_001, low)), 64):
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # that range is all taken: any port the kernel gives
         s.bind((host, 0))
         return s.getsockname()[1]
 

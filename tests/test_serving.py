@@ -338,6 +338,22 @@ def test_an_app_too_big_for_the_local_ray_is_refused_not_left_pending(cluster):
         check_fits(cluster.model_copy(update={"replica_cpus": 0.5, "worker_cpus": 0.5}))
 
 
+def test_the_proxy_port_under_direct_ingress_is_free_and_outside_the_ephemeral_range():
+    """Serve's proxy binds the port later; an ephemeral port could meanwhile go to any
+    process binding port 0 (Ray starts many)."""
+    import socket
+    from pathlib import Path
+
+    from alignedserve.deployments.app import _free_port
+
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for _ in range(5):
+        port = _free_port("127.0.0.1")
+        assert 10_000 <= port < low
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))  # free: binds
+
+
 def test_ingress_auto_is_direct_with_one_router_and_direct_refuses_two():
     """`auto` serves through the router itself when there is one (the CLI test checks who
     listens), through Serve's proxy when there are more; `direct` cannot take two routers on
