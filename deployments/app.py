@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import logging
 import os
-import random
-import socket
 from typing import Any
 
 from ray import serve
@@ -17,6 +15,7 @@ from ray.serve import Application
 from alignedserve.config import ServeConfig, load_config
 from alignedserve.deployments.replica.compute_replica import WORKER_STOP_S, ComputeReplica
 from alignedserve.deployments.router.router import Router
+from alignedserve.ports import free_port
 
 log = logging.getLogger("alignedserve.app")
 APP_NAME = "alignedserve"
@@ -114,27 +113,6 @@ def ray_serve_env(cfg: ServeConfig) -> dict[str, str]:
     return env
 
 
-def _free_port(host: str) -> int:
-    """A port free on `host` now, below the kernel's ephemeral range: the port is bound
-    again later, by Serve's proxy, and an ephemeral one could meanwhile go to any of the
-    processes Ray is starting that bind port 0 (CI saw the proxy fail to bind so)."""
-    try:
-        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-            low = int(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        low = 32768  # Linux's default
-    for port in random.sample(range(10_000, max(10_001, low)), 64):
-        with socket.socket() as s:
-            try:
-                s.bind((host, port))
-            except OSError:
-                continue
-            return port
-    with socket.socket() as s:  # that range is all taken: any port the kernel gives
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 def start(cfg: ServeConfig, model_dir: str, direct_ingress: bool = False) -> None:
     """Claim the queue, start Ray (if needed) and run the app; returns once it is deployed
     and healthy. Raises ValueError if a live deployment already uses the queue.
@@ -160,7 +138,9 @@ def start(cfg: ServeConfig, model_dir: str, direct_ingress: bool = False) -> Non
         cfg = cfg.model_copy(update={"kv_grpc_host": "127.0.0.1"})
     http_port, grpc_port = cfg.http_port, cfg.grpc_port
     if direct:  # the router listens on cfg's ports; the proxy Serve still starts, elsewhere
-        http_port, grpc_port = _free_port(cfg.host), grpc_port and _free_port(cfg.host)
+        # Serve's proxy binds these later: ports outside the ranges Ray and the kernel
+        # hand out, so no process Ray starts meanwhile takes one (`alignedserve.ports`).
+        http_port, grpc_port = free_port(), grpc_port and free_port()
     grpc = (gRPCOptions(port=grpc_port, grpc_servicer_functions=[GRPC_SERVICER])
             if grpc_port else None)
     serve.start(http_options={"host": cfg.host, "port": http_port},

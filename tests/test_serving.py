@@ -338,18 +338,18 @@ def test_an_app_too_big_for_the_local_ray_is_refused_not_left_pending(cluster):
         check_fits(cluster.model_copy(update={"replica_cpus": 0.5, "worker_cpus": 0.5}))
 
 
-def test_the_proxy_port_under_direct_ingress_is_free_and_outside_the_ephemeral_range():
-    """Serve's proxy binds the port later; an ephemeral port could meanwhile go to any
-    process binding port 0 (Ray starts many)."""
+def test_free_ports_are_outside_the_ranges_ray_and_the_kernel_hand_out():
+    """A server (or Serve's proxy, under direct ingress) binds the port later; an ephemeral
+    port, or one of Ray's worker ports, could meanwhile go to a process Ray starts."""
     import socket
     from pathlib import Path
 
-    from alignedserve.deployments.app import _free_port
+    from alignedserve.ports import free_port
 
     low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     for _ in range(5):
-        port = _free_port("127.0.0.1")
-        assert 10_000 <= port < low
+        port = free_port()
+        assert 20_000 <= port < low
         with socket.socket() as s:
             s.bind(("127.0.0.1", port))  # free: binds
 
