@@ -72,10 +72,11 @@ def test_paged_matches_per_sequence_sdpa(dtype, heads, kv_heads, window):
     _assert_matches_reference(q, k, v, tables, lens, window, BLOCK)
 
 
-# Head dims: whole SIMD vectors (the 16-row score path on AVX-512), a vector and a tail,
-# and less than one vector; a 32-slot block holds two 16-row groups.
+# Head dims: whole SIMD vectors (the 16-row score path on AVX-512), a vector and a tail
+# (24 on AVX-512; 20 on AVX2 and AVX-512), and less than one vector; a 32-slot block holds
+# two 16-row groups.
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(("dim", "block"), [(64, 32), (24, 16), (8, 32)])
+@pytest.mark.parametrize(("dim", "block"), [(64, 32), (24, 16), (20, 16), (8, 32)])
 def test_head_dims_and_block_sizes(dtype, dim, block):
     lens = [1, 31, 32, 33, 100, 700]
     q, k, v, tables = _case(9, 3, lens, dtype, dim=dim, block=block)

@@ -98,9 +98,6 @@ class Dispatcher:
             return 0
         plan = plan_dispatch(self._located(queued), rooms, self.knobs, time.time())
         moved = sum(self._assign(replica, rids) for replica, rids in plan)
-        for _, rids in plan:  # out of the index; back only if resumed, maybe elsewhere
-            for rid in rids:
-                self._nodes.pop(rid, None)
         self.dispatched += moved
         return moved
 
@@ -120,6 +117,8 @@ class Dispatcher:
 
     def _assign(self, replica: str, rids: list[str]) -> int:
         moved, aborted = assign(self.r, self.keys, replica, rids)
+        for rid in rids:  # out of the index; back only if resumed, maybe elsewhere
+            self._nodes.pop(rid, None)
         for rid, node in aborted:  # aborted while queued: its KV is the leader's to free
             if self.free_kv is not None:
                 self.free_kv(rid, node)

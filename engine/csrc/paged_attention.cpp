@@ -209,7 +209,7 @@ void attend(const Problem<T>& p, const int64_t* blocks, int64_t lo, int64_t n, i
       for (; d + 8 * kLanes <= p.vdim; d += 8 * kLanes) weighted_rows<8>(pj, vh + d, p.row, cnt, aj + d);
       for (; d + 4 * kLanes <= p.vdim; d += 4 * kLanes) weighted_rows<4>(pj, vh + d, p.row, cnt, aj + d);
       for (; d < p.vdim; d += kLanes) weighted_rows<1>(pj, vh + d, p.row, cnt, aj + d);
-      for (int64_t d = p.vdim; d < dim; ++d) {
+      for (; d < dim; ++d) {  // the tail that is no whole vector (d == p.vdim here)
         float sum = 0.f;
         for (int64_t t = 0; t < cnt; ++t) sum += pj[t] * to_float(vh[t * p.row + d]);
         aj[d] += sum;
