@@ -44,6 +44,7 @@ from alignedserve.scheduling.interface import (
     SchedulerOutput,
     SchedulerStats,
     TokenBudget,
+    advance,
 )
 from alignedserve.scheduling.length_index import InMemoryLengthIndex, KVLengthIndex
 from alignedserve.scheduling.lineup import Band, distance, line_up
@@ -113,22 +114,16 @@ class AlignedScheduler:
         switched = self._fill()
         self._stage()
         chunks, preempted = self._build_chunks()
-        fence = max((c.request.kv_ready_seq for c in chunks), default=0)
+        fence = (max((c.request.kv_ready_seq for c in chunks), default=0)
+                 if self.swap.pending else 0)  # every copy done: nothing to wait for
         return SchedulerOutput(tuple(chunks), tuple(preempted), switched, self.swap.drain(),
                                fence if fence > self.swap.done_seq else 0)
 
     def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
         finished: list[Request] = []
-        for c in out.chunks:
-            req = c.request
-            if req.status is not RequestStatus.RUNNING:
-                continue  # finished early (abort, stop string) while the step ran
-            req.num_computed_tokens = c.end
-            if c.samples:
-                reason = req.append_token(sampled[req.request_id])
-                if reason is not None:
-                    self._finish(req, reason)
-                    finished.append(req)
+        for req, reason in advance(out.chunks, sampled):
+            self._finish(req, reason)
+            finished.append(req)
         if out.chunks:
             self.steps += 1
         return finished
@@ -206,9 +201,10 @@ class AlignedScheduler:
         (an upper bound; exact under ignore_eos) plus its prefill steps."""
         chunk = self.cfg.max_num_batched_tokens
         return peak_growth(
-            ((min(r.params.max_tokens - r.num_output_tokens, r.max_model_len - r.num_tokens)
-              + -(-max(0, r.num_uncomputed_tokens - 1) // chunk), r.num_tokens, len(r.block_ids))
-             for r in self.running), self.cfg.lookahead_tokens, self.device.block_size)
+            ((min(r.params.max_tokens - (n - r.num_prompt_tokens), r.max_model_len - n)
+              + -(-max(0, n - r.num_computed_tokens - 1) // chunk), n, len(r.block_ids))
+             for r in self.running for n in (len(r.token_ids),)),  # n: num_tokens, inlined
+            self.cfg.lookahead_tokens, self.device.block_size)
 
     def _fill(self) -> bool:
         """Fill free slots and blocks from the pool (module doc, step 2). True when the band
@@ -316,20 +312,28 @@ class AlignedScheduler:
     # -- one step -----------------------------------------------------------------------------
 
     def _build_chunks(self) -> tuple[list[ScheduledChunk], list[str]]:
+        # Runs once per step over every member: the properties it reads are inlined.
         budget = TokenBudget(self.cfg.max_num_batched_tokens)
         chunks: list[ScheduledChunk] = []
         preempted: list[str] = []
         # Decodes first, prefills last: prefills then never starve decodes of budget, and
-        # preemption (from the end) hits the least-invested members.
-        self.running.sort(key=lambda r: r.num_uncomputed_tokens > 1)
+        # preemption (from the end) hits the least-invested members. (A stable partition:
+        # the members sorted by "has more than one token to compute".)
+        running = self.running
+        rest = [r for r in running if len(r.token_ids) - r.num_computed_tokens > 1]
+        if rest:
+            running[:] = [r for r in running
+                          if len(r.token_ids) - r.num_computed_tokens <= 1] + rest
+        grow = self.device.try_grow
+        disorder = prefill = False  # whether a prefill chunk precedes a decode chunk
         i = 0
-        while i < len(self.running):
-            req = self.running[i]
-            n = budget.take(req.num_uncomputed_tokens)
+        while i < len(running):
+            req = running[i]
+            n = budget.take(len(req.token_ids) - req.num_computed_tokens)
             if n == 0:
                 i += 1
                 continue  # no budget left for this prefill; it stays and waits a step
-            while not self.device.try_grow(req, n):
+            while not grow(req, n):
                 if self.buffer:  # prefetched refills yield their blocks before members do
                     self.buffer.drop()
                     continue
@@ -342,9 +346,15 @@ class AlignedScheduler:
             if req.status is not RequestStatus.RUNNING:
                 budget.give_back(n)
                 continue
-            chunks.append(ScheduledChunk(req, req.num_computed_tokens, n))
+            start = req.num_computed_tokens
+            chunks.append(ScheduledChunk(req, start, n))
+            if n == 1 and start > 0:  # is_decode
+                disorder = disorder or prefill
+            else:
+                prefill = True
             i += 1
-        chunks.sort(key=lambda c: not c.is_decode)
+        if disorder:
+            chunks.sort(key=lambda c: not c.is_decode)
         return chunks, preempted
 
     def _swap_out(self, req: Request) -> bool:

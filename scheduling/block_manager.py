@@ -131,7 +131,9 @@ class KVBlockManager:
 
         `admit=True` also keeps the watermark free (used for newly admitted requests).
         """
-        total = blocks_for(req.num_computed_tokens + num_new_tokens, self.block_size)
+        total = -(-(req.num_computed_tokens + num_new_tokens) // self.block_size)  # blocks_for
+        if total <= len(req.block_ids):
+            return True  # most decode steps: the last block has room
         reserve = self.watermark_blocks if admit else 0
         return self.allocator.extend_to(req.block_ids, total, reserve)
 

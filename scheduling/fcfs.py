@@ -20,6 +20,7 @@ from alignedserve.scheduling.interface import (
     SchedulerOutput,
     SchedulerStats,
     TokenBudget,
+    advance,
 )
 from alignedserve.scheduling.request import FinishReason, Request, RequestStatus
 
@@ -133,17 +134,9 @@ class FCFSScheduler:
 
     def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
         finished: list[Request] = []
-        for c in out.chunks:
-            req = c.request
-            if req.status is not RequestStatus.RUNNING:
-                continue  # finished early (abort) while the step ran
-            req.num_computed_tokens = c.end
-            if not c.samples:
-                continue
-            reason = req.append_token(sampled[req.request_id])
-            if reason is not None:
-                self._finish(req, reason)
-                finished.append(req)
+        for req, reason in advance(out.chunks, sampled):
+            self._finish(req, reason)
+            finished.append(req)
         return finished
 
     def finish(self, request_id: str, reason: FinishReason) -> Request | None:

@@ -8,15 +8,16 @@ An executor (the in-process engine, a compute replica, the simulator) loops:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal, NamedTuple, Protocol
 
-from alignedserve.scheduling.request import FinishReason, Request
+from alignedserve.scheduling.request import FinishReason, Request, RequestStatus
 
 
-@dataclass(frozen=True)
-class ScheduledChunk:
-    """One request's share of a step."""
+class ScheduledChunk(NamedTuple):
+    """One request's share of a step. (A NamedTuple: immutable, and built for every member
+    of every step, at half a frozen dataclass's cost.)"""
 
     request: Request  # in-process handle; the executor reads token_ids and block_ids
     start: int  # first position computed this step (= num_computed_tokens when scheduled)
@@ -68,6 +69,26 @@ class SchedulerOutput:
     @property
     def empty(self) -> bool:
         return not self.chunks
+
+
+def advance(chunks: tuple[ScheduledChunk, ...], sampled: dict[str, int]
+            ) -> Iterator[tuple[Request, FinishReason]]:
+    """A step ran `chunks`: advance each running request's computed count and append the
+    token it sampled; yield the requests that end now, with why, one at a time (each
+    policy removes one before the next chunk is read). Requests no longer running (aborted
+    or stopped while the step ran) are skipped. Runs once per chunk of every step, so the
+    chunk's properties are inlined."""
+    running = RequestStatus.RUNNING
+    for c in chunks:
+        req = c.request
+        if req.status is not running:
+            continue
+        end = c.start + c.num_new_tokens
+        req.num_computed_tokens = end
+        if end == len(req.token_ids):  # c.samples
+            reason = req.append_token(sampled[req.request_id])
+            if reason is not None:
+                yield req, reason
 
 
 @dataclass(frozen=True)

@@ -77,12 +77,14 @@ class Request:
 
     def append_token(self, token_id: int) -> FinishReason | None:
         """Record a sampled token; return why the request ends now, if it does."""
-        self.token_ids.append(token_id)
+        tokens = self.token_ids
+        tokens.append(token_id)
         p = self.params
         if token_id in p.stop_token_ids:
             return FinishReason.STOP
         if not p.ignore_eos and token_id in self.eos_token_ids:
             return FinishReason.STOP
-        if self.num_output_tokens >= p.max_tokens or self.num_tokens >= self.max_model_len:
+        n = len(tokens)  # once per token of every request: the properties inlined
+        if n - self.num_prompt_tokens >= p.max_tokens or n >= self.max_model_len:
             return FinishReason.LENGTH
         return None

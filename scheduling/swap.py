@@ -64,6 +64,11 @@ class KVSwapper:
         self._outbox: list[KVTransfer] = []
         self._deferred_free: deque[tuple[int, list[int]]] = deque()  # (seq, device blocks)
 
+    @property
+    def pending(self) -> bool:
+        """Some transfer issued is not finished yet."""
+        return self._seq > self.done_seq
+
     def host_blocks_free(self) -> int:
         return self.host.num_free
 

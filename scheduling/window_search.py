@@ -61,7 +61,8 @@ def densest_window(
         return None
     prefix = [0, *accumulate(costs)]
     need = min(min_batch, n)
-    best: Window | None = None
+    best: Window | None = None  # the engine runs this every time a batch's members change
+    size, spread = 0, 0.0  # best's (a Window is built only for a new best)
     lo = 0
     for hi in range(1, n + 1):
         while lo < hi and (
@@ -71,9 +72,9 @@ def densest_window(
         ):
             lo += 1
         if hi - lo >= need:
-            w = Window(lo, hi, _spread(lengths, lo, hi))
-            if best is None or (w.size, -w.spread) > (best.size, -best.spread):
-                best = w
+            s = _spread(lengths, lo, hi)
+            if best is None or hi - lo > size or (hi - lo == size and s < spread):
+                best, size, spread = Window(lo, hi, s), hi - lo, s
     if best is not None:
         return best
     return _narrowest_fixed(lengths, prefix, need, budget)

@@ -122,14 +122,17 @@ class SimPair:
         self.cfg, self.cost = cfg, cost
         self.now = 0.0
         self.scheduler = make_scheduler(cfg, cost)
+        # the host KV pool of a policy that has one (fcfs has none)
+        self._host = (self.scheduler.swap.host if isinstance(self.scheduler, AlignedScheduler)
+                      else None)
         self.block_bytes = cost.kv_bytes(1, cfg.block_size)
         self.links = CopyLinks(cost, cfg.prefetch, self.block_bytes)
         self._side = cfg.side_device  # prefill on the pair's second device
 
     def _step_time(self, out: SchedulerOutput) -> tuple[float, float, int, list[str]]:
         """(seconds, the straggler's share of them, decode sequences, ids of the requests
-        that sample) of one colocated step; one pass over the chunks, as this runs once per
-        simulated step."""
+        that sample: decodes and last prefill chunks) of one colocated step; one pass over
+        the chunks, as this runs once per simulated step."""
         decode, prefill, sampled = [], [], []
         for c in out.chunks:
             start, n, req = c.start, c.num_new_tokens, c.request
@@ -145,7 +148,7 @@ class SimPair:
                     ) -> tuple[SchedulerOutput, float, float, int, list[str]]:
         """A step of a pair whose second device runs prefill asynchronously: (the chunks
         that run, decode device seconds, their straggler share, decode sequences, ids that
-        sample now).
+        sample now: decodes and last prefill chunks that run).
 
         Decodes run on the decode device; a decode whose prefill KV has not landed yet (the
         prefill device is still on it) sits this step out. The step's prefill chunks run as
@@ -154,15 +157,21 @@ class SimPair:
         A prompt's first token exists when its last chunk and the KV copy over NVLink have
         landed."""
         run, decode, sampled, prefill = [], [], [], []
-        for c in out.chunks:
-            rid = c.request.request_id
-            if c.num_new_tokens == 1 and c.start > 0:
-                if self._ready.get(rid, 0.0) > self.now:
-                    continue
-                self._ready.pop(rid, None)
+        ready, now = self._ready, self.now
+        for c in out.chunks:  # once per chunk of every step: the chunk's properties inlined
+            start = c.start
+            if c.num_new_tokens == 1 and start > 0:
+                req = c.request
+                rid = req.request_id
+                if ready:
+                    landed = ready.get(rid)
+                    if landed is not None:
+                        if landed > now:
+                            continue
+                        del ready[rid]
                 run.append(c)
-                decode.append(c.start + 1)
-                if c.end == len(c.request.token_ids):
+                decode.append(start + 1)
+                if start + 1 == len(req.token_ids):
                     sampled.append(rid)
             else:
                 prefill.append(c)
@@ -176,6 +185,7 @@ class SimPair:
                 self._ready[c.request.request_id] = self._prefill_free
                 run.append(c)
                 if c.end == len(c.request.token_ids):
+                    sampled.append(c.request.request_id)
                     k = self._pos[c.request.request_id]
                     if math.isnan(self._first[k]):
                         self._first[k] = self._prefill_free
@@ -304,10 +314,7 @@ class SimPair:
         res.straggler_s += straggler
         res.decode_seqs += ndec
         res.switches += out.batch_switch
-        sampled = dict.fromkeys(ids, TOKEN)
-        for c in out.chunks:  # prefill chunks that finish a prompt sample too
-            if c.end == len(c.request.token_ids):
-                sampled[c.request.request_id] = TOKEN
+        sampled = dict.fromkeys(ids, TOKEN)  # ids: every chunk that reaches its end
         for rid in ids:
             k = self._pos[rid]
             if math.isnan(self._first[k]):  # this is its first token
@@ -326,8 +333,9 @@ class SimPair:
         return self._finish_result(self._res, shard, self._first, self._finish, self._step_s)
 
     def _track_host(self, res: PairResult) -> None:
-        used = self.scheduler.stats().host_blocks_used
-        res.peak_host_blocks = max(res.peak_host_blocks, used)
+        if self._host is not None:  # the policy's host pool, read directly: once per step
+            used = self._host.num_blocks - self._host.num_free
+            res.peak_host_blocks = max(res.peak_host_blocks, used)
 
     def _finish_result(self, res: PairResult, shard: SimWorkload, first_s: list[float],
                        finish_s: list[float], step_s: list[float]) -> PairResult:
