@@ -43,7 +43,6 @@ from alignedserve.scheduling.interface import (
     ScheduledChunk,
     SchedulerOutput,
     SchedulerStats,
-    TokenBudget,
     advance,
 )
 from alignedserve.scheduling.length_index import InMemoryLengthIndex, KVLengthIndex
@@ -230,8 +229,7 @@ class AlignedScheduler:
         # runs with this batch or later with fewer peers; when the whole pool fits there is
         # no choice to make, and holding it back would only leave room idle and push its
         # work later. (Under padded attention, "spread", it still waits for its peers.)
-        fits = self.cfg.align_by == "longest" and len(self.pooled) <= slots and sum(
-            self._to_take(r) for r in self.pooled.values()) <= room
+        fits = self.cfg.align_by == "longest" and self._pool_fits(slots, room)
         line = self._line_up(band, slots, force=fits)
         if not line and thin and not switched:  # the thin batch's band ran dry: move it
             self._band = band = self._new_band(slots, room)
@@ -262,6 +260,17 @@ class AlignedScheduler:
             self.counters.batches += 1
             self.counters.switches += had_members
         return switched
+
+    def _pool_fits(self, slots: int, room: int) -> bool:
+        """The whole pool fits `slots` and `room` blocks (stops at the first overflow)."""
+        if len(self.pooled) > slots:
+            return False
+        need = 0
+        for r in self.pooled.values():
+            need += self._to_take(r)
+            if need > room:
+                return False
+        return True
 
     def _line_up(self, band: Band, limit: int, force: bool = False,
                  among: Iterable[str] | None = None) -> list[Request]:
@@ -313,7 +322,7 @@ class AlignedScheduler:
 
     def _build_chunks(self) -> tuple[list[ScheduledChunk], list[str]]:
         # Runs once per step over every member: the properties it reads are inlined.
-        budget = TokenBudget(self.cfg.max_num_batched_tokens)
+        left = self.cfg.max_num_batched_tokens  # the step's token budget
         chunks: list[ScheduledChunk] = []
         preempted: list[str] = []
         # Decodes first, prefills last: prefills then never starve decodes of budget, and
@@ -329,7 +338,8 @@ class AlignedScheduler:
         i = 0
         while i < len(running):
             req = running[i]
-            n = budget.take(len(req.token_ids) - req.num_computed_tokens)
+            n = min(len(req.token_ids) - req.num_computed_tokens, left)
+            left -= n
             if n == 0:
                 i += 1
                 continue  # no budget left for this prefill; it stays and waits a step
@@ -344,7 +354,7 @@ class AlignedScheduler:
                 if victim is req:
                     break
             if req.status is not RequestStatus.RUNNING:
-                budget.give_back(n)
+                left += n  # given back
                 continue
             start = req.num_computed_tokens
             chunks.append(ScheduledChunk(req, start, n))
