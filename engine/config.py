@@ -148,7 +148,9 @@ class EngineConfig(AlignedKnobs):
         description="Batch policy. fcfs: vLLM-style continuous batching (the baseline). "
         "aligned: prefix-aware batching of close KV lengths over a host KV pool.",
     )
-    block_size: int = Field(16, ge=1, le=1024, description="Tokens per KV block.")
+    block_size: int = Field(32, ge=1, le=1024, description="Tokens per KV block. 32, as "
+                            "vLLM's CPU attention requires: a decode step at 64 members is "
+                            "2-6% shorter than with 16 (BENCHMARKS.md, issue 12).")
     num_kv_blocks: int | None = Field(
         None, ge=1, description="Device KV pool size in blocks; None sizes it from kv_cache_gib."
     )

@@ -49,7 +49,7 @@ class OfflineBenchConfig:
     policies: tuple[str, ...] = ("fcfs",)  # engine policies; the first is the baseline
     peers: tuple[str, ...] = DEFAULT_PEERS
     hf_batch_size: int = 8  # hf-static batch size
-    block_size: int = 16  # KV block (engine) and page (hf-cb) size, tokens
+    block_size: int = 32  # KV block (engine) and page (hf-cb) size, tokens (the engine's)
     kv_cache_gib: float = 1.0  # KV pool of the engine and of hf-cb
     max_num_seqs: int = 64  # engine max_num_seqs, hf-cb max_requests_per_batch
     max_num_batched_tokens: int = 1024  # engine token budget, hf-cb max_batch_tokens

@@ -66,7 +66,8 @@ def test_each_decode_backend_is_exact(tiny_dir, pools, backend):
 def test_preemption_keeps_outputs_exact(model_dirs, name):
     d = model_dirs(name)
     # 110 blocks x 16 = 1,760 tokens: the longest prompt fits, all 16 together do not.
-    llm = LLM(str(d), dtype="float32", num_kv_blocks=110, max_num_batched_tokens=256)
+    llm = LLM(str(d), dtype="float32", num_kv_blocks=110, block_size=16,
+              max_num_batched_tokens=256)
     prompts = random_prompts(llm.engine.model_cfg.vocab_size)
     outs = llm.generate(prompts, GREEDY, use_tqdm=False)
     assert sum(o.num_preemptions for o in outs) > 0, "the pool was meant to force preemption"
@@ -131,7 +132,7 @@ def test_aligned_exact_under_forced_swaps_and_starvation(model_dirs, pools, name
     (lookahead 0), forces members out to the host pool and back; a 4-step starvation
     horizon makes the bound fire (lengths count under padded attention, `spread`)."""
     d = model_dirs(name)
-    llm = LLM(str(d), dtype="float32", policy="aligned", num_kv_blocks=100,
+    llm = LLM(str(d), dtype="float32", policy="aligned", num_kv_blocks=100, block_size=16,
               max_num_batched_tokens=256, align_by="spread",
               max_num_seqs=6, min_batch=3, max_wait_steps=4, lookahead_tokens=0,
               batch_kv_fraction=0.5, host_kv_gib=pools["host_kv_gib"])

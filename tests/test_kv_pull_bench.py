@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from alignedserve.engine.config import preferred_dtype
+from alignedserve.engine.config import EngineConfig, preferred_dtype
 from alignedserve.kv_store.core import KVStoreCore
 from alignedserve.kv_store.shm_arena import PREFIX
 from alignedserve.loadgen.kv_pull_bench import (
@@ -82,5 +82,6 @@ def test_smollm2_block_is_the_serving_paths(model_dirs):
     layout = model_layout(str(model_dirs("smollm2-135m")))
     # the serving default dtype is auto: bf16 where the CPU has native bf16 math
     want = torch.bfloat16 if preferred_dtype() == "bfloat16" else torch.float32
-    assert layout.block_shape == (30, 2, 16, 3, 64) and layout.dtype == want
-    assert layout.block_bytes == 30 * 2 * 16 * 3 * 64 * want.itemsize
+    block = EngineConfig.model_fields["block_size"].default
+    assert layout.block_shape == (30, 2, block, 3, 64) and layout.dtype == want
+    assert layout.block_bytes == 30 * 2 * block * 3 * 64 * want.itemsize

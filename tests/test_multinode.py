@@ -151,9 +151,9 @@ def test_a_request_decoded_on_another_node_than_its_prefill_moves_its_kv_over_gr
     pulls = after["cross_node_pulls"] - before["cross_node_pulls"]
     moved = after["cross_node_kv_bytes"] - before["cross_node_kv_bytes"]
     assert pulls == len(PROMPTS)
-    # Each pull moved the prompt's KV blocks (16 tokens each) of the tiny model's shape.
-    block_bytes = _block_bytes(cfg, tiny_dir)
-    blocks = sum(-(-g["usage"]["prompt_tokens"] // 16) for g in got)
+    # Each pull moved the prompt's KV blocks of the tiny model's shape.
+    block_bytes, block = _block_bytes(cfg, tiny_dir)
+    blocks = sum(-(-g["usage"]["prompt_tokens"] // block) for g in got)
     assert moved == blocks * block_bytes
     deadline = time.monotonic() + 5  # store stats are republished every second
     while True:
@@ -164,10 +164,12 @@ def test_a_request_decoded_on_another_node_than_its_prefill_moves_its_kv_over_gr
     assert st["bytes_served"] - served_a == moved  # A's store served exactly that, over gRPC
 
 
-def _block_bytes(cfg, tiny_dir) -> int:
+def _block_bytes(cfg, tiny_dir) -> tuple[int, int]:
+    """(bytes, tokens) of one KV block of the served tiny model."""
     from alignedserve.deployments.limits import serving_limits
 
-    return serving_limits(cfg, str(tiny_dir)).pools.block_bytes
+    limits = serving_limits(cfg, str(tiny_dir))
+    return limits.pools.block_bytes, limits.pools.block_shape[2]
 
 
 def test_killing_a_worker_node_mid_load_loses_no_accepted_request(nodes, tiny_dir, pools):
