@@ -15,7 +15,7 @@ The running batch has a *band*: the densest aligned range of its members' KV len
 1. Admit waiting requests while the host pool can reserve their prompt (admission control:
    when it cannot, they wait in arrival order; nothing is dropped).
 2. Fill. The running batch may fill the device pool, as fcfs does: free slots and blocks
-   (kept back: the running batch's peak growth over the lookahead, `_peak_growth`) go to
+   (kept back: the running batch's peak growth over the lookahead, `DeviceFit.room`) go to
    pooled requests in `aging_score` order, those inside the band first, oldest first. A
    request outside the band joins only once it has waited `max_wait_steps` per band of
    distance: the starvation bound, counted in engine steps so that the same workload
@@ -38,7 +38,8 @@ from collections.abc import Iterable
 from itertools import islice
 
 from alignedserve.scheduling.aligned_config import AlignedConfig, AlignedStats
-from alignedserve.scheduling.block_manager import KVBlockManager, blocks_for, peak_growth
+from alignedserve.scheduling.block_manager import KVBlockManager, blocks_for
+from alignedserve.scheduling.device_fit import DeviceFit
 from alignedserve.scheduling.interface import (
     ScheduledChunk,
     SchedulerOutput,
@@ -61,6 +62,7 @@ class AlignedScheduler:
         self.cfg = cfg or AlignedConfig()
         self.swap = KVSwapper(device, host)
         self.device = device
+        self.fit = DeviceFit(device, self.cfg)  # costs and room on the device
         self.index = index if index is not None else InMemoryLengthIndex()
         self.waiting: deque[Request] = deque()
         self.pooled: dict[str, Request] = {}
@@ -97,11 +99,15 @@ class AlignedScheduler:
     def has_unfinished(self) -> bool:
         return bool(self.requests)
 
-    def stats(self) -> SchedulerStats:
+    @property
+    def host_blocks_used(self) -> int:
         host = self.swap.host
+        return host.num_blocks - host.num_free
+
+    def stats(self) -> SchedulerStats:
         return SchedulerStats(
             running=len(self.running), waiting=len(self.waiting), pooled=len(self.pooled),
-            device_usage=self.device.usage, host_blocks_used=host.num_blocks - host.num_free,
+            device_usage=self.device.usage, host_blocks_used=self.host_blocks_used,
             batch_kv_lengths=tuple(r.num_tokens for r in self.running),
             counters={**vars(self.counters), **vars(self.swap.stats)})
 
@@ -186,24 +192,9 @@ class AlignedScheduler:
         """Kmin, capped at what fits: how many of the pool's typical requests the device holds."""
         if not self.pooled:
             return self.cfg.min_batch
-        sample = [self._cost(r) for r in islice(self.pooled.values(), 16)]
+        sample = [self.fit.cost(r) for r in islice(self.pooled.values(), 16)]
         typical = sorted(sample)[len(sample) // 2]
         return max(1, min(self.cfg.min_batch, self.device.num_blocks // max(1, typical)))
-
-    def _room(self) -> int:
-        """Device blocks a new member may take: free blocks less the watermark and the
-        running batch's peak growth over the next `lookahead_tokens` steps."""
-        return self.device.num_free_blocks - self.device.watermark_blocks - self._peak_growth()
-
-    def _peak_growth(self) -> int:
-        """`peak_growth` of the running members. A member's steps left come from max_tokens
-        (an upper bound; exact under ignore_eos) plus its prefill steps."""
-        chunk = self.cfg.max_num_batched_tokens
-        return peak_growth(
-            ((min(r.params.max_tokens - (n - r.num_prompt_tokens), r.max_model_len - n)
-              + -(-max(0, n - r.num_computed_tokens - 1) // chunk), n, len(r.block_ids))
-             for r in self.running for n in (len(r.token_ids),)),  # n: num_tokens, inlined
-            self.cfg.lookahead_tokens, self.device.block_size)
 
     def _fill(self) -> bool:
         """Fill free slots and blocks from the pool (module doc, step 2). True when the band
@@ -216,7 +207,7 @@ class AlignedScheduler:
         had_members = n > 0
         if not thin:
             self._band = None
-        room = self._room()
+        room = self.fit.room(self.running)
         if room <= 0 and self.running:
             return False  # the device is full: nothing to rank
         band, switched = None if thin else self._running_band(), False
@@ -229,7 +220,8 @@ class AlignedScheduler:
         # runs with this batch or later with fewer peers; when the whole pool fits there is
         # no choice to make, and holding it back would only leave room idle and push its
         # work later. (Under padded attention, "spread", it still waits for its peers.)
-        fits = self.cfg.align_by == "longest" and self._pool_fits(slots, room)
+        fits = (self.cfg.align_by == "longest"
+                and self.fit.all_fit(self.pooled.values(), slots, room))
         line = self._line_up(band, slots, force=fits)
         if not line and thin and not switched:  # the thin batch's band ran dry: move it
             self._band = band = self._new_band(slots, room)
@@ -239,7 +231,7 @@ class AlignedScheduler:
             line = self._line_up(band, 1, force=True)  # an idle device always takes one
         line = self._split_first(line, slots, room)
         for r in line:
-            cost = self._to_take(r)
+            cost = self.fit.to_take(r)
             if cost > room and self.running:
                 break  # in order: the next in line waits for room rather than be skipped
             host_kv = bool(r.num_computed_tokens)
@@ -261,17 +253,6 @@ class AlignedScheduler:
             self.counters.switches += had_members
         return switched
 
-    def _pool_fits(self, slots: int, room: int) -> bool:
-        """The whole pool fits `slots` and `room` blocks (stops at the first overflow)."""
-        if len(self.pooled) > slots:
-            return False
-        need = 0
-        for r in self.pooled.values():
-            need += self._to_take(r)
-            if need > room:
-                return False
-        return True
-
     def _line_up(self, band: Band, limit: int, force: bool = False,
                  among: Iterable[str] | None = None) -> list[Request]:
         return line_up(self.pooled, self._entered, self.steps, band, self.cfg, limit,
@@ -289,7 +270,7 @@ class AlignedScheduler:
         if found is None:
             return line
         split = self.pooled[found[1]]
-        if self.running and self._to_take(split) > room:
+        if self.running and self.fit.to_take(split) > room:
             return line
         return [split, *(r for r in line if r is not split)][:slots]
 
@@ -301,7 +282,7 @@ class AlignedScheduler:
         top = max(level.values())
         items = [(n, rid) for n, rid in self.index.sorted_items() if level[rid] == top]
         lengths = [n for n, _ in items]
-        costs = [self._cost(self.pooled[rid]) for _, rid in items]
+        costs = [self.fit.cost(self.pooled[rid]) for _, rid in items]
         w = densest_window(lengths, costs, min_batch=self._kmin(), max_batch=slots,
                            max_spread=self.cfg.max_spread,
                            budget=max(1, room), slack_tokens=self.cfg.slack_tokens)
@@ -316,7 +297,7 @@ class AlignedScheduler:
             return
         band = self._band or self._running_band()
         line = self._line_up(band, self.cfg.refill_buffer, among=list(self._hosted))
-        self.buffer.refresh(line, self._room(), self._cost)
+        self.buffer.refresh(line, self.fit.room(self.running), self.fit.cost)
 
     # -- one step -----------------------------------------------------------------------------
 
@@ -394,12 +375,3 @@ class AlignedScheduler:
         self.requests_done += 1
         self._entered.pop(req.request_id, None)
         del self.requests[req.request_id]
-
-    def _cost(self, req: Request) -> int:
-        """Device blocks the request needs now plus its lookahead growth."""
-        grow = min(self.cfg.lookahead_tokens, req.params.max_tokens - req.num_output_tokens)
-        return blocks_for(req.num_tokens + max(0, grow), self.device.block_size)
-
-    def _to_take(self, req: Request) -> int:
-        """Free device blocks a pooled request takes to join (a staged one holds some)."""
-        return self._cost(req) - len(req.block_ids)

@@ -71,10 +71,14 @@ class FCFSScheduler:
     def transfers_done(self, seq: int) -> None:
         """FCFS never moves KV to the host pool (it preempts by recompute)."""
 
+    @property
+    def host_blocks_used(self) -> int:
+        return 0  # no host pool: preemption recomputes
+
     def stats(self) -> SchedulerStats:
         return SchedulerStats(
             running=len(self.running), waiting=len(self.waiting), pooled=0,
-            device_usage=self.kv.usage, host_blocks_used=0,
+            device_usage=self.kv.usage, host_blocks_used=self.host_blocks_used,
             batch_kv_lengths=tuple(r.num_tokens for r in self.running),
             counters={"preemptions": self.num_preemptions})
 

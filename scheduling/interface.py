@@ -145,3 +145,8 @@ class Scheduler(Protocol):
     def stats(self) -> SchedulerStats:
         """A snapshot; cheap enough to call once per step."""
         ...
+
+    @property
+    def host_blocks_used(self) -> int:
+        """Host KV pool blocks held (a policy without a host pool: 0)."""
+        ...

@@ -122,9 +122,6 @@ class SimPair:
         self.cfg, self.cost = cfg, cost
         self.now = 0.0
         self.scheduler = make_scheduler(cfg, cost)
-        # the host KV pool of a policy that has one (fcfs has none)
-        self._host = (self.scheduler.swap.host if isinstance(self.scheduler, AlignedScheduler)
-                      else None)
         self.block_bytes = cost.kv_bytes(1, cfg.block_size)
         self.links = CopyLinks(cost, cfg.prefetch, self.block_bytes)
         self._side = cfg.side_device  # prefill on the pair's second device
@@ -163,12 +160,11 @@ class SimPair:
             if c.num_new_tokens == 1 and start > 0:
                 req = c.request
                 rid = req.request_id
-                if ready:
-                    landed = ready.get(rid)
-                    if landed is not None:
-                        if landed > now:
-                            continue
-                        del ready[rid]
+                landed = ready.get(rid) if ready else None
+                if landed is not None:
+                    if landed > now:
+                        continue
+                    del ready[rid]
                 run.append(c)
                 decode.append(start + 1)
                 if start + 1 == len(req.token_ids):
@@ -333,9 +329,9 @@ class SimPair:
         return self._finish_result(self._res, shard, self._first, self._finish, self._step_s)
 
     def _track_host(self, res: PairResult) -> None:
-        if self._host is not None:  # the policy's host pool, read directly: once per step
-            used = self._host.num_blocks - self._host.num_free
-            res.peak_host_blocks = max(res.peak_host_blocks, used)
+        used = self.scheduler.host_blocks_used  # once per step: not the whole stats()
+        if used > res.peak_host_blocks:
+            res.peak_host_blocks = used
 
     def _finish_result(self, res: PairResult, shard: SimWorkload, first_s: list[float],
                        finish_s: list[float], step_s: list[float]) -> PairResult:

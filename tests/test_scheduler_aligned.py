@@ -238,7 +238,7 @@ def test_a_long_member_that_does_not_fit_yet_holds_up_no_one():
     while "c" in s.requests:
         ex.step()
     long2 = s.requests["long2"]
-    assert s._cost(long2) > s._room(), "the long request does not fit yet"
+    assert s.fit.cost(long2) > s.fit.room(s.running), "the long request does not fit yet"
     ex.step()
     assert {r.request_id for r in s.running} == {"a", "b", "s1"}
     assert ex.run()["long2"] == expected(make("long2", 60, 5))
@@ -365,7 +365,7 @@ def test_peak_growth_is_never_below_the_exact_future_peak(seed):
     left = {r.request_id: r.params.max_tokens - r.num_output_tokens for r in s.running}
     exact = max(sum(-(-(r.num_tokens + t) // BS) for r in s.running if t < left[r.request_id])
                 for t in range(look + 1))
-    assert exact - held <= s._peak_growth() <= max(0, exact - held) + len(s.running) + 1
+    assert exact - held <= s.fit.peak_growth(s.running) <= max(0, exact - held) + len(s.running) + 1
 
 
 def test_a_swapped_out_member_keeps_its_place_in_the_aging_order():
