@@ -25,7 +25,8 @@ import re
 import shlex
 import subprocess
 import sys
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -157,9 +158,11 @@ def bench_command(cfg: PeersServeConfig, dataset: str, spec: ServerSpec, result:
             "--no-oversample", "--request-rate", "inf" if cfg.rate is None else f"{cfg.rate:g}"]
 
 
-def run_bench(cmd: list[str], log_path: Path, desc: str, total: int, progress: bool) -> None:
+def run_bench(cmd: list[str], log_path: Path, desc: str, total: int, progress: bool,
+              on_measured: Callable[[], None] = lambda: None) -> None:
     """Run vllm bench to completion, its output to `log_path` and its progress bar's count
-    into ours; raise with the log's tail when it fails."""
+    into ours; `on_measured` is called when its measured run starts (after the warm-up).
+    Raise with the log's tail when it fails."""
     bar = tqdm(total=total, desc=desc, unit="req", disable=not progress)
     measured = False  # past the warm-up, whose bar counts too
     with log_path.open("w") as log, subprocess.Popen(
@@ -168,7 +171,9 @@ def run_bench(cmd: list[str], log_path: Path, desc: str, total: int, progress: b
         assert proc.stdout is not None
         for line in proc.stdout:  # tqdm's \r updates arrive as separate lines (universal)
             log.write(line)
-            measured = measured or _MEASURED in line
+            if not measured and _MEASURED in line:
+                measured = True
+                on_measured()
             if measured and (m := _TQDM_COUNT.search(line)):
                 bar.update(int(m.group(1)) - bar.n)
         code = proc.wait()
@@ -219,8 +224,12 @@ def _run_server(cfg: PeersServeConfig, server: str, out: Path, files: dict[str, 
             load = os.getloadavg()[0]
             run_bench(cmd, out / "logs" / f"{server}-{dataset}-bench.log",
                       f"[{i}/{total}] {server} {dataset}", cfg.count(dataset),
-                      cfg.progress)
-            rows.append(parse_result(json.loads(result.read_text()), server, dataset, load))
+                      cfg.progress, srv.mark_cpu)
+            row = parse_result(json.loads(result.read_text()), server, dataset, load)
+            if (cpu := srv.cpu_since_mark()) is not None:
+                row = replace(row, cpu_model=cpu.model, cpu_beside_model=cpu.beside_model,
+                              cpu_processes=cpu.processes)
+            rows.append(row)
             srv.snapshot()
     record = {"command": spec.command_line(), "leaked_processes": srv.leaked}
     return rows, commands, record

@@ -97,6 +97,47 @@ def vllm_spec(model_dir: str, served: str, dtype: str) -> ServerSpec:
     return ServerSpec("vllm", argv, env, port, served)
 
 
+def process_label(cmdline: list[str]) -> str:
+    """A server process's name for the CPU table: the title Ray and vLLM give their
+    processes ("ray::Router", "VLLM::EngineCore"), else the script a Python process runs
+    (Ray's daemons: "log_monitor.py", "dashboard.py"), else the program ("raylet")."""
+    if not cmdline:
+        return "?"
+    if "::" in cmdline[0]:
+        return cmdline[0].split()[0]
+    script = next((a for a in cmdline[1:] if a.endswith(".py")), None)
+    return Path(script or cmdline[0]).name
+
+
+@dataclass(frozen=True)
+class CpuShares:
+    """Where a server's CPU went over one run, in shares of one core, busiest label first.
+    The busiest is taken to be the model's process; the rest is what runs beside it."""
+
+    processes: tuple[tuple[str, float], ...]  # (label, share); a label's processes summed
+
+    @property
+    def model(self) -> float:
+        return self.processes[0][1] if self.processes else 0.0
+
+    @property
+    def beside_model(self) -> float:
+        return sum(share for _, share in self.processes[1:])
+
+
+def cpu_shares(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]],
+               wall_s: float) -> CpuShares:
+    """`ServerProcess.cpu_seconds` at a run's start and end -> CPU shares over its `wall_s`.
+    A process started meanwhile counts from zero; one that ended meanwhile is left out."""
+    if wall_s <= 0:
+        raise ValueError(f"wall_s must be > 0, got {wall_s}")
+    by_label: dict[str, float] = {}
+    for pid, (label, seconds) in after.items():
+        used = seconds - before[pid][1] if pid in before else seconds
+        by_label[label] = by_label.get(label, 0.0) + used / wall_s
+    return CpuShares(tuple(sorted(by_label.items(), key=lambda kv: -kv[1])))
+
+
 def log_tail(path: Path, lines: int = _LOG_TAIL) -> str:
     with path.open(errors="replace") as f:
         return "".join(deque(f, maxlen=lines))
@@ -115,6 +156,7 @@ class ServerProcess:
         self.leaked: list[str] = []
         self._proc: subprocess.Popen | None = None
         self._seen: dict[int, psutil.Process] = {}  # every descendant seen, by pid
+        self._cpu_mark: tuple[dict[int, tuple[str, float]], float] | None = None
 
     def __enter__(self) -> ServerProcess:
         if self.spec.name == "vllm" and not PEER_PYTHON.is_file():
@@ -144,6 +186,34 @@ class ServerProcess:
         except psutil.NoSuchProcess:
             return
         self._seen.update((p.pid, p) for p in kids)
+
+    def mark_cpu(self) -> None:
+        """Start a CPU window (`cpu_since_mark`): the server's CPU seconds and the clock."""
+        self._cpu_mark = (self.cpu_seconds(), time.monotonic())
+
+    def cpu_since_mark(self) -> CpuShares | None:
+        """The server's CPU shares since `mark_cpu` (None if never marked); ends the window."""
+        if self._cpu_mark is None:
+            return None
+        (before, t0), self._cpu_mark = self._cpu_mark, None
+        return cpu_shares(before, self.cpu_seconds(), time.monotonic() - t0)
+
+    def cpu_seconds(self) -> dict[int, tuple[str, float]]:
+        """CPU seconds (user + system) so far of the server and every descendant, by pid,
+        each with its label (`process_label`)."""
+        if self._proc is None:
+            return {}
+        try:
+            root = psutil.Process(self._proc.pid)
+            procs = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return {}
+        out = {}
+        for p in procs:
+            with contextlib.suppress(psutil.Error):  # exited meanwhile
+                t = p.cpu_times()
+                out[p.pid] = (process_label(p.cmdline()), t.user + t.system)
+        return out
 
     def _fail(self, what: str) -> RuntimeError:
         return RuntimeError(f"{self.spec.name} {what}; last lines of {self.log_path}:\n"

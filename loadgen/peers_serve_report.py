@@ -27,6 +27,7 @@ BASELINE, OURS = "vllm", "alignedserve"
 MIN_OUTPUT_TPS_RATIO = 1.0  # output tok/s >= 1.0x vLLM
 MAX_TTFT_P50_RATIO = 1.5  # TTFT p50 <= 1.5x vLLM
 MAX_TPOT_P99_RATIO = 1.0  # P99 TPOT <= vLLM
+_CPU_LISTED = 8  # processes beside the model named in table.md (results.json has all)
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
 
 
@@ -52,6 +53,11 @@ class BenchRow:
     output_tokens: int  # generated tokens, all completed requests
     errors: tuple[str, ...]  # distinct error messages of failed requests, at most 5
     load_avg_1m: float | None = None  # 1-minute load average before the run (shared machine)
+    # The server's CPU over the measured run, in shares of one core (`peer_servers.CpuShares`):
+    # its busiest process (the model's), the sum of all others, and each by label.
+    cpu_model: float | None = None
+    cpu_beside_model: float | None = None
+    cpu_processes: tuple[tuple[str, float], ...] = ()
 
 
 def parse_result(result: dict[str, Any], server: str, dataset: str,
@@ -134,14 +140,25 @@ def compare_all(rows: list[BenchRow]) -> list[Comparison]:
 def markdown(rows: list[BenchRow], comparisons: list[Comparison], title: str) -> str:
     lines = [f"## {title}", "",
              "| dataset | server | output tok/s | total tok/s | req/s | TTFT p50/p99 ms | "
-             "TPOT p50/p99 ms | ITL p50/p99 ms | mean prompt tok | ok/failed |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "TPOT p50/p99 ms | ITL p50/p99 ms | mean prompt tok | ok/failed | "
+             "CPU model / beside (cores) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
+        cpu = ("-" if r.cpu_model is None or r.cpu_beside_model is None
+               else f"{r.cpu_model:.2f} / {r.cpu_beside_model:.3f}")
         lines.append(
             f"| {r.dataset} | {r.server} | {r.output_tps:.1f} | {r.total_tps:.1f} | "
             f"{r.request_tps:.2f} | {r.ttft_p50_ms:.0f} / {r.ttft_p99_ms:.0f} | "
             f"{r.tpot_p50_ms:.1f} / {r.tpot_p99_ms:.1f} | {r.itl_p50_ms:.1f} / "
-            f"{r.itl_p99_ms:.1f} | {r.input_tokens_mean:.1f} | {r.completed}/{r.failed} |")
+            f"{r.itl_p99_ms:.1f} | {r.input_tokens_mean:.1f} | {r.completed}/{r.failed} | "
+            f"{cpu} |")
+    beside = [r for r in rows if len(r.cpu_processes) > 1]
+    if beside:
+        lines += ["", "CPU beside the model over each run, by process (shares of one core, "
+                  "the busiest first):", ""]
+        lines += [f"- {r.server} {r.dataset}: " + ", ".join(
+            f"{name} {share:.3f}" for name, share in r.cpu_processes[1:1 + _CPU_LISTED])
+            for r in beside]
     if comparisons:
         names = [t.name for t in comparisons[0].targets]
         lines += ["", "AlignedServe / vLLM and the targets (pass/FAIL):", "",

@@ -4,9 +4,11 @@ result JSON -> rows, ratios and targets, the report files, the server process li
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import psutil
@@ -18,6 +20,8 @@ from alignedserve.loadgen.peer_servers import (
     ServerProcess,
     ServerSpec,
     alignedserve_spec,
+    cpu_shares,
+    process_label,
     vllm_spec,
 )
 from alignedserve.loadgen.peers_serve_report import (
@@ -203,6 +207,34 @@ def test_comparisons_table_and_plot(tmp_path):
     assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_cpu_shares_by_label_busiest_first():
+    assert process_label(["ray::ServeReplica:alignedserve:Router", ""]) == \
+        "ray::ServeReplica:alignedserve:Router"
+    assert process_label(["VLLM::EngineCore"]) == "VLLM::EngineCore"
+    assert process_label(["/v/bin/python", "-u", "/r/ray/_private/log_monitor.py",
+                          "--x=1"]) == "log_monitor.py"
+    assert process_label(["/r/ray/core/src/ray/raylet/raylet", "--a"]) == "raylet"
+    assert process_label([]) == "?"
+    before = {1: ("model", 10.0), 2: ("ray::IDLE", 1.0), 3: ("ray::IDLE", 2.0),
+              4: ("gone", 5.0)}
+    after = {1: ("model", 28.0), 2: ("ray::IDLE", 1.5), 3: ("ray::IDLE", 2.5),
+             5: ("new", 1.0)}  # 4 ended meanwhile, 5 started: from zero
+    cpu = cpu_shares(before, after, 10.0)
+    assert cpu.processes == (("model", 1.8), ("ray::IDLE", 0.1), ("new", 0.1))
+    assert cpu.model == 1.8 and cpu.beside_model == pytest.approx(0.2)
+    with pytest.raises(ValueError):
+        cpu_shares(before, after, 0.0)
+
+
+def test_table_shows_cpu_beside_the_model():
+    row = dataclasses.replace(_row("alignedserve", "mix95", 120.0, 1400.0, 90.0),
+                              cpu_model=1.71, cpu_beside_model=0.19,
+                              cpu_processes=(("ray::Replica", 1.71), ("ray::Router", 0.06)))
+    md = markdown([row, _row("vllm", "mix95", 100.0, 1000.0, 100.0)], [], "t")
+    assert "| 3/0 | 1.71 / 0.190 |" in md and "| 3/0 | - |" in md
+    assert "- alignedserve mix95: ray::Router 0.060" in md
+
+
 def test_machine_info_without_peer_venv(tmp_path):
     info = machine_info(tmp_path / "no-python")
     assert "avx512_bf16" in info["cpu_flags"] and "amx_bf16" in info["cpu_flags"]
@@ -213,8 +245,11 @@ def test_machine_info_without_peer_venv(tmp_path):
 def test_run_bench_relays_progress_and_reports_failures(tmp_path):
     ok = ("print(' 1/1 [00:01]'); print('Starting main benchmark run...'); "
           "[print(f' {i}/3 [00:0{i}]', end='\\r', flush=True) for i in range(4)]")
-    bps.run_bench([sys.executable, "-c", ok], tmp_path / "ok.log", "x", 3, progress=False)
+    marks = []
+    bps.run_bench([sys.executable, "-c", ok], tmp_path / "ok.log", "x", 3, progress=False,
+                  on_measured=lambda: marks.append(1))
     assert "3/3 [" in (tmp_path / "ok.log").read_text()
+    assert marks == [1]  # once, when the measured run starts (not at the warm-up's bar)
     bad = "print('ValueError: All requests failed'); raise SystemExit(4)"
     with pytest.raises(RuntimeError, match=r"exited with 4 \(y\)[\s\S]*All requests failed"):
         bps.run_bench([sys.executable, "-c", bad], tmp_path / "bad.log", "y", 3, False)
@@ -243,6 +278,8 @@ FAKE_SERVER = textwrap.dedent("""
     if sys.argv[2] == "leak":
         subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"],
                          start_new_session=True)
+    if sys.argv[2] == "spin":  # a child that spins for a few seconds (spinner.py)
+        subprocess.Popen([sys.executable, sys.argv[3]])
     srv = HTTPServer(("127.0.0.1", int(sys.argv[1])), H)
     signal.signal(signal.SIGINT, lambda *_: sys.exit(0))
     srv.serve_forever()
@@ -268,6 +305,21 @@ def test_server_process_starts_serves_and_reaps_leaks(tmp_path):
     with ServerProcess(_fake(tmp_path, "clean"), tmp_path / "srv2.log", 30.0, grace_s=5) as srv:
         pass
     assert srv.leaked == []
+
+
+def test_server_process_measures_its_processes_cpu(tmp_path):
+    spinner = tmp_path / "spinner.py"
+    spinner.write_text("import time\nend = time.time() + 3\nwhile time.time() < end: pass\n")
+    spec = _fake(tmp_path, "spin")
+    spec = dataclasses.replace(spec, argv=(*spec.argv, str(spinner)))
+    with ServerProcess(spec, tmp_path / "srv.log", 30.0, grace_s=5) as srv:
+        assert srv.cpu_since_mark() is None  # no window open
+        srv.mark_cpu()
+        time.sleep(1.0)
+        cpu = srv.cpu_since_mark()
+    assert cpu is not None and cpu.processes[0][0] == "spinner.py"  # the busiest: the model
+    assert cpu.model > 0 and {name for name, _ in cpu.processes} == {"spinner.py",
+                                                                     "fake_server.py"}
 
 
 def test_server_that_dies_reports_its_log(tmp_path):
