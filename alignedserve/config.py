@@ -122,12 +122,13 @@ class ServeConfig(BaseSettings):
         "and higher TPOT on 2 cores, BENCHMARKS.md).")
     compute_nice: int | None = Field(
         None, ge=-20, le=19, description="Niceness of the threads that run model steps in "
-        "compute replicas and prefetch workers. Ray starts workers at nice 15, below Redis "
-        "and Ray's own daemons, and every preemption of one thread stalls a multi-threaded "
-        "step; 0 speeds steps up on small nodes, but then the router and Serve's proxy "
-        "(still at 15) get little CPU while steps run: admission and streaming slow down "
-        "under load. Lowering it needs CAP_SYS_NICE (root on a host; add the capability in "
-        "a container), else Ray's is kept with a warning. None: keep Ray's.")
+        "compute replicas and prefetch workers, and of every thread of the routers. Ray "
+        "starts workers at nice 15, below Redis and Ray's own daemons, and every preemption "
+        "of one thread stalls a multi-threaded step; 0 speeds steps up on small nodes. The "
+        "routers follow, so admission and token streaming do not wait behind the steps "
+        "(Serve's proxy, which carries tokens only with ingress `proxy`, stays at 15). "
+        "Lowering it needs CAP_SYS_NICE (root on a host; add the capability in a "
+        "container), else Ray's is kept with a warning. None: keep Ray's.")
     prefill_on: Literal["auto", "worker", "replica"] = Field(
         "auto", description="Who runs prefill. `worker`: each compute replica's prefetch "
         "worker (the paper's design: prefilled KV goes through the KV store and the decode "

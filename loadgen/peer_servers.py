@@ -100,13 +100,15 @@ def vllm_spec(model_dir: str, served: str, dtype: str) -> ServerSpec:
 def process_label(cmdline: list[str]) -> str:
     """A server process's name for the CPU table: the title Ray and vLLM give their
     processes ("ray::Router", "VLLM::EngineCore"), else the script a Python process runs
-    (Ray's daemons: "log_monitor.py", "dashboard.py"), else the program ("raylet")."""
-    if not cmdline:
+    (Ray's daemons: "log_monitor.py", "dashboard.py"), else the program ("raylet"; a title
+    with arguments, such as "redis-server 127.0.0.1:6379", by its first word)."""
+    if not cmdline or not cmdline[0].split():
         return "?"
-    if "::" in cmdline[0]:
-        return cmdline[0].split()[0]
+    first = cmdline[0].split()[0]
+    if "::" in first:
+        return first
     script = next((a for a in cmdline[1:] if a.endswith(".py")), None)
-    return Path(script or cmdline[0]).name
+    return Path(script or first).name
 
 
 @dataclass(frozen=True)

@@ -26,19 +26,17 @@ keeps Ray's and logs why once.
 
 from __future__ import annotations
 
-import logging
-import os
-import threading
 import time
 from typing import Literal
 
 import torch
 
+from alignedserve.niceness import set_thread_nice
+
 HEADER_REPLICA_BUSY = 1  # device-arena header slot: the replica has requests to decode
 HEADER_WORKER_BUSY = 2  # device-arena header slot: the worker has prompts to prefill
 HEADER_TURN = 3  # device-arena header slot: the busy slot of the side whose step is next
 _POLL_S = 0.0002  # header poll while waiting for the turn
-log = logging.getLogger(__name__)
 
 
 class CoreShare:
@@ -71,20 +69,11 @@ class CoreShare:
         else:
             want = self.own_threads if int(self.header[self.other]) else self.pair_threads
         if self.threads == 0 and self.nice is not None:
-            self._set_nice(self.nice)
+            set_thread_nice(self.nice, "compute thread")
         if want != self.threads:
             torch.set_num_threads(want)
             self.threads = want
         return want
-
-    @staticmethod
-    def _set_nice(nice: int) -> None:
-        """This thread's niceness (Linux: per thread; threads it starts inherit it)."""
-        try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
-        except (OSError, AttributeError) as e:  # no CAP_SYS_NICE, or not Linux
-            log.warning("compute thread keeps nice %s (could not set %d: %s)",
-                        os.getpriority(os.PRIO_PROCESS, 0), nice, e)
 
     def after_step(self) -> None:
         """Hand the turn to the other side (alternate)."""

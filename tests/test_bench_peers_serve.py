@@ -214,6 +214,7 @@ def test_cpu_shares_by_label_busiest_first():
     assert process_label(["/v/bin/python", "-u", "/r/ray/_private/log_monitor.py",
                           "--x=1"]) == "log_monitor.py"
     assert process_label(["/r/ray/core/src/ray/raylet/raylet", "--a"]) == "raylet"
+    assert process_label(["redis-server 127.0.0.1:6379", "", ""]) == "redis-server"
     assert process_label([]) == "?"
     before = {1: ("model", 10.0), 2: ("ray::IDLE", 1.0), 3: ("ray::IDLE", 2.0),
               4: ("gone", 5.0)}

@@ -3,7 +3,11 @@ arena's header: split widens a side only while the other idles; alternate takes 
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 
@@ -120,6 +124,32 @@ def test_the_computing_thread_takes_compute_nice_and_only_it():
     assert os.getpriority(os.PRIO_PROCESS, 0) == mine  # this (another) thread is untouched
     keep = CoreShare(header, HEADER_REPLICA_BUSY, HEADER_WORKER_BUSY, 1, 2, nice=None)
     assert _first_step_in_a_thread(keep) == mine
+
+
+def test_process_nice_reaches_every_thread():
+    """In a child process (niceness raised cannot be lowered back without privilege): every
+    thread, started before the call, takes it; a refusal is logged, not raised."""
+    code = textwrap.dedent("""
+        import json, os, threading, logging
+        from alignedserve.niceness import set_process_nice
+        stop = threading.Event()
+        ts = [threading.Thread(target=stop.wait) for _ in range(3)]
+        for t in ts: t.start()
+        mine = os.getpriority(os.PRIO_PROCESS, 0)
+        n = set_process_nice(mine + 2, "test")
+        got = {os.getpriority(os.PRIO_PROCESS, int(t)) for t in os.listdir("/proc/self/task")}
+        logging.basicConfig()
+        def refuse(*_): raise PermissionError("no CAP_SYS_NICE")
+        os.setpriority = refuse
+        refused = set_process_nice(mine - 5, "test")
+        stop.set()
+        print(json.dumps([n, sorted(got), mine + 2, refused]))
+    """)
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True)
+    n, got, want, refused = json.loads(run.stdout)
+    assert n == 4 and got == [want] and refused == 0, run.stdout
+    assert "test keeps nice" in run.stderr and "could not set" in run.stderr
 
 
 def test_a_refused_priority_is_logged_and_the_step_goes_on(monkeypatch, caplog):

@@ -18,8 +18,10 @@ pytestmark = pytest.mark.slow
 
 
 def test_serve_cli_answers_and_drains_on_sigterm(tiny_dir, tmp_path):
+    # compute_nice 16: above Ray's 15, so it needs no privilege
     server = start_cli_server(tiny_dir, tmp_path, "cli-test:",
-                              env={"ALIGNEDSERVE_DRAIN_TIMEOUT_S": "30"})
+                              env={"ALIGNEDSERVE_DRAIN_TIMEOUT_S": "30",
+                                   "ALIGNEDSERVE_COMPUTE_NICE": "16"})
     proc, base = server.proc, server.base
     try:
         from alignedserve.cluster.serve import status_snapshot
@@ -41,6 +43,12 @@ def test_serve_cli_answers_and_drains_on_sigterm(tiny_dir, tmp_path):
                   psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN
                   and c.laddr.port in api}
         assert owners and all("ServeReplica:alignedserve:Router" in o for o in owners), owners
+        # compute_nice reaches every thread of the router (admission and streaming at the
+        # model steps' priority, not Ray's 15)
+        (router,) = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                     if "ServeReplica:alignedserve:Router" in " ".join(p.cmdline())]
+        nices = {psutil.Process(t.id).nice() for t in router.threads()}
+        assert nices == {16}, nices
         _abandoned_calls_are_aborted(server, "cli-test:")
         # The Ray it started runs Serve's controller loop at SERVE_LOOP_S (less CPU beside
         # the model on a small node).

@@ -29,6 +29,7 @@ from alignedserve.deployments.router.openai_api import (
 from alignedserve.deployments.router.redis_backend import RedisBackend
 from alignedserve.global_queue.keys import RedisKeys
 from alignedserve.logs import configure_logging
+from alignedserve.niceness import set_process_nice
 from alignedserve.scheduling.dispatch import DispatchKnobs, dispatch_align_by
 
 app = FastAPI(title="AlignedServe", description="OpenAI-compatible LLM serving with "
@@ -63,6 +64,10 @@ class Router(GrpcApiMixin):
         self.leader = LeaderLoop(cfg.redis_url, keys, cfg.leader_ttl_s, knobs, stores.free,
                                  outage_s=cfg.redis_outage_s,
                                  router_id=self.backend.router_id).start()
+        if cfg.compute_nice is not None:  # last: the leader's thread and Serve's are up
+            # Admission and token streaming at the model steps' priority, not behind them
+            # (Ray's 15): at 15 beside steps at 0, TTFT p50 doubled (BENCHMARKS.md, issue 12).
+            set_process_nice(cfg.compute_nice, "router")
 
     @app.post("/v1/completions", openapi_extra=COMPLETIONS_BODY)
     async def completions(self, request: Request) -> Response:
