@@ -41,6 +41,7 @@ class ServeBenchConfig:
     threads: int = 2  # in-process engine threads
     replica_threads: int = 1  # torch threads of each compute replica
     worker_threads: int = 1  # torch threads of each prefetch worker
+    compute_nice: int | None = 0  # ServeConfig.compute_nice, as `bench peers-serve` runs it
     out_dir: str | None = None
     progress: bool = True
     command: str = ""
@@ -109,14 +110,16 @@ def run_serve_path(cfg: ServeBenchConfig, requests: list[WorkloadRequest]) -> tu
         # Reservations that fit the 2 Ray CPUs below beside the router, however many pairs.
         replica_cpus=_PAIR_CPUS / 2 / cfg.num_replicas,
         worker_cpus=_PAIR_CPUS / 2 / cfg.num_replicas, replica_threads=cfg.replica_threads,
-        worker_threads=cfg.worker_threads,
+        worker_threads=cfg.worker_threads, compute_nice=cfg.compute_nice,
         engine={"kv_cache_gib": cfg.kv_cache_gib},
     )
     itl: list[float] = []
     with LocalRedis(url):
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        # The Ray `alignedserve serve` starts (direct ingress, its dashboard and settings), so
+        # the serve path measured is the one users run.
+        direct = app.init_ray(scfg)
         try:
-            app.start(scfg, cfg.model)
+            app.start(scfg, cfg.model, direct_ingress=direct)
             base = f"http://127.0.0.1:{scfg.http_port}"
             warm = [WorkloadRequest(list(range(32, 40)), 4, 0.0)]
             asyncio.run(_drive(base, cfg.label, warm, False, []))
