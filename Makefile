@@ -84,8 +84,13 @@ $(PEER_STAMP):
 # OpenAI HTTP on 127.0.0.1:8000 and gRPC on :9000; Ctrl-C drains and stops. Extra flags:
 # make serve SERVE_ARGS="--num-replicas 2".
 SERVE_ARGS ?=
+# Model steps and the router at nice 0 rather than Ray's 15, as `bench peers-serve` runs
+# them (needs root or CAP_SYS_NICE, else Ray's is kept with a warning; BENCHMARKS.md,
+# issue 12). `make serve COMPUTE_NICE=` keeps Ray's.
+COMPUTE_NICE ?= 0
 serve: install
-	HF_HUB_OFFLINE=1 $(BIN)/alignedserve serve --model $(MODEL) $(SERVE_ARGS)
+	HF_HUB_OFFLINE=1 $(if $(COMPUTE_NICE),ALIGNEDSERVE_COMPUTE_NICE=$(COMPUTE_NICE)) \
+	  $(BIN)/alignedserve serve --model $(MODEL) $(SERVE_ARGS)
 
 status: install
 	$(BIN)/alignedserve status
