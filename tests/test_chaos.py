@@ -111,6 +111,20 @@ def _holders(server: CliServer, streams: list[Stream]) -> dict[str, str]:
     return got
 
 
+def _early_holders(server: CliServer, streams: list[Stream], timeout_s: float = 60
+                   ) -> dict[str, str]:
+    """Holders of the streams still in their first half, once there are some: a kill then
+    always finds requests in flight on its victim, however fast the host runs them.
+    (`wait_streaming` can return when most streams have already finished.)"""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        early = [s for s in streams if s.finish is None and len(s.chunk_times) < N_TOKENS // 2]
+        if holders := _holders(server, early):
+            return holders
+        assert time.monotonic() < deadline, "no request was in flight to kill its holder"
+        time.sleep(0.01)
+
+
 def _server_pids(server: CliServer) -> set[int]:
     proc = psutil.Process(server.proc.pid)
     return {proc.pid, *(c.pid for c in proc.children(recursive=True))}
@@ -146,7 +160,7 @@ def _kill_pair_member(server, reference, which: int, name: str) -> None:
     """kill -9 the replica (which=0) or the prefetch worker (1) holding most requests."""
     load = Load(server.base, PROMPTS)
     load.wait_streaming()
-    holders = _holders(server, load.streams)
+    holders = _early_holders(server, load.streams)
     reps = {rep["replica"]: rep for rep in _replicas(server)}
     victim = max(reps, key=lambda r: sum(h == r for h in holders.values()))
     held = {rid for rid, h in holders.items() if h == victim}
