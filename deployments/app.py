@@ -22,6 +22,12 @@ APP_NAME = "alignedserve"
 GRPC_SERVICER = "alignedserve.deployments.router.grpc_servicer.add_servicer_to_server"
 # Serve's controller loop period on the Ray clusters we start, and in the Helm chart's pods.
 SERVE_LOOP_ENV, SERVE_LOOP_S = "RAY_SERVE_CONTROL_LOOP_INTERVAL_S", "0.5"
+# Ray's log monitor globs the log folder for new files on every pass (10 a second while
+# it has fewer than 1,000 files); these make it look every 5 s. It still reads the files
+# it has every pass. Idle server, 30 s windows: 1.0% -> 0.4% of a core (BENCHMARKS.md,
+# issue 12, thirteenth session). New workers' logs reach it up to 5 s later.
+LOG_MONITOR_ENV = {"RAY_LOG_MONITOR_MANY_FILES_THRESHOLD": "0",
+                   "LOG_NAME_UPDATE_INTERVAL_S": "5"}
 
 
 def replica_stop_s(cfg: ServeConfig) -> float:
@@ -76,6 +82,7 @@ def init_ray(cfg: ServeConfig) -> bool:
     # 0.5 s halves that (BENCHMARKS.md, issue 12, seventh session). A value set by the user
     # wins. The local Ray's processes inherit these; this process's environment is restored.
     env = {SERVE_LOOP_ENV: os.environ.get(SERVE_LOOP_ENV, SERVE_LOOP_S),
+           **{k: os.environ.get(k, v) for k, v in LOG_MONITOR_ENV.items()},
            **ray_serve_env(cfg)}
     # Serve's gRPC proxy (and a direct-ingress router) listens on `host` too, not on every
     # interface.

@@ -12,7 +12,7 @@ import psutil
 import pytest
 from cli_server import start_cli_server
 
-from alignedserve.deployments.app import SERVE_LOOP_ENV, SERVE_LOOP_S
+from alignedserve.deployments.app import LOG_MONITOR_ENV, SERVE_LOOP_ENV, SERVE_LOOP_S
 
 pytestmark = pytest.mark.slow
 
@@ -55,6 +55,10 @@ def test_serve_cli_answers_and_drains_on_sigterm(tiny_dir, tmp_path):
         ctl = [p for p in psutil.Process(proc.pid).children(recursive=True)
                if "ServeController" in " ".join(p.cmdline())]
         assert ctl and all(p.environ().get(SERVE_LOOP_ENV) == SERVE_LOOP_S for p in ctl), ctl
+        # and its log monitor looks for new log files every 5 s, not 10 times a second
+        mon = [p for p in psutil.Process(proc.pid).children(recursive=True)
+               if "log_monitor.py" in " ".join(p.cmdline())]
+        assert mon and all(LOG_MONITOR_ENV.items() <= p.environ().items() for p in mon), mon
         body = {"model": "tiny", "prompt": "drain me", "max_tokens": 120, "temperature": 0,
                 "ignore_eos": True, "stream": True}
         chunks, reason = 0, None
