@@ -17,15 +17,23 @@ import threading
 log = logging.getLogger("alignedserve.niceness")
 
 
-def set_thread_nice(nice: int, what: str) -> bool:
-    """This thread's niceness (threads it starts later inherit it). False when refused."""
+def _set(tid: int, nice: int, what: str) -> bool:
+    """Thread `tid` at `nice`; False (logged) when refused. A thread that has ended raises
+    ProcessLookupError."""
     try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+        os.setpriority(os.PRIO_PROCESS, tid, nice)
+    except ProcessLookupError:
+        raise
     except (OSError, AttributeError) as e:  # no CAP_SYS_NICE, or not Linux
         log.warning("%s keeps nice %s (could not set %d: %s)", what,
                     os.getpriority(os.PRIO_PROCESS, 0), nice, e)
         return False
     return True
+
+
+def set_thread_nice(nice: int, what: str) -> bool:
+    """This thread's niceness (threads it starts later inherit it). False when refused."""
+    return _set(threading.get_native_id(), nice, what)
 
 
 def set_process_nice(nice: int, what: str) -> int:
@@ -38,12 +46,9 @@ def set_process_nice(nice: int, what: str) -> int:
     done = 0
     for tid in tids:
         try:
-            os.setpriority(os.PRIO_PROCESS, tid, nice)
-            done += 1
+            if not _set(tid, nice, what):
+                break
         except ProcessLookupError:
             continue  # the thread ended meanwhile
-        except OSError as e:
-            log.warning("%s keeps nice %s (could not set %d: %s)", what,
-                        os.getpriority(os.PRIO_PROCESS, 0), nice, e)
-            break
+        done += 1
     return done
