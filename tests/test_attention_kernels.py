@@ -64,7 +64,7 @@ def test_a_build_killed_midway_does_not_hang_the_next_process(tmp_path):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(("heads", "kv_heads"), [(9, 3), (4, 4), (8, 1)])
+@pytest.mark.parametrize(("heads", "kv_heads"), [(9, 3), (4, 4), (8, 1), (8, 4), (8, 2)])
 @pytest.mark.parametrize("window", [None, 40])
 def test_paged_matches_per_sequence_sdpa(dtype, heads, kv_heads, window):
     lens = [1, 15, 16, 17, 90, 333, 5, 1000]  # block edges, one token, one long sequence

@@ -6,8 +6,12 @@
 // handled together, so each K/V row is read once.
 // Each item walks its blocks once with an online softmax (running max and sum per query
 // head), so a block's scores stay in L1 and K and V of a block are read back to back.
+// The V pass loads each V row once for all the query heads of its KV head; the next block
+// is prefetched while the current one computes.
 // Numerics: scores, softmax and the weighted sum run in fp32 whatever the storage dtype
-// (fp32 or bf16), the way SDPA's CPU kernels accumulate.
+// (fp32 or bf16), the way SDPA's CPU kernels accumulate. On CPUs with AVX512-BF16, bf16
+// scores are VDPBF16PS dot products of the bf16 query and K (exact products, fp32 sums),
+// scaled after: the same values up to the order of the fp32 additions.
 //
 // Vector code uses ATen's portable SIMD types (at::vec::Vectorized), compiled for the
 // widest instruction set the build machine has (the build is -march=native); the score pass
@@ -29,9 +33,25 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
+
+// Asks the cache for [p, p + bytes), one hint per 64-byte line.
+inline void prefetch_span(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(c + i, 0, 3);
+}
+
+// Asks for the `span` elements at the start of each of a block's `bs` rows (`row` apart):
+// one contiguous span when the item reads every KV head.
+template <typename T>
+inline void prefetch_block(const T* blk, int64_t span, int64_t row, int64_t bs) {
+  if (blk == nullptr) return;
+  if (span == row) return prefetch_span(blk, bs * row * sizeof(T));
+  for (int64_t t = 0; t < bs; ++t) prefetch_span(blk + t * row, span * sizeof(T));
+}
 
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kLanes = Vec::size();
@@ -106,22 +126,93 @@ inline Vec scores_rows(const float* q, const T* k, int64_t row, int64_t dim) {
 }
 #endif
 
-// acc[0 : N vectors] += sum over t < cnt of w[t] * row t of v (rows `row` apart), each
-// element summed over t in order from zero, then added: N independent FMA chains, where one
-// chain per vector would wait on each FMA's latency.
-template <int N, typename T>
-inline void weighted_rows(const float* w, const T* v, int64_t row, int64_t cnt, float* acc) {
-  Vec sum[N];
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
+#define HAVE_DPBF16 1
+// scores_rows for bf16 K and a bf16 query (unscaled), dim a multiple of 32: VDPBF16PS
+// multiplies bf16 pairs exactly and accumulates in fp32, with no conversion of K to fp32.
+inline Vec scores_rows_dp(const c10::BFloat16* q, const c10::BFloat16* k, int64_t row, int64_t dim) {
+  Vec a[kRows];
+#pragma GCC unroll 16
+  for (int i = 0; i < kRows; ++i) a[i] = Vec(0.f);
+  for (int64_t d = 0; d < dim; d += 32) {
+    const __m512bh qv = (__m512bh)_mm512_loadu_si512(q + d);
+#pragma GCC unroll 16
+    for (int i = 0; i < kRows; ++i)
+      a[i] = _mm512_dpbf16_ps(a[i], qv, (__m512bh)_mm512_loadu_si512(k + i * row + d));
+  }
+  return lane_sums(a);
+}
+#endif
+
+// acc[g][0 : C vectors] += sum over t < cnt of w[g][t] * row t of v, for G query heads that
+// share v (weights `ws` apart, accumulators `as` apart): each row of v is loaded once for all
+// G heads. Each element is summed over t in order from zero, then added: G x C independent
+// FMA chains, where one chain per vector would wait on each FMA's latency.
+template <int G, int C, typename T>
+inline void weighted_rows_g(const float* w, int64_t ws, const T* v, int64_t row, int64_t cnt,
+                            float* acc, int64_t as) {
+  Vec sum[G][C];
 #pragma GCC unroll 8
-  for (int i = 0; i < N; ++i) sum[i] = Vec(0.f);
+  for (int g = 0; g < G; ++g)
+#pragma GCC unroll 8
+    for (int i = 0; i < C; ++i) sum[g][i] = Vec(0.f);
   for (int64_t t = 0; t < cnt; ++t) {
-    const Vec wt(w[t]);
     const T* vt = v + t * row;
+    Vec x[C];
 #pragma GCC unroll 8
-    for (int i = 0; i < N; ++i) sum[i] = at::vec::fmadd(wt, load_f(vt + i * kLanes), sum[i]);
+    for (int i = 0; i < C; ++i) x[i] = load_f(vt + i * kLanes);
+#pragma GCC unroll 8
+    for (int g = 0; g < G; ++g) {
+      const Vec wt(w[g * ws + t]);
+#pragma GCC unroll 8
+      for (int i = 0; i < C; ++i) sum[g][i] = at::vec::fmadd(wt, x[i], sum[g][i]);
+    }
   }
 #pragma GCC unroll 8
-  for (int i = 0; i < N; ++i) (Vec::loadu(acc + i * kLanes) + sum[i]).store(acc + i * kLanes);
+  for (int g = 0; g < G; ++g)
+#pragma GCC unroll 8
+    for (int i = 0; i < C; ++i)
+      (Vec::loadu(acc + g * as + i * kLanes) + sum[g][i]).store(acc + g * as + i * kLanes);
+}
+
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int kAccRegs = 16;  // of 32 vector registers (the rest: one row, the weight)
+#else
+constexpr int kAccRegs = 8;  // of 16
+#endif
+
+template <int G, typename T>
+inline void v_pass_g(const float* w, int64_t ws, const T* v, int64_t row, int64_t cnt,
+                     float* acc, int64_t dim, int64_t vdim) {
+  int64_t d = 0;
+  if constexpr (G * 8 <= kAccRegs)
+    for (; d + 8 * kLanes <= vdim; d += 8 * kLanes) weighted_rows_g<G, 8>(w, ws, v + d, row, cnt, acc + d, dim);
+  if constexpr (G * 4 <= kAccRegs)
+    for (; d + 4 * kLanes <= vdim; d += 4 * kLanes) weighted_rows_g<G, 4>(w, ws, v + d, row, cnt, acc + d, dim);
+  if constexpr (G * 2 <= kAccRegs)
+    for (; d + 2 * kLanes <= vdim; d += 2 * kLanes) weighted_rows_g<G, 2>(w, ws, v + d, row, cnt, acc + d, dim);
+  for (; d < vdim; d += kLanes) weighted_rows_g<G, 1>(w, ws, v + d, row, cnt, acc + d, dim);
+  for (; d < dim; ++d)  // the tail that is no whole vector
+    for (int g = 0; g < G; ++g) {
+      float sum = 0.f;
+      for (int64_t t = 0; t < cnt; ++t) sum += w[g * ws + t] * to_float(v[t * row + d]);
+      acc[g * dim + d] += sum;
+    }
+}
+
+// The V pass of the `group` query heads that read one KV head.
+template <typename T>
+inline void v_pass(int64_t group, const float* w, int64_t ws, const T* v, int64_t row,
+                   int64_t cnt, float* acc, int64_t dim, int64_t vdim) {
+  switch (group) {
+    case 1: return v_pass_g<1>(w, ws, v, row, cnt, acc, dim, vdim);
+    case 2: return v_pass_g<2>(w, ws, v, row, cnt, acc, dim, vdim);
+    case 3: return v_pass_g<3>(w, ws, v, row, cnt, acc, dim, vdim);
+    case 4: return v_pass_g<4>(w, ws, v, row, cnt, acc, dim, vdim);
+    default:
+      for (int64_t g = 0; g < group; ++g)
+        v_pass_g<1>(w + g * ws, ws, v, row, cnt, acc + g * dim, dim, vdim);
+  }
 }
 
 // Splits work items over the intra-op threads, longest first onto the least-loaded thread
@@ -161,10 +252,14 @@ struct Problem {
 
 // Attention of `hq` query heads (fp32, pre-scaled, [hq, dim]) that read KV heads h0.. of
 // positions [lo, lo + n) of one sequence. Online softmax block by block.
-// scratch: [hq, block_size] scores; acc: [hq, dim]; m, l: [hq] running max and sum.
+// qraw: the same heads as stored (unscaled), sc the scale; scratch: [hq, block_size] scores;
+// acc: [hq, dim]; m, l: [hq] running max and sum; next_k, next_v: the first K/V row of the
+// thread's next item (prefetched during this item's last block), or null.
 template <typename T>
 void attend(const Problem<T>& p, const int64_t* blocks, int64_t lo, int64_t n, int64_t h0,
-            int64_t hq, const float* qf, float* scratch, float* acc, float* m, float* l) {
+            int64_t hq, const float* qf, const T* qraw, float sc, float* scratch, float* acc,
+            float* m, float* l, const T* next_k, const T* next_v) {
+  const int64_t span = (hq / p.group) * p.dim;  // elements of one token's row this item reads
   const int64_t bs = p.block_size, dim = p.dim;
   std::fill(acc, acc + hq * dim, 0.f);
   std::fill(m, m + hq, -std::numeric_limits<float>::infinity());
@@ -174,11 +269,25 @@ void attend(const Problem<T>& p, const int64_t* blocks, int64_t lo, int64_t n, i
     const int64_t cnt = std::min(bs - first, lo + n - pos);  // tokens of this block
     const T* kblk = p.k + blocks[b] * p.kb + first * p.row + h0 * dim;
     const T* vblk = p.v + blocks[b] * p.vb + first * p.row + h0 * dim;
+    // The next block of this item (or the next item's first) is fetched while this one
+    // computes: without it each block's first rows wait on memory (the kernel read K/V at
+    // about half the rate it does with it, DRAM-resident, BENCHMARKS.md fourteenth session).
+    const bool last = pos + cnt >= lo + n;
+    const T* nk = last ? next_k : p.k + blocks[b + 1] * p.kb + h0 * dim;
+    const T* nv = last ? next_v : p.v + blocks[b + 1] * p.vb + h0 * dim;
+    prefetch_block(nk, span, p.row, bs);
+    prefetch_block(nv, span, p.row, bs);
     // Scores [hq, cnt]: head by head over the block's rows (L1-resident after the first).
     for (int64_t j = 0; j < hq; ++j) {
       const T* kh = kblk + (j / p.group) * dim;
       float* sj = scratch + j * bs;
       int64_t t = 0;
+#if defined(HAVE_DPBF16)
+      if constexpr (std::is_same_v<T, c10::BFloat16>)
+        if (dim % 32 == 0)
+          for (; t + kRows <= cnt; t += kRows)
+            (scores_rows_dp(qraw + j * dim, kh + t * p.row, p.row, dim) * Vec(sc)).store(sj + t);
+#endif
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
       if (p.vdim == dim)
         for (; t + kRows <= cnt; t += kRows)
@@ -199,22 +308,11 @@ void attend(const Problem<T>& p, const int64_t* blocks, int64_t lo, int64_t n, i
       if (alpha != 1.f)
         at::vec::map([alpha](Vec x) { return x * Vec(alpha); }, acc + j * dim, acc + j * dim, dim);
     }
-    // acc[j] += p[j, :cnt] @ V[:cnt, head of j]: the sums over the block's tokens kept in
-    // registers, several vectors of dim at once (independent FMA chains).
-    for (int64_t j = 0; j < hq; ++j) {
-      const T* vh = vblk + (j / p.group) * dim;
-      const float* pj = scratch + j * bs;
-      float* aj = acc + j * dim;
-      int64_t d = 0;
-      for (; d + 8 * kLanes <= p.vdim; d += 8 * kLanes) weighted_rows<8>(pj, vh + d, p.row, cnt, aj + d);
-      for (; d + 4 * kLanes <= p.vdim; d += 4 * kLanes) weighted_rows<4>(pj, vh + d, p.row, cnt, aj + d);
-      for (; d < p.vdim; d += kLanes) weighted_rows<1>(pj, vh + d, p.row, cnt, aj + d);
-      for (; d < dim; ++d) {  // the tail that is no whole vector (d == p.vdim here)
-        float sum = 0.f;
-        for (int64_t t = 0; t < cnt; ++t) sum += pj[t] * to_float(vh[t * p.row + d]);
-        aj[d] += sum;
-      }
-    }
+    // acc[j] += p[j, :cnt] @ V[:cnt, head of j], the query heads of one KV head together
+    // (each V row read and converted once for the group).
+    for (int64_t j = 0; j < hq; j += p.group)
+      v_pass(p.group, scratch + j * bs, bs, vblk + (j / p.group) * dim, p.row, cnt,
+             acc + j * dim, dim, p.vdim);
     pos += cnt;
   }
 }
@@ -249,15 +347,26 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
   at::parallel_for(0, nbins, 1, [&](int64_t bin_begin, int64_t bin_end) {
     std::vector<float> qf(hq * dim), acc(hq * dim), scratch(hq * block_size), m(hq), l(hq);
     for (int64_t bin = bin_begin; bin < bin_end; ++bin) {
-      for (const int64_t item : bins[bin]) {
+      const auto& its = bins[bin];
+      for (size_t ii = 0; ii < its.size(); ++ii) {
+        const int64_t item = its[ii];
+        const T* next_k = nullptr;
+        const T* next_v = nullptr;
+        if (ii + 1 < its.size()) {
+          const int64_t s2 = its[ii + 1] / split, h2 = (its[ii + 1] % split) * heads_per_item;
+          const int64_t lo2 = window > 0 ? std::max<int64_t>(0, lens[s2] - window) : 0;
+          const int64_t blk2 = tab[tstart[s2] + lo2 / block_size];
+          next_k = prob.k + blk2 * prob.kb + (lo2 % block_size) * prob.row + h2 * dim;
+          next_v = prob.v + blk2 * prob.vb + (lo2 % block_size) * prob.row + h2 * dim;
+        }
         const int64_t s = item / split, h0 = (item % split) * heads_per_item;
         const int64_t len = lens[s];
         const int64_t lo = window > 0 ? std::max<int64_t>(0, len - window) : 0;
         // Query heads h0*group .. (h0+heads_per_item)*group, scaled, as fp32.
         const T* src = qp + (s * heads + h0 * group) * dim;
         for (int64_t i = 0; i < hq * dim; ++i) qf[i] = to_float(src[i]) * sc;
-        attend(prob, tab + tstart[s], lo, len - lo, h0, hq, qf.data(), scratch.data(),
-               acc.data(), m.data(), l.data());
+        attend(prob, tab + tstart[s], lo, len - lo, h0, hq, qf.data(), src, sc, scratch.data(),
+               acc.data(), m.data(), l.data(), next_k, next_v);
         T* dst = op + (s * heads + h0 * group) * dim;
         for (int64_t j = 0; j < hq; ++j) {
           const float inv = 1.f / l[j];
