@@ -6,10 +6,12 @@ the cache, then attends:
 - decode tokens through the chosen `DecodeBackend` (paged = the C++ kernel that reads KV
   blocks in place, `engine/csrc/`; dense = padded, one SDPA call; varlen = one SDPA call
   per sequence, no padding; flash = CUDA paged kernel);
-- prefill chunks one SDPA call each (their cost is compute-bound, so per-call overhead is
-  negligible), causal, reading earlier chunks' KV back from the cache. The calls are 4-D
-  ([1, heads, q_len, dim]): torch's CPU flash kernel takes those, while 3-D inputs fall
-  back to the unfused math path (3-4.5x slower at 1,024 tokens, measured here).
+- prefill chunks one call each, causal: in bf16 on CPUs with AVX512-BF16, the C++ paged
+  prefill kernel (`engine/csrc/paged_prefill.cpp`), which reads every chunk's KV from the
+  cache in place; otherwise one SDPA call, reading earlier chunks' KV back from the cache.
+  The SDPA calls are 4-D ([1, heads, q_len, dim]): torch's CPU flash kernel takes those,
+  while 3-D inputs fall back to the unfused math path (3-4.5x slower at 1,024 tokens,
+  measured here).
 """
 
 from __future__ import annotations
@@ -169,6 +171,18 @@ class PrefillChunk:
     start: int
     blocks: torch.Tensor  # [blocks] ids covering positions [0, start+q_len)
     mask: torch.Tensor | None  # [q_len, start+q_len] True = attend; None = causal from 0
+    # (the paged prefill kernel builds its own causal window and ignores it)
+
+
+def paged_prefill_fits(cache: PagedKVCache, head_dim: int) -> bool:
+    """Whether the C++ prefill kernel takes this cache: bf16 on the CPU, a build with
+    AVX512-BF16, head dim 32/64/96/128, blocks of 16 or 32 tokens."""
+    from alignedserve.engine.native import kernels
+
+    mod = kernels()
+    return (cache.kv.device.type == "cpu" and cache.kv.dtype == torch.bfloat16
+            and mod is not None and bool(mod.paged_prefill_supported())
+            and head_dim in (32, 64, 96, 128) and cache.block_size in (16, 32))
 
 
 def prefill_mask(start: int, q_len: int, window: int | None) -> torch.Tensor | None:
@@ -193,6 +207,8 @@ class AttentionStep:
     decode: DecodeBatch | None
     backend: DecodeBackend
     prefills: list[PrefillChunk]
+    paged_prefill: bool = False  # prefill chunks through the C++ kernel (paged_prefill_fits)
+    window: int | None = None  # the model's sliding window, for the prefill kernel
 
     def forward(self, layer: int, q, k, v, scale: float) -> torch.Tensor:
         """q: [T, heads, dim]; k, v: [T, kv_heads, dim]. Returns [T, heads*dim]."""
@@ -204,6 +220,13 @@ class AttentionStep:
             out[:nd] = self.backend.forward(q[:nd], kc, vc, self.decode, scale)
         for c in self.prefills:
             rows = slice(c.q_start, c.q_start + c.q_len)
+            if self.paged_prefill:
+                from alignedserve.engine.native import kernels
+
+                kc, vc = self.cache.k[layer], self.cache.v[layer]
+                out[rows] = kernels().paged_prefill(  # type: ignore[union-attr]
+                    q[rows].contiguous(), kc, vc, c.blocks, c.start, self.window or 0, scale)
+                continue
             qi = q[rows].transpose(0, 1)  # [heads, q_len, dim]
             if c.start == 0:
                 ki, vi = k[rows].transpose(0, 1), v[rows].transpose(0, 1)

@@ -179,6 +179,12 @@ class EngineConfig(AlignedKnobs):
         "takes paged where the kernel builds, else picks dense/varlen per batch from the "
         "KV-length spread.",
     )
+    prefill_attention: Literal["auto", "sdpa"] = Field(
+        "auto",
+        description="Prefill attention: auto runs bf16 chunks through the paged C++ kernel "
+        "(VDPBF16PS; CPUs with AVX512-BF16, head dims 32-128, blocks of 16 or 32) and "
+        "everything else through torch's SDPA; sdpa always uses SDPA.",
+    )
     dense_max_padding: float = Field(
         0.25,
         ge=0.0,

@@ -15,6 +15,7 @@ from alignedserve.engine.attention import (
     DecodeBackend,
     PrefillChunk,
     build_decode_batch,
+    paged_prefill_fits,
     padding_fraction,
     prefill_mask,
 )
@@ -65,6 +66,8 @@ class ModelRunner:
         self.max_model_len = self.sizes.max_model_len
         # auto decode attention: the C++ paged kernel where it builds (CPU), else dense/varlen.
         self._paged = self.cache.kv.device.type == "cpu" and kernels() is not None
+        self._paged_prefill = (cfg.prefill_attention == "auto"
+                               and paged_prefill_fits(self.cache, self.model_cfg.head_dim))
         self._generators: dict[str, torch.Generator] = {}
 
     @property
@@ -101,7 +104,7 @@ class ModelRunner:
                 blks.append(table[p // bs])
                 offs.append(p % bs)
             if not c.is_decode:
-                mask = prefill_mask(c.start, c.num_new_tokens, window)
+                mask = None if self._paged_prefill else prefill_mask(c.start, c.num_new_tokens, window)
                 blocks = torch.tensor(table, dtype=torch.long)
                 prefills.append(PrefillChunk(row, c.num_new_tokens, c.start, blocks, mask))
                 row += c.num_new_tokens
@@ -113,7 +116,7 @@ class ModelRunner:
             decode = build_decode_batch(tables, kv_lens, bs, window, dense)
         return AttentionStep(
             self.cache, torch.tensor(blks), torch.tensor(offs), len(decodes), decode, backend,
-            prefills,
+            prefills, self._paged_prefill, window,
         )
 
     def execute(self, out: SchedulerOutput) -> StepResult:

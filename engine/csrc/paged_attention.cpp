@@ -414,6 +414,14 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at
 
 }  // namespace
 
+// paged_prefill.cpp
+at::Tensor paged_prefill(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                         const at::Tensor& table, int64_t start, int64_t window, double scale);
+bool paged_prefill_supported();
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode", &paged_decode, "Paged decode attention reading KV blocks in place");
+  m.def("paged_prefill", &paged_prefill, "Paged bf16 prefill attention of one chunk (AVX512-BF16)");
+  m.def("paged_prefill_supported", &paged_prefill_supported,
+        "Whether this build has the bf16 prefill kernel (AVX-512 with AVX512-BF16)");
 }
