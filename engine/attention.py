@@ -6,9 +6,10 @@ the cache, then attends:
 - decode tokens through the chosen `DecodeBackend` (paged = the C++ kernel that reads KV
   blocks in place, `engine/csrc/`; dense = padded, one SDPA call; varlen = one SDPA call
   per sequence, no padding; flash = CUDA paged kernel);
-- prefill chunks one call each, causal: in bf16 on CPUs with AVX512-BF16, the C++ paged
-  prefill kernel (`engine/csrc/paged_prefill.cpp`), which reads every chunk's KV from the
-  cache in place; otherwise one SDPA call, reading earlier chunks' KV back from the cache.
+- prefill chunks one call each, causal: on the CPU the C++ paged prefill kernel
+  (`engine/csrc/paged_prefill.cpp`; fp32, and bf16 where the CPU has AVX512-BF16), which
+  reads every chunk's KV from the cache in place and skips keys past the diagonal;
+  otherwise one SDPA call, reading earlier chunks' KV back from the cache.
   The SDPA calls are 4-D ([1, heads, q_len, dim]): torch's CPU flash kernel takes those,
   while 3-D inputs fall back to the unfused math path (3-4.5x slower at 1,024 tokens,
   measured here).
@@ -175,14 +176,15 @@ class PrefillChunk:
 
 
 def paged_prefill_fits(cache: PagedKVCache, head_dim: int) -> bool:
-    """Whether the C++ prefill kernel takes this cache: bf16 on the CPU, a build with
-    AVX512-BF16, head dim 32/64/96/128, blocks of 16 or 32 tokens."""
+    """Whether the C++ prefill kernel takes this cache: on the CPU, fp32 (or bf16 in a build
+    with AVX512-BF16), a head dim that is a multiple of 32 up to 256, blocks of 16 or 32."""
     from alignedserve.engine.native import kernels
 
     mod = kernels()
-    return (cache.kv.device.type == "cpu" and cache.kv.dtype == torch.bfloat16
-            and mod is not None and bool(mod.paged_prefill_supported())
-            and head_dim in (32, 64, 96, 128) and cache.block_size in (16, 32))
+    dtype = str(cache.kv.dtype).removeprefix("torch.")
+    return (cache.kv.device.type == "cpu" and mod is not None
+            and dtype in mod.paged_prefill_dtypes()
+            and head_dim % 32 == 0 and head_dim <= 256 and cache.block_size in (16, 32))
 
 
 def prefill_mask(start: int, q_len: int, window: int | None) -> torch.Tensor | None:

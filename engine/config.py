@@ -181,9 +181,9 @@ class EngineConfig(AlignedKnobs):
     )
     prefill_attention: Literal["auto", "sdpa"] = Field(
         "auto",
-        description="Prefill attention: auto runs bf16 chunks through the paged C++ kernel "
-        "(VDPBF16PS; CPUs with AVX512-BF16, head dims 32-128, blocks of 16 or 32) and "
-        "everything else through torch's SDPA; sdpa always uses SDPA.",
+        description="Prefill attention: auto runs chunks through the paged C++ kernel where "
+        "it takes them (CPU, fp32 or bf16 with AVX512-BF16, head dim a multiple of 32, "
+        "blocks of 16 or 32) and through torch's SDPA elsewhere; sdpa always uses SDPA.",
     )
     dense_max_padding: float = Field(
         0.25,

@@ -1,6 +1,6 @@
 """The C++ paged decode kernel against the torch reference (one SDPA call per sequence over
 exactly its KV), on the engine's own pool layout: strided per-layer views, shuffled block
-tables, GQA and MHA, sliding windows that start mid-block, fp32 and bf16. The bf16 prefill
+tables, GQA and MHA, sliding windows that start mid-block, fp32 and bf16. The prefill
 kernel against SDPA with the causal mask, on the same layout, and the engine's use of it."""
 
 from __future__ import annotations
@@ -141,17 +141,25 @@ def test_explicit_dtype_wins_and_the_resolved_one_travels():
 def test_attention_bench_reports_both_backends_against_the_read_bound():
     from alignedserve.loadgen.bench_attention import run
 
-    res = run("float32", threads=1, iters=1, repeats=1)
-    assert [t["backend"] for t in res["timings"]] == ["paged", "varlen", "paged-aligned"]
+    res = run("float32", threads=1, iters=1, repeats=1, layers=2,
+              prefill_chunks=((0, 40), (64, 20)))
+    assert [t["backend"] for t in res["timings"]] == ["paged", "varlen", "paged-aligned",
+                                                       "paged-dram"]
+    assert [(p["start"], p["length"]) for p in res["prefill"]] == [(0, 40), (64, 20)]
+    for p in res["prefill"]:
+        assert p["sdpa_ms"] > 0 and p["kernel_ms"] > 0 and p["kernel_gflops"] > 0
     assert res["mixed_over_aligned"] > 0
     assert res["kv_bytes_per_layer"] == res["kv_tokens"] * 3 * 64 * 2 * 4
     for t in res["timings"]:
         assert t["ms_per_layer"] > 0 and 0 < t["read_bw_fraction"] < 5
 
 
-needs_prefill_kernel = pytest.mark.skipif(
-    kernels() is None or not kernels().paged_prefill_supported(),
-    reason="the bf16 prefill kernel needs AVX-512 with AVX512-BF16")
+def _prefill_dtypes() -> list:
+    """fp32 everywhere the kernels build; bf16 only on CPUs with AVX512-BF16."""
+    have = kernels().paged_prefill_dtypes() if kernels() is not None else []
+    return [pytest.param(d, marks=pytest.mark.skipif(
+        str(d).removeprefix("torch.") not in have,
+        reason=f"this build's prefill kernel has no {d}")) for d in (torch.float32, torch.bfloat16)]
 
 
 def _prefill_reference(q, k, v, table, start, window, block):
@@ -173,7 +181,7 @@ def _prefill_reference(q, k, v, table, start, window, block):
 # Chunks that start at 0 and later ones (a block edge, mid-block), one token, tiles of 32
 # query tokens and a partial last tile; GQA 3 and 4, MHA, MQA; head dims 32-128; blocks of
 # 16 and 32; windows shorter than the chunk and starting mid-block.
-@needs_prefill_kernel
+@pytest.mark.parametrize("dtype", _prefill_dtypes())
 @pytest.mark.parametrize(("start", "length", "heads", "kv_heads", "dim", "block", "window"), [
     (0, 1, 9, 3, 64, 32, 0),
     (0, 33, 9, 3, 64, 32, 0),
@@ -185,33 +193,37 @@ def _prefill_reference(q, k, v, table, start, window, block):
     (200, 120, 6, 2, 96, 32, 40),
     (0, 100, 9, 3, 64, 32, 17),
 ])
-def test_paged_prefill_matches_masked_sdpa(start, length, heads, kv_heads, dim, block, window):
+def test_paged_prefill_matches_masked_sdpa(dtype, start, length, heads, kv_heads, dim, block,
+                                           window):
     rng = random.Random(start + length)
     torch.manual_seed(length)
     total = start + length
     num_blocks = -(-total // block) + 4
-    pool = torch.randn(num_blocks, 2, 2, block, kv_heads, dim).to(torch.bfloat16)
+    pool = torch.randn(num_blocks, 2, 2, block, kv_heads, dim).to(dtype)
     k, v = pool[:, 1, 0], pool[:, 1, 1]
     order = list(range(num_blocks))
     rng.shuffle(order)
     table = torch.tensor(order[: -(-total // block)])
-    q = torch.randn(length, heads, dim).to(torch.bfloat16)
+    q = torch.randn(length, heads, dim).to(dtype)
     out = kernels().paged_prefill(q, k, v, table, start, window, 0.17)
     ref = _prefill_reference(q, k, v, table, start, window, block)
-    assert out.dtype == torch.bfloat16 and out.shape == q.shape
-    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+    assert out.dtype == dtype and out.shape == q.shape
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
 
 
-@needs_prefill_kernel
 def test_paged_prefill_refuses_what_it_cannot_run():
-    pool = torch.randn(4, 1, 2, 32, 2, 64).to(torch.bfloat16)
+    assert kernels() is not None
+    pool = torch.randn(4, 1, 2, 32, 2, 64)
     k, v = pool[:, 0, 0], pool[:, 0, 1]
-    q = torch.randn(10, 4, 64).to(torch.bfloat16)
-    with pytest.raises(RuntimeError, match="bfloat16"):
-        kernels().paged_prefill(q.float(), k.float(), v.float(), torch.arange(4), 0, 0, 1.0)
+    q = torch.randn(10, 4, 64)
+    with pytest.raises(RuntimeError, match="dtype differ"):
+        kernels().paged_prefill(q.bfloat16(), k, v, torch.arange(4), 0, 0, 1.0)
+    with pytest.raises(RuntimeError, match="float32"):
+        kernels().paged_prefill(q.double(), k.double(), v.double(), torch.arange(4), 0, 0, 1.0)
     with pytest.raises(RuntimeError, match="does not cover"):
         kernels().paged_prefill(q, k, v, torch.arange(1), 30, 0, 1.0)
-    odd = torch.randn(4, 1, 2, 32, 2, 48).to(torch.bfloat16)
+    odd = torch.randn(4, 1, 2, 32, 2, 48)
     with pytest.raises(RuntimeError, match="head dim"):
         kernels().paged_prefill(q[..., :48].contiguous(), odd[:, 0, 0], odd[:, 0, 1],
                                 torch.arange(4), 0, 0, 1.0)
@@ -219,9 +231,9 @@ def test_paged_prefill_refuses_what_it_cannot_run():
         kernels().paged_prefill(q, k[..., :32], v[..., :32], torch.arange(4), 0, 0, 1.0)
 
 
-@needs_prefill_kernel
-def test_bf16_engine_prefills_through_the_kernel_and_sdpa_is_selectable(tiny_dir, pools,
-                                                                        monkeypatch):
+@pytest.mark.parametrize("dtype", _prefill_dtypes())
+def test_engine_prefills_through_the_kernel_and_sdpa_is_selectable(dtype, tiny_dir, pools,
+                                                                   monkeypatch):
     from alignedserve.llm import LLM
     from alignedserve.scheduling.sampling_params import SamplingParams
 
@@ -233,7 +245,7 @@ def test_bf16_engine_prefills_through_the_kernel_and_sdpa_is_selectable(tiny_dir
     runs = {}
     for mode in ("auto", "sdpa"):
         calls.clear()
-        llm = LLM(str(tiny_dir), dtype="bfloat16", prefill_attention=mode,
+        llm = LLM(str(tiny_dir), dtype=str(dtype).removeprefix("torch."), prefill_attention=mode,
                   max_num_batched_tokens=64, **pools)
         runs[mode] = llm.generate(prompts, greedy, use_tqdm=False)
         layers = llm.engine.model_cfg.num_layers
@@ -241,8 +253,9 @@ def test_bf16_engine_prefills_through_the_kernel_and_sdpa_is_selectable(tiny_dir
             assert len(calls) >= layers * 4 and max(calls) > 0
         else:
             assert calls == []
-    # bf16 rounding differs between the two paths; the first token's logprob barely moves.
+    # The two paths round differently; the first token's logprob barely moves.
+    tol = 1e-3 if dtype == torch.float32 else 0.1
     for a, b in zip(runs["auto"], runs["sdpa"], strict=True):
-        assert abs(a.logprobs[0] - b.logprobs[0]) < 0.1 or a.token_ids[0] != b.token_ids[0]
+        assert abs(a.logprobs[0] - b.logprobs[0]) < tol or a.token_ids[0] != b.token_ids[0]
     same = sum(a.token_ids[0] == b.token_ids[0] for a, b in zip(runs["auto"], runs["sdpa"]))
     assert same >= 2

@@ -34,6 +34,7 @@
 #include <cmath>
 #include <limits>
 #include <type_traits>
+#include <string>
 #include <vector>
 
 namespace {
@@ -417,11 +418,11 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at
 // paged_prefill.cpp
 at::Tensor paged_prefill(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                          const at::Tensor& table, int64_t start, int64_t window, double scale);
-bool paged_prefill_supported();
+std::vector<std::string> paged_prefill_dtypes();
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode", &paged_decode, "Paged decode attention reading KV blocks in place");
-  m.def("paged_prefill", &paged_prefill, "Paged bf16 prefill attention of one chunk (AVX512-BF16)");
-  m.def("paged_prefill_supported", &paged_prefill_supported,
-        "Whether this build has the bf16 prefill kernel (AVX-512 with AVX512-BF16)");
+  m.def("paged_prefill", &paged_prefill, "Paged causal prefill attention of one chunk");
+  m.def("paged_prefill_dtypes", &paged_prefill_dtypes,
+        "The dtypes paged_prefill takes in this build (bfloat16 needs AVX512-BF16)");
 }
