@@ -15,8 +15,8 @@ from alignedserve.engine.attention import (
     DecodeBackend,
     PrefillChunk,
     build_decode_batch,
-    paged_prefill_fits,
     padding_fraction,
+    paged_prefill_fits,
     prefill_mask,
 )
 from alignedserve.engine.config import EngineConfig, ModelConfig
@@ -104,7 +104,8 @@ class ModelRunner:
                 blks.append(table[p // bs])
                 offs.append(p % bs)
             if not c.is_decode:
-                mask = None if self._paged_prefill else prefill_mask(c.start, c.num_new_tokens, window)
+                mask = (None if self._paged_prefill
+                        else prefill_mask(c.start, c.num_new_tokens, window))
                 blocks = torch.tensor(table, dtype=torch.long)
                 prefills.append(PrefillChunk(row, c.num_new_tokens, c.start, blocks, mask))
                 row += c.num_new_tokens

@@ -27,7 +27,6 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
-
 import torch.nn.functional as F
 
 from alignedserve.engine.attention import DECODE_BACKENDS, build_decode_batch
@@ -111,6 +110,36 @@ def _best_ms(fn, iters: int, repeats: int) -> float:
     return round(best * 1e3, 3)
 
 
+def _prefill_chunk(mod, has_kernel: bool, dtype: torch.dtype, heads: int, kv_heads: int,
+                   dim: int, block: int, start: int, length: int, iters: int, repeats: int,
+                   seed: int) -> PrefillTiming:
+    total = start + length
+    g = torch.Generator().manual_seed(seed)
+    nblocks = -(-total // block)
+    pool = torch.randn(nblocks + 4, 2, 2, block, kv_heads, dim, generator=g).to(dtype)
+    k, v = pool[:, 1, 0], pool[:, 1, 1]
+    table = torch.randperm(nblocks + 4, generator=g)[:nblocks]
+    q = torch.randn(length, heads, dim, generator=g).to(dtype)
+    mask = (None if start == 0 else
+            torch.arange(total)[None, :] <= torch.arange(start, total)[:, None])
+
+    def sdpa():
+        kk = k.index_select(0, table).flatten(0, 1)[:total].transpose(0, 1)
+        vv = v.index_select(0, table).flatten(0, 1)[:total].transpose(0, 1)
+        return F.scaled_dot_product_attention(
+            q.transpose(0, 1)[None], kk[None], vv[None], attn_mask=mask,
+            is_causal=mask is None, scale=dim ** -0.5, enable_gqa=True)
+
+    sdpa_ms = _best_ms(sdpa, iters, repeats)
+    if not has_kernel:
+        return PrefillTiming(start, length, sdpa_ms, None, None)
+    kernel_ms = _best_ms(lambda: mod.paged_prefill(q, k, v, table, start, 0, dim ** -0.5),
+                         iters, repeats)
+    flops = heads * dim * 4 * (length * start + length * length / 2)
+    return PrefillTiming(start, length, sdpa_ms, kernel_ms,
+                         round(flops / (kernel_ms / 1e3) / 1e9, 1))
+
+
 def prefill_timings(dtype: torch.dtype, heads: int, kv_heads: int, dim: int, block: int,
                     chunks: tuple[tuple[int, int], ...], iters: int, repeats: int, seed: int
                     ) -> list[PrefillTiming]:
@@ -118,34 +147,8 @@ def prefill_timings(dtype: torch.dtype, heads: int, kv_heads: int, dim: int, blo
     mod = kernels()
     has_kernel = (mod is not None
                   and str(dtype).removeprefix("torch.") in mod.paged_prefill_dtypes())
-    rows = []
-    for start, length in chunks:
-        total = start + length
-        g = torch.Generator().manual_seed(seed)
-        nblocks = -(-total // block)
-        pool = torch.randn(nblocks + 4, 2, 2, block, kv_heads, dim, generator=g).to(dtype)
-        k, v = pool[:, 1, 0], pool[:, 1, 1]
-        table = torch.randperm(nblocks + 4, generator=g)[:nblocks]
-        q = torch.randn(length, heads, dim, generator=g).to(dtype)
-        mask = (None if start == 0 else
-                torch.arange(total)[None, :] <= torch.arange(start, total)[:, None])
-
-        def sdpa():
-            kk = k.index_select(0, table).flatten(0, 1)[:total].transpose(0, 1)
-            vv = v.index_select(0, table).flatten(0, 1)[:total].transpose(0, 1)
-            return F.scaled_dot_product_attention(
-                q.transpose(0, 1)[None], kk[None], vv[None], attn_mask=mask,
-                is_causal=mask is None, scale=dim ** -0.5, enable_gqa=True)
-
-        sdpa_ms = _best_ms(sdpa, iters, repeats)
-        kernel_ms = gflops = None
-        if has_kernel:
-            kernel_ms = _best_ms(lambda: mod.paged_prefill(q, k, v, table, start, 0, dim ** -0.5),
-                                 iters, repeats)
-            flops = heads * dim * 4 * (length * start + length * length / 2)
-            gflops = round(flops / (kernel_ms / 1e3) / 1e9, 1)
-        rows.append(PrefillTiming(start, length, sdpa_ms, kernel_ms, gflops))
-    return rows
+    return [_prefill_chunk(mod, has_kernel, dtype, heads, kv_heads, dim, block, start, length,
+                           iters, repeats, seed) for start, length in chunks]
 
 
 def run(dtype: str = "float32", threads: int = 2, heads: int = 9, kv_heads: int = 3,

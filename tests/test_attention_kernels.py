@@ -257,5 +257,6 @@ def test_engine_prefills_through_the_kernel_and_sdpa_is_selectable(dtype, tiny_d
     tol = 1e-3 if dtype == torch.float32 else 0.1
     for a, b in zip(runs["auto"], runs["sdpa"], strict=True):
         assert abs(a.logprobs[0] - b.logprobs[0]) < tol or a.token_ids[0] != b.token_ids[0]
-    same = sum(a.token_ids[0] == b.token_ids[0] for a, b in zip(runs["auto"], runs["sdpa"]))
+    same = sum(a.token_ids[0] == b.token_ids[0]
+               for a, b in zip(runs["auto"], runs["sdpa"], strict=True))
     assert same >= 2
