@@ -25,7 +25,7 @@ from alignedserve.engine.cpuinfo import cpu_flags, cpu_model
 log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).resolve().parent / "csrc" / n
-           for n in ("paged_attention.cpp", "paged_prefill.cpp")]
+           for n in ("paged_attention.cpp", "paged_prefill.cpp", "fused_ops.cpp")]
 # -fopenmp: at::parallel_for runs on OpenMP; the module links libgomp.so.1, which resolves to
 # the copy torch has already loaded (same soname), so torch and the kernels share one pool.
 # -ffast-math lets the reductions and exp vectorize; finite-math stays off (-inf is used).

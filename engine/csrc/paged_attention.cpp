@@ -419,10 +419,21 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at
 at::Tensor paged_prefill(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                          const at::Tensor& table, int64_t start, int64_t window, double scale);
 std::vector<std::string> paged_prefill_dtypes();
+// fused_ops.cpp
+at::Tensor rms_norm_bf16(const at::Tensor& x, const at::Tensor& weight, double eps);
+at::Tensor add_rms_norm_bf16(at::Tensor& h, const at::Tensor& delta, const at::Tensor& weight,
+                             double eps);
+at::Tensor silu_mul_bf16(const at::Tensor& gate_up);
+void rope_bf16_(at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, int64_t heads,
+                int64_t dim);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode", &paged_decode, "Paged decode attention reading KV blocks in place");
   m.def("paged_prefill", &paged_prefill, "Paged causal prefill attention of one chunk");
   m.def("paged_prefill_dtypes", &paged_prefill_dtypes,
         "The dtypes paged_prefill takes in this build (bfloat16 needs AVX512-BF16)");
+  m.def("rms_norm_bf16", &rms_norm_bf16, "RMSNorm of bf16 rows (fp32 math)");
+  m.def("add_rms_norm_bf16", &add_rms_norm_bf16, "h += delta in place, then RMSNorm(h), bf16");
+  m.def("silu_mul_bf16", &silu_mul_bf16, "silu(gate) * up of bf16 [T, 2I] rows");
+  m.def("rope_bf16_", &rope_bf16_, "RoPE in place on the first heads of bf16 qkv rows");
 }

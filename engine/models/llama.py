@@ -2,13 +2,17 @@
 
 Numerics follow transformers' implementation (norms in fp32, RoPE tables in fp32 cast to
 the activation dtype) so greedy decoding matches it token for token in fp32. q/k/v and
-gate/up projections are fused into one GEMM each.
+gate/up projections are fused into one GEMM each. A bf16 model on the CPU runs the
+elementwise steps (residual add + RMSNorm, RoPE, SiLU * up) through the fused C++ ops of
+`engine/csrc/fused_ops.cpp` (`FusedBf16Ops`); fp32 keeps torch's ops (`TorchOps`).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +20,7 @@ import torch.nn.functional as F
 from alignedserve.engine.attention import AttentionStep
 from alignedserve.engine.config import ModelConfig
 from alignedserve.engine.linear import Linear
+from alignedserve.engine.native import kernels
 from alignedserve.engine.weights import load_state_dict, take
 
 
@@ -50,6 +55,70 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
+class TorchOps:
+    """The elementwise steps in torch, in transformers' order and rounding."""
+
+    def rope_tables(self, cos, sin, positions, dtype):
+        return cos[positions].to(dtype)[:, None, :], sin[positions].to(dtype)[:, None, :]
+
+    def qkv_rope(self, qkv, tables, cfg: ModelConfig):
+        nq, nkv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        q = qkv[:, :nq].view(-1, cfg.num_heads, cfg.head_dim)
+        k = qkv[:, nq : nq + nkv].view(-1, cfg.num_kv_heads, cfg.head_dim)
+        v = qkv[:, nq + nkv :].view(-1, cfg.num_kv_heads, cfg.head_dim)
+        cos, sin = tables
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def norm(self, x, weight, eps):
+        return rms_norm(x, weight, eps)
+
+    def add_norm(self, h, delta, weight, eps):
+        """(h + delta, rms_norm(h + delta))."""
+        h = h + delta
+        return h, rms_norm(h, weight, eps)
+
+    def silu_mul(self, gate_up):
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+
+class FusedBf16Ops(TorchOps):
+    """The same steps as one C++ pass each (bf16 activations): RoPE in place on the qkv
+    rows, the residual add fused into the next norm (h updated in place)."""
+
+    def __init__(self, mod: ModuleType) -> None:
+        self.mod = mod
+
+    def rope_tables(self, cos, sin, positions, dtype):
+        return cos[positions].contiguous(), sin[positions].contiguous()  # fp32, rounded in C++
+
+    def qkv_rope(self, qkv, tables, cfg: ModelConfig):
+        heads = cfg.num_heads + cfg.num_kv_heads
+        self.mod.rope_bf16_(qkv, tables[0], tables[1], heads, cfg.head_dim)
+        nq, nkv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        return (qkv[:, :nq].view(-1, cfg.num_heads, cfg.head_dim),
+                qkv[:, nq : nq + nkv].view(-1, cfg.num_kv_heads, cfg.head_dim),
+                qkv[:, nq + nkv :].view(-1, cfg.num_kv_heads, cfg.head_dim))
+
+    def norm(self, x, weight, eps):
+        return self.mod.rms_norm_bf16(x, weight, eps)
+
+    def add_norm(self, h, delta, weight, eps):
+        return h, self.mod.add_rms_norm_bf16(h, delta, weight, eps)
+
+    def silu_mul(self, gate_up):
+        return self.mod.silu_mul_bf16(gate_up)
+
+
+def elementwise_ops(dtype: torch.dtype, device: torch.device) -> TorchOps:
+    """FusedBf16Ops for a bf16 model on the CPU where the C++ kernels build (unless
+    ALIGNEDSERVE_NO_FUSED=1), else TorchOps."""
+    mod = kernels() if device.type == "cpu" and dtype == torch.bfloat16 else None
+    if mod is None or os.environ.get("ALIGNEDSERVE_NO_FUSED") == "1":
+        return TorchOps()
+    return FusedBf16Ops(mod)
+
+
 @dataclass
 class LlamaLayer:
     in_norm: torch.Tensor  # [hidden]
@@ -72,6 +141,7 @@ class LlamaForCausalLM:
         self.lm_head = Linear(lm_head)  # [vocab, hidden], may be the same tensor as embed
         self.cos, self.sin = cos, sin  # [max_pos, head_dim] fp32
         self.scale = cfg.head_dim**-0.5
+        self.ops = elementwise_ops(embed.dtype, embed.device)
 
     @classmethod
     def from_pretrained(
@@ -104,23 +174,19 @@ class LlamaForCausalLM:
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionStep
     ) -> torch.Tensor:
-        cfg = self.cfg
-        h = self.embed[input_ids]  # [T, hidden]
-        cos = self.cos[positions].to(h.dtype)[:, None, :]  # [T, 1, head_dim]
-        sin = self.sin[positions].to(h.dtype)[:, None, :]
-        nq, nkv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        cfg, ops, eps = self.cfg, self.ops, self.cfg.norm_eps
+        h = self.embed[input_ids]  # [T, hidden], a new tensor (the fused ops update it)
+        tables = ops.rope_tables(self.cos, self.sin, positions, h.dtype)
+        x = ops.norm(h, self.layers[0].in_norm, eps)
         for i, layer in enumerate(self.layers):
-            x = rms_norm(h, layer.in_norm, cfg.norm_eps)
-            qkv = layer.qkv(x)
-            q = qkv[:, :nq].view(-1, cfg.num_heads, cfg.head_dim)
-            k = qkv[:, nq : nq + nkv].view(-1, cfg.num_kv_heads, cfg.head_dim)
-            v = qkv[:, nq + nkv :].view(-1, cfg.num_kv_heads, cfg.head_dim)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            h = h + layer.o(attn.forward(i, q, k, v, self.scale))
-            x = rms_norm(h, layer.post_norm, cfg.norm_eps)
-            gate, up = layer.gate_up(x).chunk(2, dim=-1)
-            h = h + layer.down(F.silu(gate) * up)
-        return rms_norm(h, self.norm, cfg.norm_eps)
+            q, k, v = ops.qkv_rope(layer.qkv(x), tables, cfg)
+            h, x = ops.add_norm(h, layer.o(attn.forward(i, q, k, v, self.scale)),
+                                layer.post_norm, eps)
+            # The residual add of the MLP goes with the next layer's input norm (the
+            # model's final norm after the last layer).
+            nxt = self.layers[i + 1].in_norm if i + 1 < len(self.layers) else self.norm
+            h, x = ops.add_norm(h, layer.down(ops.silu_mul(layer.gate_up(x))), nxt, eps)
+        return x
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
