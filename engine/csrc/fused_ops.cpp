@@ -8,18 +8,7 @@
 // (the residual sum, the normalized row before the weight, the output); RoPE and SiLU * up
 // round once instead of after every op. The fp32 model keeps torch's ops: its greedy
 // output is checked token for token against transformers.
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
-#define CPU_CAPABILITY AVX512
-#define CPU_CAPABILITY_AVX512
-#elif defined(__AVX2__) && defined(__FMA__)
-#define CPU_CAPABILITY AVX2
-#define CPU_CAPABILITY_AVX2
-#else
-#define CPU_CAPABILITY DEFAULT
-#endif
-#include <ATen/cpu/vec/vec.h>
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
+#include "common.h"
 
 #include <cmath>
 #include <cstdint>
@@ -55,6 +44,11 @@ inline uint16_t* mbits(at::Tensor& t) { return reinterpret_cast<uint16_t*>(t.dat
 // Rows per task: enough elements that a thread's start-up is paid back.
 inline int64_t grain(int64_t row_elems) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, row_elems)); }
 
+void check_weight(const at::Tensor& weight, int64_t n) {
+  TORCH_CHECK(weight.scalar_type() == at::kBFloat16 && weight.is_contiguous() && weight.numel() == n,
+              "weight must be a contiguous bf16 [H]");
+}
+
 void check_rows(const at::Tensor& x, const char* name) {
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, name, " must be [rows, features] with unit stride");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16, name, " must be bfloat16");
@@ -73,8 +67,7 @@ inline void norm_row(const float* row, const uint16_t* w, float eps, int64_t n, 
 // x [T, H] bf16, weight [H] bf16 -> [T, H] bf16.
 at::Tensor rms_norm_bf16(const at::Tensor& x, const at::Tensor& weight, double eps) {
   check_rows(x, "x");
-  TORCH_CHECK(weight.scalar_type() == at::kBFloat16 && weight.is_contiguous() &&
-                  weight.numel() == x.size(1), "weight must be a contiguous bf16 [H]");
+  check_weight(weight, x.size(1));
   const int64_t T = x.size(0), H = x.size(1), xs = x.stride(0);
   at::Tensor out = at::empty({T, H}, x.options());
   const uint16_t* xp = bits(x);
@@ -97,8 +90,7 @@ at::Tensor add_rms_norm_bf16(at::Tensor& h, const at::Tensor& delta, const at::T
   check_rows(h, "h");
   check_rows(delta, "delta");
   TORCH_CHECK(h.is_contiguous() && delta.sizes() == h.sizes(), "h must be contiguous, delta its shape");
-  TORCH_CHECK(weight.scalar_type() == at::kBFloat16 && weight.is_contiguous() &&
-                  weight.numel() == h.size(1), "weight must be a contiguous bf16 [H]");
+  check_weight(weight, h.size(1));
   const int64_t T = h.size(0), H = h.size(1), ds = delta.stride(0);
   at::Tensor out = at::empty({T, H}, h.options());
   uint16_t* hp = mbits(h);

@@ -16,19 +16,7 @@
 // Vector code uses ATen's portable SIMD types (at::vec::Vectorized), compiled for the
 // widest instruction set the build machine has (the build is -march=native); the score pass
 // reduces its per-row sums with a hand-written AVX-512 or AVX2 tree (`lane_sums`).
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
-#define CPU_CAPABILITY AVX512
-#define CPU_CAPABILITY_AVX512
-#elif defined(__AVX2__) && defined(__FMA__)
-#define CPU_CAPABILITY AVX2
-#define CPU_CAPABILITY_AVX2
-#else
-#define CPU_CAPABILITY DEFAULT
-#endif
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
+#include "common.h"
 
 #include <algorithm>
 #include <cmath>
@@ -384,15 +372,7 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
 at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                         const at::Tensor& tables, const at::Tensor& table_starts,
                         const at::Tensor& kv_lens, int64_t window, double scale) {
-  TORCH_CHECK(q.dim() == 3 && q.is_contiguous(), "q must be a contiguous [seqs, heads, dim]");
-  TORCH_CHECK(k_cache.dim() == 4 && v_cache.dim() == 4, "caches must be 4-D");
-  TORCH_CHECK(k_cache.stride(3) == 1 && k_cache.stride(2) == k_cache.size(3) &&
-                  k_cache.stride(1) == k_cache.size(2) * k_cache.size(3),
-              "a cache block must be contiguous [block_size, kv_heads, dim]");
-  TORCH_CHECK(v_cache.strides() == k_cache.strides(), "K and V views must share strides");
-  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type(), "q and the cache dtype differ");
-  TORCH_CHECK(q.size(2) == k_cache.size(3) && q.size(1) % k_cache.size(2) == 0,
-              "head shapes do not match");
+  check_paged_views(q, k_cache, v_cache, "seqs");
   TORCH_CHECK(tables.scalar_type() == at::kLong && table_starts.scalar_type() == at::kLong &&
                   kv_lens.scalar_type() == at::kLong,
               "tables, table_starts and kv_lens must be int64");

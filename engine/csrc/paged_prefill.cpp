@@ -21,19 +21,7 @@
 //    torch's threads longest first.
 // Numerics: scores and the softmax in fp32. In bf16 the weights are rounded to bf16 for the
 // PV product, as torch's bf16 flash kernel does, and each row's sum uses the rounded values.
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
-#define CPU_CAPABILITY AVX512
-#define CPU_CAPABILITY_AVX512
-#elif defined(__AVX2__) && defined(__FMA__)
-#define CPU_CAPABILITY AVX2
-#define CPU_CAPABILITY_AVX2
-#else
-#define CPU_CAPABILITY DEFAULT
-#endif
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
+#include "common.h"
 
 #include <algorithm>
 #include <cmath>
@@ -412,19 +400,11 @@ std::vector<std::string> paged_prefill_dtypes() {
 // Returns [len, heads, dim].
 at::Tensor paged_prefill(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                          const at::Tensor& table, int64_t start, int64_t window, double scale) {
-  TORCH_CHECK(q.dim() == 3 && q.is_contiguous(), "q must be a contiguous [len, heads, dim]");
-  TORCH_CHECK(k_cache.dim() == 4 && v_cache.dim() == 4, "caches must be 4-D");
-  TORCH_CHECK(k_cache.stride(3) == 1 && k_cache.stride(2) == k_cache.size(3) &&
-                  k_cache.stride(1) == k_cache.size(2) * k_cache.size(3),
-              "a cache block must be contiguous [block_size, kv_heads, dim]");
-  TORCH_CHECK(v_cache.strides() == k_cache.strides(), "K and V views must share strides");
-  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && q.scalar_type() == v_cache.scalar_type(),
-              "q and the cache dtype differ");
+  check_paged_views(q, k_cache, v_cache, "len");
   TORCH_CHECK(supported(q.scalar_type()),
               "paged_prefill takes float32, and bfloat16 where the CPU has AVX512-BF16");
-  TORCH_CHECK(q.size(2) == k_cache.size(3) && q.size(1) % k_cache.size(2) == 0,
-              "head shapes do not match");
-  TORCH_CHECK(q.size(2) % 32 == 0 && q.size(2) <= 256, "paged_prefill needs a head dim that is a multiple of 32, up to 256");
+  TORCH_CHECK(q.size(2) % 32 == 0 && q.size(2) <= 256,
+              "paged_prefill needs a head dim that is a multiple of 32, up to 256");
   TORCH_CHECK(k_cache.size(1) == 16 || k_cache.size(1) == 32, "block size must be 16 or 32");
   TORCH_CHECK(start >= 0 && q.size(0) >= 1, "start must be >= 0 and the chunk non-empty");
   auto t = table.contiguous();
