@@ -11,9 +11,13 @@ interface.
 from __future__ import annotations
 
 import errno
+import logging
 import random
 import socket
+import time
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 _LOW = 20000  # above Ray's default max_worker_port (19999)
 
@@ -49,3 +53,27 @@ def free_port() -> int:
     with socket.socket() as s:  # no such gap on this machine: an ephemeral one
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_until_bindable(host: str, port: int, timeout_s: float, poll_s: float = 0.25) -> bool:
+    """Wait until `host:port` can be bound the way Serve's direct ingress binds it (no
+    SO_REUSEADDR, so a connection of the previous listener still in TIME_WAIT blocks it,
+    for up to 60 s on Linux). Serve tries its one port once and, when the bind fails,
+    blocks that port for good, so a router replaced right after being killed would never
+    listen again. True once bindable; False after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    warned = False
+    while True:
+        try:
+            with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+                s.bind((host, port))
+            return True
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE or time.monotonic() >= deadline:
+                return e.errno != errno.EADDRINUSE  # anything else is Serve's to report
+            if not warned:
+                log.warning("port %s:%d is still in use (the previous listener's "
+                            "connections); waiting up to %.0f s before serving on it",
+                            host, port, timeout_s)
+                warned = True
+        time.sleep(poll_s)

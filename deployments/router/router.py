@@ -8,6 +8,7 @@ wires them to the Redis backend, the KV store and the leader loop.
 # No `from __future__ import annotations` here: Serve's ingress rebinds these methods, and
 # FastAPI must see the real `Request` class in their signatures, not a string.
 import asyncio
+import os
 
 import ray
 from fastapi import FastAPI, Request
@@ -30,7 +31,10 @@ from alignedserve.deployments.router.redis_backend import RedisBackend
 from alignedserve.global_queue.keys import RedisKeys
 from alignedserve.logs import configure_logging
 from alignedserve.niceness import set_process_nice
+from alignedserve.ports import wait_until_bindable
 from alignedserve.scheduling.dispatch import DispatchKnobs, dispatch_align_by
+
+PORT_WAIT_S = 90.0  # longer than Linux's TIME_WAIT (60 s)
 
 app = FastAPI(title="AlignedServe", description="OpenAI-compatible LLM serving with "
               "prefix-aware batching.")
@@ -45,6 +49,12 @@ class Router(GrpcApiMixin):
 
         configure_logging(cfg.log_level)
         self.cfg = cfg
+        if os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS") == "1":
+            # Serve binds this replica's one port right after this constructor; a port
+            # still held by the previous router's connections would be blocked for good.
+            for port in (cfg.http_port, cfg.grpc_port):
+                if port:
+                    wait_until_bindable(cfg.host, port, PORT_WAIT_S)
         self.node = ray.get_runtime_context().get_node_id()
         self.compute = compute  # the ComputeReplica deployment's handle (keeps it deployed)
         keys = RedisKeys(cfg.redis_prefix)
