@@ -64,23 +64,33 @@ inline void norm_row(const float* row, const uint16_t* w, float eps, int64_t n, 
 
 }  // namespace
 
-// x [T, H] bf16, weight [H] bf16 -> [T, H] bf16.
-at::Tensor rms_norm_bf16(const at::Tensor& x, const at::Tensor& weight, double eps) {
-  check_rows(x, "x");
-  check_weight(weight, x.size(1));
-  const int64_t T = x.size(0), H = x.size(1), xs = x.stride(0);
-  at::Tensor out = at::empty({T, H}, x.options());
-  const uint16_t* xp = bits(x);
+// The row loop both norms share: load_row(t, row) fills row t's bf16 values (as floats),
+// then out[t] = rms_norm(row). weight [H] bf16 -> out [T, H] bf16.
+template <typename LoadRow>
+at::Tensor norm_rows(int64_t T, int64_t H, const at::Tensor& like, const at::Tensor& weight,
+                     double eps, const LoadRow& load_row) {
+  check_weight(weight, H);
+  at::Tensor out = at::empty({T, H}, like.options());
   const uint16_t* wp = bits(weight);
   uint16_t* op = mbits(out);
   at::parallel_for(0, T, grain(H), [&](int64_t t0, int64_t t1) {
     std::vector<float> row(H);
     for (int64_t t = t0; t < t1; ++t) {
-      for (int64_t i = 0; i < H; ++i) row[i] = f32(xp[t * xs + i]);
+      load_row(t, row.data());
       norm_row(row.data(), wp, static_cast<float>(eps), H, op + t * H);
     }
   });
   return out;
+}
+
+// x [T, H] bf16, weight [H] bf16 -> [T, H] bf16.
+at::Tensor rms_norm_bf16(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  check_rows(x, "x");
+  const int64_t H = x.size(1), xs = x.stride(0);
+  const uint16_t* xp = bits(x);
+  return norm_rows(x.size(0), H, x, weight, eps, [&](int64_t t, float* row) {
+    for (int64_t i = 0; i < H; ++i) row[i] = f32(xp[t * xs + i]);
+  });
 }
 
 // h += delta (rounded to bf16, in place), then returns rms_norm(h): the residual add and
@@ -90,25 +100,16 @@ at::Tensor add_rms_norm_bf16(at::Tensor& h, const at::Tensor& delta, const at::T
   check_rows(h, "h");
   check_rows(delta, "delta");
   TORCH_CHECK(h.is_contiguous() && delta.sizes() == h.sizes(), "h must be contiguous, delta its shape");
-  check_weight(weight, h.size(1));
-  const int64_t T = h.size(0), H = h.size(1), ds = delta.stride(0);
-  at::Tensor out = at::empty({T, H}, h.options());
+  const int64_t H = h.size(1), ds = delta.stride(0);
   uint16_t* hp = mbits(h);
   const uint16_t* dp = bits(delta);
-  const uint16_t* wp = bits(weight);
-  uint16_t* op = mbits(out);
-  at::parallel_for(0, T, grain(H), [&](int64_t t0, int64_t t1) {
-    std::vector<float> row(H);
-    for (int64_t t = t0; t < t1; ++t) {
-      for (int64_t i = 0; i < H; ++i) {
-        const uint16_t s = bf16(f32(hp[t * H + i]) + f32(dp[t * ds + i]));
-        hp[t * H + i] = s;
-        row[i] = f32(s);
-      }
-      norm_row(row.data(), wp, static_cast<float>(eps), H, op + t * H);
+  return norm_rows(h.size(0), H, h, weight, eps, [&](int64_t t, float* row) {
+    for (int64_t i = 0; i < H; ++i) {
+      const uint16_t s = bf16(f32(hp[t * H + i]) + f32(dp[t * ds + i]));
+      hp[t * H + i] = s;
+      row[i] = f32(s);
     }
   });
-  return out;
 }
 
 // gate_up [T, 2I] bf16 (gate then up) -> [T, I] bf16: silu(gate) * up, in fp32, one rounding.
