@@ -55,6 +55,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
+def split_qkv(qkv, cfg: ModelConfig):
+    """Views of the fused projection's rows: q [T, heads, dim], k and v [T, kv_heads, dim]."""
+    nq, nkv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    return (qkv[:, :nq].view(-1, cfg.num_heads, cfg.head_dim),
+            qkv[:, nq : nq + nkv].view(-1, cfg.num_kv_heads, cfg.head_dim),
+            qkv[:, nq + nkv :].view(-1, cfg.num_kv_heads, cfg.head_dim))
+
+
 class TorchOps:
     """The elementwise steps in torch, in transformers' order and rounding."""
 
@@ -62,10 +70,7 @@ class TorchOps:
         return cos[positions].to(dtype)[:, None, :], sin[positions].to(dtype)[:, None, :]
 
     def qkv_rope(self, qkv, tables, cfg: ModelConfig):
-        nq, nkv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        q = qkv[:, :nq].view(-1, cfg.num_heads, cfg.head_dim)
-        k = qkv[:, nq : nq + nkv].view(-1, cfg.num_kv_heads, cfg.head_dim)
-        v = qkv[:, nq + nkv :].view(-1, cfg.num_kv_heads, cfg.head_dim)
+        q, k, v = split_qkv(qkv, cfg)
         cos, sin = tables
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
@@ -95,10 +100,7 @@ class FusedBf16Ops(TorchOps):
     def qkv_rope(self, qkv, tables, cfg: ModelConfig):
         heads = cfg.num_heads + cfg.num_kv_heads
         self.mod.rope_bf16_(qkv, tables[0], tables[1], heads, cfg.head_dim)
-        nq, nkv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        return (qkv[:, :nq].view(-1, cfg.num_heads, cfg.head_dim),
-                qkv[:, nq : nq + nkv].view(-1, cfg.num_kv_heads, cfg.head_dim),
-                qkv[:, nq + nkv :].view(-1, cfg.num_kv_heads, cfg.head_dim))
+        return split_qkv(qkv, cfg)
 
     def norm(self, x, weight, eps):
         return self.mod.rms_norm_bf16(x, weight, eps)
