@@ -28,6 +28,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -283,6 +284,22 @@ struct Bf16Path {
 };
 #endif
 
+// K and V packs of one call, kept per calling thread and grown when a longer context needs
+// more: each call rewrites every block it reads, so the buffer needs no zero fill and the
+// 30-odd calls of a chunk (one per layer) allocate nothing. It holds the longest context
+// prefilled so far on the thread (K and V of all KV heads of one layer).
+template <typename PK>
+PK* pack_buffer(size_t elems) {
+  thread_local std::unique_ptr<PK[]> buf;
+  thread_local size_t cap = 0;
+  if (cap < elems) {
+    buf.reset();
+    buf.reset(new PK[elems]);
+    cap = elems;
+  }
+  return buf.get();
+}
+
 template <typename Path>
 void prefill_kernel(const Chunk<typename Path::T>& c, const typename Path::T* q, double scale,
                     typename Path::T* out) {
@@ -296,12 +313,14 @@ void prefill_kernel(const Chunk<typename Path::T>& c, const typename Path::T* q,
   const int64_t first_block = first_pos / bs;
   const int64_t blk_elems = bs * dim;  // one packed K (or V) block of one KV head
   using PK = std::conditional_t<std::is_same_v<T, float>, float, uint16_t>;
-  std::vector<PK> kpack(c.kv_heads * nblocks * blk_elems), vpack(kpack.size());
+  const size_t pack_elems = static_cast<size_t>(c.kv_heads * nblocks * blk_elems);
+  PK* const kpack = pack_buffer<PK>(2 * pack_elems);
+  PK* const vpack = kpack + pack_elems;
   at::parallel_for(0, (nblocks - first_block) * c.kv_heads, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t w = b0; w < b1; ++w) {
       const int64_t i = first_block + w / c.kv_heads, g = w % c.kv_heads;
       const int64_t off = (g * nblocks + i) * blk_elems;
-      Path::pack(c, i, g, kpack.data() + off, vpack.data() + off);
+      Path::pack(c, i, g, kpack + off, vpack + off);
     }
   });
 
@@ -351,7 +370,7 @@ void prefill_kernel(const Chunk<typename Path::T>& c, const typename Path::T* q,
         const int64_t hi = c.start + t0 + tn;  // keys at positions < hi may be read
         for (int64_t i = lo_r[0] / bs; i * bs < hi; ++i) {
           const int64_t off = (g * nblocks + i) * blk_elems;
-          Path::scores(qs.data(), dim, kpack.data() + off, bs, s.data(), rows_p);
+          Path::scores(qs.data(), dim, kpack + off, bs, s.data(), rows_p);
           for (int64_t r = 0; r < rows_p; ++r) {
             const int64_t a = std::max<int64_t>(0, lo_r[r] - i * bs);
             const int64_t b = std::min<int64_t>(bs, pos[r] - i * bs + 1);
@@ -362,7 +381,7 @@ void prefill_kernel(const Chunk<typename Path::T>& c, const typename Path::T* q,
             softmax_range(s.data() + r * bs, a, b, sc, m[r], l[r], o.data() + r * dim, dim,
                           Path::store, w.data() + r * bs, bs);
           }
-          Path::pv(w.data(), bs, vpack.data() + off, o.data(), dim, rows_p);
+          Path::pv(w.data(), bs, vpack + off, o.data(), dim, rows_p);
         }
         for (int64_t i = 0; i < tn; ++i)
           for (int64_t j = 0; j < G; ++j) {
