@@ -17,6 +17,7 @@ the cache, then attends:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from alignedserve.engine.kv_cache import PagedKVCache
+from alignedserve.engine.native import kernels
 
 
 @dataclass(frozen=True)
@@ -127,8 +129,6 @@ class PagedDecode:
     align_by = "total"  # work split over threads longest first (LPT)
 
     def forward(self, q, k, v, b: DecodeBatch, scale: float) -> torch.Tensor:
-        from alignedserve.engine.native import kernels
-
         mod = kernels()
         if mod is None:
             raise RuntimeError("the paged backend needs the C++ kernels (engine/native.py)")
@@ -178,8 +178,6 @@ class PrefillChunk:
 def paged_prefill_fits(cache: PagedKVCache, head_dim: int) -> bool:
     """Whether the C++ prefill kernel takes this cache: on the CPU, fp32 (or bf16 in a build
     with AVX512-BF16), a head dim that is a multiple of 32 up to 256, blocks of 16 or 32."""
-    from alignedserve.engine.native import kernels
-
     mod = kernels()
     dtype = str(cache.kv.dtype).removeprefix("torch.")
     return (cache.kv.device.type == "cpu" and mod is not None
@@ -209,7 +207,8 @@ class AttentionStep:
     decode: DecodeBatch | None
     backend: DecodeBackend
     prefills: list[PrefillChunk]
-    paged_prefill: bool = False  # prefill chunks through the C++ kernel (paged_prefill_fits)
+    # the C++ kernel's paged_prefill, resolved once by the runner where paged_prefill_fits
+    prefill_kernel: Callable[..., torch.Tensor] | None = None
     window: int | None = None  # the model's sliding window, for the prefill kernel
 
     def forward(self, layer: int, q, k, v, scale: float) -> torch.Tensor:
@@ -222,11 +221,9 @@ class AttentionStep:
             out[:nd] = self.backend.forward(q[:nd], kc, vc, self.decode, scale)
         for c in self.prefills:
             rows = slice(c.q_start, c.q_start + c.q_len)
-            if self.paged_prefill:
-                from alignedserve.engine.native import kernels
-
+            if self.prefill_kernel is not None:
                 kc, vc = self.cache.k[layer], self.cache.v[layer]
-                out[rows] = kernels().paged_prefill(  # type: ignore[union-attr]
+                out[rows] = self.prefill_kernel(
                     q[rows].contiguous(), kc, vc, c.blocks, c.start, self.window or 0, scale)
                 continue
             qi = q[rows].transpose(0, 1)  # [heads, q_len, dim]

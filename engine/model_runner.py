@@ -66,8 +66,9 @@ class ModelRunner:
         self.max_model_len = self.sizes.max_model_len
         # auto decode attention: the C++ paged kernel where it builds (CPU), else dense/varlen.
         self._paged = self.cache.kv.device.type == "cpu" and kernels() is not None
-        self._paged_prefill = (cfg.prefill_attention == "auto"
-                               and paged_prefill_fits(self.cache, self.model_cfg.head_dim))
+        fits = (cfg.prefill_attention == "auto"
+                and paged_prefill_fits(self.cache, self.model_cfg.head_dim))
+        self._prefill_kernel = kernels().paged_prefill if fits else None  # type: ignore[union-attr]
         self._generators: dict[str, torch.Generator] = {}
 
     @property
@@ -104,7 +105,7 @@ class ModelRunner:
                 blks.append(table[p // bs])
                 offs.append(p % bs)
             if not c.is_decode:
-                mask = (None if self._paged_prefill
+                mask = (None if self._prefill_kernel is not None
                         else prefill_mask(c.start, c.num_new_tokens, window))
                 blocks = torch.tensor(table, dtype=torch.long)
                 prefills.append(PrefillChunk(row, c.num_new_tokens, c.start, blocks, mask))
@@ -117,7 +118,7 @@ class ModelRunner:
             decode = build_decode_batch(tables, kv_lens, bs, window, dense)
         return AttentionStep(
             self.cache, torch.tensor(blks), torch.tensor(offs), len(decodes), decode, backend,
-            prefills, self._paged_prefill, window,
+            prefills, self._prefill_kernel, window,
         )
 
     def execute(self, out: SchedulerOutput) -> StepResult:
