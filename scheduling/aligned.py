@@ -149,7 +149,7 @@ class AlignedScheduler:
             need = blocks_for(req.num_tokens, bs) - len(req.host_block_ids)
             if self.swap.host_blocks_free() - need < self._host_reserve and self.pooled:
                 return  # the pool is full: wait (an empty pool always admits one)
-            if not self.swap.reserve_host(req, req.num_tokens):
+            if not self.swap.hold_host(req, req.num_tokens):
                 return
             self.waiting.popleft()
             self._to_pool(req)

@@ -83,6 +83,8 @@ class BlockAllocator:
         """`HostAllocator.reserve`: in-process block ids need no owner to be unambiguous."""
         return self.extend_to(held, total)
 
+    reserve_ahead = reserve  # in-process the ids are at hand: nothing to wait for
+
     def release(self, owner: str, held: list[int]) -> None:
         """`HostAllocator.release`."""
         self.free(held)

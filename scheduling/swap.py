@@ -37,6 +37,11 @@ class HostAllocator(Protocol):
         False and no change when the pool is short."""
         ...
 
+    def reserve_ahead(self, owner: str, held: list[int], total: int) -> bool:
+        """As `reserve`, for capacity held ahead of need (admission): the ids in `held` may
+        arrive later, and an allocator that answers asynchronously may grant it on a hint."""
+        ...
+
     def release(self, owner: str, held: list[int]) -> None:
         """Free every block in `held`."""
         ...
@@ -76,6 +81,12 @@ class KVSwapper:
         """Hold host blocks for `num_tokens` of `req`'s KV; False (no change) when short."""
         total = blocks_for(num_tokens, self.block_size)
         return self.host.reserve(req.request_id, req.host_block_ids, total)
+
+    def hold_host(self, req: Request, num_tokens: int) -> bool:
+        """Admission: hold host room for `num_tokens` of `req`'s KV ahead of any swap-out
+        (`HostAllocator.reserve_ahead`); False when short."""
+        total = blocks_for(num_tokens, self.block_size)
+        return self.host.reserve_ahead(req.request_id, req.host_block_ids, total)
 
     def swap_out(self, req: Request) -> bool:
         """Write the blocks the host lacks, then drop `req`'s device blocks.

@@ -259,3 +259,103 @@ def test_the_host_allocators_free_count_never_waits_for_the_store(ray_local):
     while alloc.num_free != 3 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert alloc.num_free == 3
+
+
+def _gated_store(ray, grant: bool = True):
+    """A stand-in store whose allocate waits for `open()`; it logs calls in the order they
+    run (the real store runs calls concurrently too: max_concurrency > 1)."""
+    import types
+
+    @ray.remote(max_concurrency=4)
+    class GatedStore:
+        def __init__(self) -> None:
+            self.gate = threading.Event()
+            self.log: list[str] = []
+
+        def open(self) -> None:
+            self.gate.set()
+
+        def calls(self) -> list[str]:
+            return self.log
+
+        def allocate(self, owner: str, total: int) -> list[int] | None:
+            self.gate.wait()
+            self.log.append(f"allocate {owner}")
+            return list(range(total)) if grant else None
+
+        def free(self, owner: str) -> None:
+            self.log.append(f"free {owner}")
+
+        def stats(self) -> types.SimpleNamespace:
+            return types.SimpleNamespace(num_blocks=10, used_blocks=0)
+
+    return GatedStore.remote()
+
+
+def _wait_for(cond, timeout_s: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not cond() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return cond()
+
+
+def test_admission_reserves_host_blocks_without_waiting_for_the_store(ray_local):
+    """reserve_ahead answers at once and counts the blocks against the free hint (also
+    against a stats answer that predates the allocation); the ids arrive when the store
+    answers, picked up by the per-step num_free read."""
+    from alignedserve.kv_store.host_allocator import StoreHostAllocator
+
+    store = _gated_store(ray_local)
+    alloc = StoreHostAllocator(store, 10)
+    held: list[int] = []
+    got: list[bool] = []
+    caller = threading.Thread(target=lambda: got.append(alloc.reserve_ahead("a", held, 3)))
+    caller.start()
+    caller.join(timeout=60)  # a reservation that waited for the store would still be blocked
+    assert not caller.is_alive() and got == [True] and held == []
+    # The store's stats answer (0 used: the allocation has not run) still leaves 7 free.
+    assert _wait_for(lambda: alloc.num_free == 7 and alloc._asked is None)
+    ray_local.get(store.open.remote())
+    assert _wait_for(lambda: alloc.num_free == 7 and held == [0, 1, 2])
+    alloc.release("a", held)
+    alloc.flush(submitted_seq=0, done_seq=0)  # no transfer outstanding: the free goes now
+    assert _wait_for(lambda: ray_local.get(store.calls.remote()) == ["allocate a", "free a"])
+    assert alloc.num_free == 10 and alloc.ahead_refused == 0
+
+
+def test_a_release_waits_for_its_pending_reservation_so_the_free_cannot_overtake_it(ray_local):
+    from alignedserve.kv_store.host_allocator import StoreHostAllocator
+
+    store = _gated_store(ray_local)
+    assert ray_local.get(store.calls.remote()) == []  # up, so its calls can overlap
+    alloc = StoreHostAllocator(store, 10)
+    held: list[int] = []
+    assert alloc.reserve_ahead("b", held, 2)
+
+    def finish() -> None:
+        alloc.release("b", held)
+        alloc.flush(submitted_seq=0, done_seq=0)
+
+    releaser = threading.Thread(target=finish)
+    releaser.start()
+    releaser.join(timeout=0.5)
+    ray_local.get(store.open.remote())
+    releaser.join(timeout=60)
+    assert not releaser.is_alive()
+    assert _wait_for(lambda: len(ray_local.get(store.calls.remote())) == 2)
+    assert ray_local.get(store.calls.remote()) == ["allocate b", "free b"]
+
+
+def test_a_reservation_the_store_refuses_after_all_leaves_the_request_without_host_blocks(
+        ray_local):
+    from alignedserve.kv_store.host_allocator import StoreHostAllocator
+
+    store = _gated_store(ray_local, grant=False)
+    alloc = StoreHostAllocator(store, 10)
+    held: list[int] = []
+    assert alloc.reserve_ahead("c", held, 4)  # the hint had room
+    ray_local.get(store.open.remote())
+    # The per-step num_free read settles the answer; the hint gets its 4 blocks back.
+    assert _wait_for(lambda: alloc.num_free == 10 and alloc.ahead_refused == 1)
+    assert held == []
+    assert not alloc.reserve("c", held, 4)  # a swap-out's reservation asks the store again
