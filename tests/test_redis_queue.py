@@ -279,3 +279,63 @@ def test_new_work_is_announced_and_a_heartbeat_wakes_the_dispatch_only_when_room
     heart._publish_now()
     assert r.llen(keys.wake) == 1
 
+
+
+def test_a_heartbeat_nudged_by_the_decode_loop_publishes_at_once(r, keys, monkeypatch):
+    """The heartbeat beats every HEARTBEAT_S, but the decode loop nudges it when the
+    replica's room moved: the leader's dispatch must not wait a beat for that. With the
+    period set to an hour, only the nudges can publish here."""
+    import dataclasses
+    import threading
+    import types
+
+    import ray
+
+    from alignedserve.deployments.replica import liveness
+
+    monkeypatch.setattr(liveness, "HEARTBEAT_S", 3600.0)
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        @ray.remote(num_cpus=0)
+        class Peer:  # the prefetch worker's ping and the store's stats
+            def ping(self) -> bool:
+                return True
+
+            def stats(self) -> types.SimpleNamespace:
+                return types.SimpleNamespace(num_blocks=1, used_blocks=0, num_requests=0,
+                                             bytes_read=0)
+
+        peer = Peer.remote()
+
+        class Heart(liveness.ReplicaLiveness):
+            def __init__(self) -> None:
+                self.r, self.keys, self.replica_id = r, keys, "rep"
+                self.node, self.store_address = "n", "127.0.0.1:1"
+                self.worker = self.store = peer
+                self._stop, self._beat, self._error = threading.Event(), threading.Event(), None
+                self._last_state = ReplicaState("rep", 0.0, free=4)
+
+        def published_free() -> int | None:
+            raw = r.hget(keys.replicas, "rep")
+            return None if raw is None else ReplicaState.from_json(raw).free
+
+        heart = Heart()
+        r.hdel(keys.replicas, "rep")
+        beat = threading.Thread(target=heart._heartbeat, daemon=True)
+        beat.start()
+        for free in (4, 3):
+            heart._last_state = dataclasses.replace(heart._last_state, free=free)
+            heart._beat.set()
+            deadline = time.monotonic() + 30
+            while published_free() != free and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert published_free() == free
+        heart._stop.set()
+        heart._beat.set()
+        beat.join(timeout=30)
+        assert not beat.is_alive() and heart._error is None
+    finally:
+        if started:
+            ray.shutdown()

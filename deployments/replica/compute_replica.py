@@ -153,6 +153,7 @@ class ComputeReplica(ReplicaLiveness):
         self._pubsub = self.r.pubsub(ignore_subscribe_messages=True)
         self._pubsub.subscribe(self.keys.abort_channel, self.keys.work_channel)
         self._state_at = 0.0
+        self._beat = threading.Event()
         self._last_state = self._state()
         # Published before the loop can claim a request: a router that finds a holder
         # with no state takes it for dead and resumes its requests.
@@ -193,6 +194,7 @@ class ComputeReplica(ReplicaLiveness):
                 self._thread.is_alive():
             time.sleep(0.05)
         self._stop.set()
+        self._beat.set()  # the heartbeat ends now, not at its next beat
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout=10)
         self._heart.join(timeout=5)
@@ -379,8 +381,7 @@ class ComputeReplica(ReplicaLiveness):
         return ReplicaState(
             replica=self.replica_id, ts=time.time(), requests=self.engine.num_requests,
             running=st.running, pooled=st.pooled, waiting=st.waiting,
-            free=0 if self._draining.is_set() else max(
-                0, self.cfg.replica_inflight - self.engine.num_requests - len(self.pulling)),
+            free=self._room(),
             kv_usage=st.device_usage, prefetch_hit_rate=self.transfers.hit_rate,
             switches=st.counters["switches"],
             prefill="replica" if self.cfg.replica_prefills else "worker",
@@ -388,12 +389,22 @@ class ComputeReplica(ReplicaLiveness):
             namespace=self._namespace, pids=self._pids,
         )
 
+    def _room(self) -> int:
+        """Requests the leader may still assign here."""
+        if self._draining.is_set():
+            return 0
+        return max(0, self.cfg.replica_inflight - self.engine.num_requests - len(self.pulling))
+
     def _publish_state(self) -> None:
         """Refresh the state the heartbeat publishes (computed here, on the loop's thread,
-        which owns the scheduler)."""
+        which owns the scheduler) every STATE_EVERY_S, and at once, with a nudge to the
+        heartbeat, when the room moved."""
         now = time.monotonic()
-        if now - self._state_at < STATE_EVERY_S:
+        moved = self._room() != self._last_state.free
+        if not moved and now - self._state_at < STATE_EVERY_S:
             return
         self._state_at = now
         self._last_state = self._state()
+        if moved:
+            self._beat.set()
 

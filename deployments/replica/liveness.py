@@ -1,7 +1,8 @@
 """The compute replica's liveness: its heartbeat and how it fails (`ComputeReplica`).
 
-A heartbeat thread publishes the decode loop's latest state every 0.1 s, and pings the
-prefetch worker: if the worker died, the replica withdraws its state (the routers resume
+A heartbeat thread publishes the decode loop's latest state every 0.25 s, and at once when
+the loop reports that the replica's room moved (the leader's dispatch waits on that), and
+pings the prefetch worker: if the worker died, the replica withdraws its state (the routers resume
 its requests elsewhere at once) and fails its health check, so Serve replaces the pair.
 About once a second it also publishes its node's store (`StoreInfo`: gRPC address, usage).
 """
@@ -22,7 +23,12 @@ from alignedserve.global_queue.nodes import StoreInfo, publish_store
 from alignedserve.global_queue.records import ReplicaState, publish_state
 
 log = logging.getLogger("alignedserve.replica")
-STATE_EVERY_S = 0.1
+STATE_EVERY_S = 0.1  # how often the decode loop refreshes the state the heartbeat sends
+# How often the heartbeat publishes the state when nothing nudges it: routers look closer at
+# a replica whose state is a second old (deployments/liveness.py), so 4 beats fit in that.
+# It was 0.1 s; each beat is a Redis round trip on a thread that contends for the GIL with
+# the decode loop.
+HEARTBEAT_S = 0.25
 _PING_WORKER_EVERY_S = 0.5
 _STORE_EVERY_S = 1.0  # how often the node's store info is refreshed in Redis
 
@@ -40,6 +46,7 @@ class ReplicaLiveness:
     _stop: threading.Event
     _error: BaseException | None
     _last_state: ReplicaState
+    _beat: threading.Event  # set by the decode loop: publish now (the room moved)
 
     _published_free: int | None = None  # the room last published
 
@@ -51,12 +58,17 @@ class ReplicaLiveness:
         publish_state(self.r, self.keys, state, wake=wake)
 
     def _heartbeat(self) -> None:
-        """Publish the decode loop's latest state with a fresh timestamp every 0.1 s (the
-        routers take a replica that stops as dead), and watch the prefetch worker."""
+        """Publish the decode loop's latest state with a fresh timestamp every HEARTBEAT_S,
+        or sooner when nudged (the routers take a replica that stops as dead), and watch
+        the prefetch worker."""
         ping: ray.ObjectRef | None = None
         stats: ray.ObjectRef | None = None
         pinged = stats_at = 0.0
-        while not self._stop.wait(STATE_EVERY_S):
+        while True:
+            self._beat.wait(HEARTBEAT_S)
+            self._beat.clear()
+            if self._stop.is_set():
+                return
             try:
                 if ping is None and time.monotonic() - pinged > _PING_WORKER_EVERY_S:
                     ping, pinged = self.worker.ping.remote(), time.monotonic()
@@ -84,6 +96,7 @@ class ReplicaLiveness:
         log.error("replica %s failed (%r); its requests resume elsewhere", self.replica_id, e)
         self._error = e
         self._stop.set()
+        self._beat.set()
         try:
             self.r.hdel(self.keys.replicas, self.replica_id)
         except Exception:  # Redis down too: the routers see the state go stale instead
