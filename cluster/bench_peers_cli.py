@@ -36,6 +36,10 @@ def add_peers_serve_parser(bsub: argparse._SubParsersAction) -> None:
                     help="Weights/activations dtype of both servers.")
     ps.add_argument("--warmups", type=int, default=1,
                     help="Unmeasured requests before each run (vllm bench --num-warmups).")
+    ps.add_argument("--rounds", type=int, default=1,
+                    help="Run every server over every dataset this many times, the order "
+                    "reversed every other round; the targets are judged on each ratio's "
+                    "median over the rounds (this host drifts between runs).")
     ps.add_argument("--ready-timeout", type=float, default=900.0,
                     help="Seconds a server gets to start and answer.")
     ps.add_argument("--out", default="bench-results/peers-serve", help="Output folder.")
@@ -56,7 +60,8 @@ def _cmd_bench_peers_serve(args: argparse.Namespace) -> int:
                            num_requests=args.num_requests, rate=args.rate, seed=args.seed,
                            len_scale=args.len_scale, dtype=args.dtype,
                            warmups=args.warmups, out_dir=args.out,
-                           ready_timeout_s=args.ready_timeout, progress=not args.no_progress,
+                           ready_timeout_s=args.ready_timeout, rounds=args.rounds,
+                           progress=not args.no_progress,
                            command=shlex.join(["alignedserve", *args.argv]))
     print_summary(run_peers_serve(cfg), cfg.out_dir)
     return 0

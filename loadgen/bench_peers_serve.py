@@ -2,7 +2,10 @@
 client: `vllm bench serve` (streaming `/v1/completions`, ignore_eos, greedy).
 
 Each server in turn is started on 127.0.0.1 (`peer_servers.py`), runs every dataset and is
-stopped before the next one starts, so the two never share the machine. Datasets:
+stopped before the next one starts, so the two never share the machine. With `rounds` > 1
+that repeats, the order reversed every other round (A B, B A, ...), and the targets are
+judged on each ratio's median over the rounds: the machines here drift by up to 20% within
+minutes, and a fixed order charges the drift to one server. Datasets:
 
 | name       | prompts                                   | arrivals                   |
 |------------|-------------------------------------------|----------------------------|
@@ -78,6 +81,7 @@ class PeersServeConfig:
     dtype: str = "float32"  # both servers
     out_dir: str = "bench-results/peers-serve"
     ready_timeout_s: float = 900.0  # start-up of one server, until it answers
+    rounds: int = 1  # every server over every dataset, this many times, alternating order
     progress: bool = True
     command: str = ""
 
@@ -95,6 +99,12 @@ class PeersServeConfig:
             raise ValueError(f"warmups must be >= 0, got {self.warmups}")
         if self.rate is not None and self.rate <= 0:
             raise ValueError(f"rate must be > 0 req/s, got {self.rate}")
+        if self.rounds < 1:
+            raise ValueError(f"rounds must be >= 1, got {self.rounds}")
+
+    def server_order(self, round_no: int) -> tuple[str, ...]:
+        """The servers of a round: as given in odd rounds, reversed in even ones."""
+        return self.servers if round_no % 2 else self.servers[::-1]
 
     def count(self, dataset: str) -> int:
         if self.num_prompts is not None:
@@ -210,22 +220,26 @@ def _spec(cfg: PeersServeConfig, server: str) -> ServerSpec:
 
 
 def _run_server(cfg: PeersServeConfig, server: str, out: Path, files: dict[str, dict],
-                runs_before: int) -> tuple[list[BenchRow], list[str], dict[str, Any]]:
+                runs_before: int, round_no: int = 1
+                ) -> tuple[list[BenchRow], list[str], dict[str, Any]]:
     """Every dataset against one server: (rows, commands run, server record)."""
     spec = _spec(cfg, server)
     rows, commands = [], [spec.command_line()]
-    total = len(cfg.datasets) * len(cfg.servers)
-    with ServerProcess(spec, out / "logs" / f"{server}-server.log", cfg.ready_timeout_s) as srv:
+    total = len(cfg.datasets) * len(cfg.servers) * cfg.rounds
+    tag = f"-r{round_no}" if cfg.rounds > 1 else ""
+    with ServerProcess(spec, out / "logs" / f"{server}{tag}-server.log",
+                       cfg.ready_timeout_s) as srv:
         for i, dataset in enumerate(cfg.datasets, runs_before + 1):
-            result = out / "raw" / f"{server}-{dataset}.json"
+            result = out / "raw" / f"{server}-{dataset}{tag}.json"
             path = Path(files[dataset]["path"]) if dataset in files else None
             cmd = bench_command(cfg, dataset, spec, result, path)
             commands.append(shlex.join(cmd))
             load = os.getloadavg()[0]
-            run_bench(cmd, out / "logs" / f"{server}-{dataset}-bench.log",
-                      f"[{i}/{total}] {server} {dataset}", cfg.count(dataset),
+            run_bench(cmd, out / "logs" / f"{server}-{dataset}{tag}-bench.log",
+                      f"[{i}/{total}] {server} {dataset}{tag}", cfg.count(dataset),
                       cfg.progress, srv.mark_cpu)
-            row = parse_result(json.loads(result.read_text()), server, dataset, load)
+            row = parse_result(json.loads(result.read_text()), server, dataset, load,
+                               round_no)
             if (cpu := srv.cpu_since_mark()) is not None:
                 row = replace(row, cpu_model=cpu.model, cpu_beside_model=cpu.beside_model,
                               cpu_processes=cpu.processes)
@@ -243,12 +257,17 @@ def run_peers_serve(cfg: PeersServeConfig) -> dict[str, Any]:
     rows: list[BenchRow] = []
     commands: list[str] = []
     servers: dict[str, Any] = {}
-    for server in cfg.servers:
-        got, cmds, servers[server] = _run_server(cfg, server, out, files, len(rows))
-        rows += got
-        commands += cmds
+    for round_no in range(1, cfg.rounds + 1):
+        for server in cfg.server_order(round_no):
+            got, cmds, record = _run_server(cfg, server, out, files, len(rows), round_no)
+            rows += got
+            commands += cmds
+            leaked = servers.get(server, {}).get("leaked_processes", [])  # every round's
+            servers[server] = {**record, "leaked_processes": leaked + record["leaked_processes"]}
     comparisons = compare_all(rows)
     title = f"{cfg.label} ({cfg.dtype}): AlignedServe vs vLLM CPU, vllm bench serve"
+    if cfg.rounds > 1:
+        title += f", {cfg.rounds} rounds in alternating order"
     table = markdown(rows, comparisons, title)
     payload = {
         "command": cfg.command, "config": asdict(cfg), "commands": commands,

@@ -58,10 +58,11 @@ class BenchRow:
     cpu_model: float | None = None
     cpu_beside_model: float | None = None
     cpu_processes: tuple[tuple[str, float], ...] = ()
+    round: int = 1  # `--rounds`: which round of the alternating server order
 
 
 def parse_result(result: dict[str, Any], server: str, dataset: str,
-                 load_avg_1m: float | None = None) -> BenchRow:
+                 load_avg_1m: float | None = None, round_no: int = 1) -> BenchRow:
     """A saved vllm bench result (`--percentile-metrics ttft,tpot,itl,e2el
     --metric-percentiles 50,90,99`) -> a row. Raises KeyError when a percentile is missing."""
     completed = int(result["completed"])
@@ -78,7 +79,7 @@ def parse_result(result: dict[str, Any], server: str, dataset: str,
         duration_s=float(result["duration"]),
         input_tokens_mean=int(result["total_input_tokens"]) / completed if completed else 0.0,
         output_tokens=int(result["total_output_tokens"]), errors=errors,
-        load_avg_1m=load_avg_1m,
+        load_avg_1m=load_avg_1m, round=round_no,
     )
 
 
@@ -98,6 +99,14 @@ class Comparison:
     ttft_p50_ratio: float | None
     tpot_p99_ratio: float | None
     targets: tuple[Target, ...]
+    round: int | None = 1  # None: the median over every round (`median_comparison`)
+    rounds: int = 1  # rounds behind it (the median's)
+
+    @property
+    def label(self) -> str:
+        if self.round is None:
+            return f"{self.dataset}, median of {self.rounds} rounds"
+        return self.dataset if self.rounds == 1 else f"{self.dataset}, round {self.round}"
 
     @property
     def all_met(self) -> bool | None:
@@ -113,10 +122,8 @@ def _check(name: str, value: float | None, ok: bool) -> Target:
     return Target(name, value, None if value is None else ok)
 
 
-def compare(ours: BenchRow, base: BenchRow) -> Comparison:
-    out = _ratio(ours.output_tps, base.output_tps)
-    ttft = _ratio(ours.ttft_p50_ms, base.ttft_p50_ms)
-    tpot = _ratio(ours.tpot_p99_ms, base.tpot_p99_ms)
+def _comparison(dataset: str, out: float | None, ttft: float | None, tpot: float | None,
+                failed: int, round_no: int | None, rounds: int) -> Comparison:
     targets = (
         _check(f"output tok/s >= {MIN_OUTPUT_TPS_RATIO:g}x vLLM", out,
                out is not None and out >= MIN_OUTPUT_TPS_RATIO),
@@ -124,17 +131,48 @@ def compare(ours: BenchRow, base: BenchRow) -> Comparison:
                ttft is not None and ttft <= MAX_TTFT_P50_RATIO),
         _check(f"P99 TPOT <= {MAX_TPOT_P99_RATIO:g}x vLLM", tpot,
                tpot is not None and tpot <= MAX_TPOT_P99_RATIO),
-        _check("0 failed requests", float(ours.failed), ours.failed == 0),
+        _check("0 failed requests", float(failed), failed == 0),
     )
-    return Comparison(ours.dataset, out, ttft, tpot, targets)
+    return Comparison(dataset, out, ttft, tpot, targets, round_no, rounds)
+
+
+def compare(ours: BenchRow, base: BenchRow, rounds: int = 1) -> Comparison:
+    return _comparison(ours.dataset, _ratio(ours.output_tps, base.output_tps),
+                       _ratio(ours.ttft_p50_ms, base.ttft_p50_ms),
+                       _ratio(ours.tpot_p99_ms, base.tpot_p99_ms), ours.failed, ours.round,
+                       rounds)
+
+
+def _median(values: list[float | None]) -> float | None:
+    return None if not values or None in values else float(np.median(values))
+
+
+def median_comparison(comps: list[Comparison], failed: int) -> Comparison:
+    """The rounds of one dataset as one: each ratio's median over the rounds (the targets
+    judged on those), and every round's failed requests."""
+    return _comparison(comps[0].dataset, _median([c.output_tps_ratio for c in comps]),
+                       _median([c.ttft_p50_ratio for c in comps]),
+                       _median([c.tpot_p99_ratio for c in comps]), failed, None, len(comps))
 
 
 def compare_all(rows: list[BenchRow]) -> list[Comparison]:
-    """One comparison per dataset that ran on both servers, in row order."""
-    by_key = {(r.server, r.dataset): r for r in rows}
+    """One comparison per round and dataset that ran on both servers, in row order; with
+    more than one round, then each dataset's median over its rounds."""
+    by_key = {(r.server, r.dataset, r.round): r for r in rows}
+    rounds = sorted({r.round for r in rows})
     datasets = dict.fromkeys(r.dataset for r in rows)
-    return [compare(by_key[OURS, d], by_key[BASELINE, d]) for d in datasets
-            if (OURS, d) in by_key and (BASELINE, d) in by_key]
+    per_round = [compare(by_key[OURS, d, n], by_key[BASELINE, d, n], len(rounds))
+                 for n in rounds for d in datasets
+                 if (OURS, d, n) in by_key and (BASELINE, d, n) in by_key]
+    if len(rounds) == 1:
+        return per_round
+    medians = []
+    for d in datasets:
+        comps = [c for c in per_round if c.dataset == d]
+        if comps:
+            failed = sum(r.failed for r in rows if r.server == OURS and r.dataset == d)
+            medians.append(median_comparison(comps, failed))
+    return per_round + medians
 
 
 def markdown(rows: list[BenchRow], comparisons: list[Comparison], title: str) -> str:
@@ -143,11 +181,13 @@ def markdown(rows: list[BenchRow], comparisons: list[Comparison], title: str) ->
              "TPOT p50/p99 ms | ITL p50/p99 ms | mean prompt tok | ok/failed | "
              "CPU model / beside (cores) |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    several = len({r.round for r in rows}) > 1
     for r in rows:
         cpu = ("-" if r.cpu_model is None or r.cpu_beside_model is None
                else f"{r.cpu_model:.2f} / {r.cpu_beside_model:.3f}")
+        name = f"{r.dataset}, round {r.round}" if several else r.dataset
         lines.append(
-            f"| {r.dataset} | {r.server} | {r.output_tps:.1f} | {r.total_tps:.1f} | "
+            f"| {name} | {r.server} | {r.output_tps:.1f} | {r.total_tps:.1f} | "
             f"{r.request_tps:.2f} | {r.ttft_p50_ms:.0f} / {r.ttft_p99_ms:.0f} | "
             f"{r.tpot_p50_ms:.1f} / {r.tpot_p99_ms:.1f} | {r.itl_p50_ms:.1f} / "
             f"{r.itl_p99_ms:.1f} | {r.input_tokens_mean:.1f} | {r.completed}/{r.failed} | "
@@ -156,7 +196,8 @@ def markdown(rows: list[BenchRow], comparisons: list[Comparison], title: str) ->
     if beside:
         lines += ["", "CPU beside the model over each run, by process (shares of one core, "
                   "the busiest first):", ""]
-        lines += [f"- {r.server} {r.dataset}: " + ", ".join(
+        lines += [f"- {r.server} {r.dataset}{f' (round {r.round})' if several else ''}: "
+                  + ", ".join(
             f"{name} {share:.3f}" for name, share in r.cpu_processes[1:1 + _CPU_LISTED])
             for r in beside]
     if comparisons:
@@ -167,7 +208,7 @@ def markdown(rows: list[BenchRow], comparisons: list[Comparison], title: str) ->
         for c in comparisons:
             cells = [f"{'-' if t.value is None else f'{t.value:.3g}'} {_verdict(t.passed)}"
                      for t in c.targets]
-            lines.append(f"| {c.dataset} | " + " | ".join(cells) + f" | {_verdict(c.all_met)} |")
+            lines.append(f"| {c.label} | " + " | ".join(cells) + f" | {_verdict(c.all_met)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -176,7 +217,8 @@ def _verdict(passed: bool | None) -> str:
 
 
 def plot_png(path: Path, rows: list[BenchRow], title: str) -> None:
-    """Per dataset, grouped bars (one per server) of output tok/s, TTFT p50 and P99 TPOT."""
+    """Per dataset, grouped bars (one per server) of output tok/s, TTFT p50 and P99 TPOT
+    (the median over rounds)."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on the benchmark machines
@@ -184,7 +226,6 @@ def plot_png(path: Path, rows: list[BenchRow], title: str) -> None:
 
     datasets = list(dict.fromkeys(r.dataset for r in rows))
     servers = list(dict.fromkeys(r.server for r in rows))
-    by_key = {(r.server, r.dataset): r for r in rows}
     metrics = (("output_tps", "output tok/s (higher is better)"),
                ("ttft_p50_ms", "TTFT p50 ms (lower is better)"),
                ("tpot_p99_ms", "P99 TPOT ms (lower is better)"))
@@ -193,8 +234,9 @@ def plot_png(path: Path, rows: list[BenchRow], title: str) -> None:
     width = 0.8 / max(1, len(servers))
     for ax, (field, label) in zip(axes, metrics, strict=True):
         for i, server in enumerate(servers):
-            vals = [getattr(by_key[server, d], field) if (server, d) in by_key else 0.0
-                    for d in datasets]
+            vals = [float(np.median(got)) if (got := [
+                getattr(r, field) for r in rows if (r.server, r.dataset) == (server, d)])
+                else 0.0 for d in datasets]
             rects = ax.bar(x + (i - (len(servers) - 1) / 2) * width, vals, width, label=server)
             ax.bar_label(rects, fmt="%.0f", fontsize=8)
         ax.set_xticks(x, datasets)

@@ -338,14 +338,14 @@ def test_cli_wires_flags_into_the_config(monkeypatch, tmp_path):
     monkeypatch.setattr(bps, "print_summary", lambda payload, out: seen.setdefault("out", out))
     argv = ["bench", "peers-serve", "--model", str(model), "--datasets", "random-r4,mix95",
             "--num-prompts", "8", "--servers", "vllm", "--dtype", "bfloat16", "--rate", "2",
-            "--warmups", "0",
+            "--warmups", "0", "--rounds", "2",
             "--out", str(tmp_path / "o"), "--no-progress"]
     assert main(argv) == 0
     cfg = seen["cfg"]
     assert (cfg.model, cfg.label) == (str(model), "my-model")
     assert cfg.datasets == ("random-r4", "mix95") and cfg.servers == ("vllm",)
     assert (cfg.num_prompts, cfg.num_requests, cfg.rate, cfg.dtype) == (8, 64, 2.0, "bfloat16")
-    assert cfg.warmups == 0
+    assert cfg.warmups == 0 and cfg.rounds == 2
     assert cfg.out_dir == seen["out"] == str(tmp_path / "o") and not cfg.progress
     assert cfg.command.startswith("alignedserve bench peers-serve --model")
     from alignedserve.cluster.cli import build_parser
@@ -354,5 +354,56 @@ def test_cli_wires_flags_into_the_config(monkeypatch, tmp_path):
     assert args.datasets == bps.DATASETS == ("random-r4", "random-inf", "mix95", "sharegpt")
     assert args.servers == ("alignedserve", "vllm") and args.dtype == "float32"
     assert args.out == "bench-results/peers-serve" and args.num_prompts is None
-    assert args.warmups == 1 and args.rate is None
+    assert args.warmups == 1 and args.rate is None and args.rounds == 1
     assert main(["bench", "peers-serve", "--model", str(model), "--datasets", "nope"]) == 2
+
+
+def _in_round(row, n):
+    return dataclasses.replace(row, round=n)
+
+
+def test_rounds_are_compared_one_by_one_and_judged_on_the_median():
+    rows = [_in_round(_row("alignedserve", "mix95", 90.0, 1000.0, 100.0), 1),
+            _in_round(_row("vllm", "mix95", 100.0, 1000.0, 100.0), 1),
+            _in_round(_row("vllm", "mix95", 100.0, 1000.0, 100.0), 2),
+            _in_round(_row("alignedserve", "mix95", 120.0, 1000.0, 90.0, failed=1), 2),
+            _in_round(_row("vllm", "mix95", 100.0, 1000.0, 100.0), 3),
+            _in_round(_row("alignedserve", "mix95", 105.0, 1600.0, 95.0), 3)]
+    comps = compare_all(rows)
+    assert [(c.round, c.label) for c in comps] == [
+        (1, "mix95, round 1"), (2, "mix95, round 2"), (3, "mix95, round 3"),
+        (None, "mix95, median of 3 rounds")]
+    assert [c.output_tps_ratio for c in comps[:3]] == pytest.approx([0.9, 1.2, 1.05])
+    median = comps[3]
+    assert median.output_tps_ratio == pytest.approx(1.05)
+    assert median.ttft_p50_ratio == pytest.approx(1.0)
+    assert median.tpot_p99_ratio == pytest.approx(0.95)
+    assert median.targets[3].value == 1.0 and median.all_met is False  # every round's failure
+    md = markdown(rows, comps, "t")
+    assert "| mix95, round 2 | alignedserve | 120.0 |" in md
+    assert "| mix95, median of 3 rounds | 1.05 pass | 1 pass | 0.95 pass | 1 FAIL | FAIL |" in md
+    one = compare_all([_row("alignedserve", "x", 1.0, 1.0, 1.0), _row("vllm", "x", 1.0, 1.0, 1.0)])
+    assert [c.label for c in one] == ["x"]  # a single round: no round in the names
+
+
+def test_rounds_run_the_servers_in_alternating_order(monkeypatch, tmp_path):
+    runs = []
+
+    def fake_run_server(cfg, server, out, files, runs_before, round_no):
+        runs.append((round_no, server))
+        got = [_in_round(_row(server, d, 100.0 + round_no, 1000.0, 100.0), round_no)
+               for d in cfg.datasets]
+        return got, [f"{server} {round_no}"], {"command": server,
+                                                "leaked_processes": [f"{server}-{round_no}"]}
+
+    monkeypatch.setattr(bps, "_run_server", fake_run_server)
+    cfg = bps.PeersServeConfig(model=str(tmp_path), label="m", datasets=("random-r4",),
+                               rounds=3, out_dir=str(tmp_path / "o"), progress=False)
+    payload = bps.run_peers_serve(cfg)
+    assert runs == [(1, "alignedserve"), (1, "vllm"), (2, "vllm"), (2, "alignedserve"),
+                    (3, "alignedserve"), (3, "vllm")]
+    assert [c["round"] for c in payload["comparisons"]] == [1, 2, 3, None]
+    assert payload["servers"]["vllm"]["leaked_processes"] == ["vllm-1", "vllm-2", "vllm-3"]
+    assert "3 rounds in alternating order" in (tmp_path / "o" / "table.md").read_text()
+    with pytest.raises(ValueError, match="rounds"):
+        bps.PeersServeConfig(model="m", label="m", rounds=0)
