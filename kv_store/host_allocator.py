@@ -77,9 +77,7 @@ class StoreHostAllocator:
         blocks, and a swap-out reserves again (`reserve`) or recomputes, as when the host
         pool is full."""
         need = total - len(held)
-        if need <= 0 or owner in self._ahead:
-            return self.reserve(owner, held, total)
-        if need > self._free:
+        if need <= 0 or owner in self._ahead or need > self._free:
             return self.reserve(owner, held, total)
         ref = self.store.allocate.remote(owner, total)
         self._ahead[owner] = (ref, held, need)
@@ -91,6 +89,12 @@ class StoreHostAllocator:
         """Wait for `owner`'s reserve_ahead answer, if one is outstanding, and apply it."""
         if owner in self._ahead:
             self._apply(owner, ray.get(self._ahead[owner][0]))
+
+    def settle_all(self) -> None:
+        """Wait for every outstanding reserve_ahead answer: before freeing requests'
+        blocks in the store directly (a stopping replica), which must not overtake them."""
+        for owner in list(self._ahead):
+            self._settle(owner)
 
     def _settle_answered(self) -> None:
         if not self._ahead_owner:

@@ -346,6 +346,24 @@ def test_a_release_waits_for_its_pending_reservation_so_the_free_cannot_overtake
     assert ray_local.get(store.calls.remote()) == ["allocate b", "free b"]
 
 
+def test_a_stopping_replica_settles_every_pending_reservation_first(ray_local):
+    """A stopping replica frees its requests in the store directly: settle_all first
+    waits for the reservations still on their way, so those frees cannot overtake them."""
+    from alignedserve.kv_store.host_allocator import StoreHostAllocator
+
+    store = _gated_store(ray_local)
+    alloc = StoreHostAllocator(store, 10)
+    held = {o: [] for o in ("d", "e")}
+    for owner, blocks in held.items():
+        assert alloc.reserve_ahead(owner, blocks, 2)
+    timer = threading.Timer(0.3, lambda: ray_local.get(store.open.remote()))
+    timer.start()
+    alloc.settle_all()  # returns only once both allocations ran
+    timer.join()
+    assert held == {"d": [0, 1], "e": [0, 1]}
+    assert sorted(ray_local.get(store.calls.remote())) == ["allocate d", "allocate e"]
+
+
 def test_a_reservation_the_store_refuses_after_all_leaves_the_request_without_host_blocks(
         ray_local):
     from alignedserve.kv_store.host_allocator import StoreHostAllocator

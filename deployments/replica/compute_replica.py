@@ -198,6 +198,10 @@ class ComputeReplica(ReplicaLiveness):
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout=10)
         self._heart.join(timeout=5)
+        try:
+            self.host.settle_all()  # the frees below must not overtake an allocate
+        except ray.exceptions.RayError as e:  # the store is gone: nothing left to free
+            log.warning("replica %s: KV store unreachable at stop: %r", self.replica_id, e)
         pipe = self.r.pipeline(transaction=False)
         for rid, n in self.counts.items():
             log.warning("failed: still running when the drain timed out", extra=log_rid(rid))
