@@ -24,6 +24,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from alignedserve.engine.cpuinfo import cpu_flags
 from alignedserve.engine.kv_cache import PagedKVCache
 from alignedserve.engine.native import kernels
 
@@ -183,6 +184,17 @@ def paged_prefill_fits(cache: PagedKVCache, head_dim: int) -> bool:
     return (cache.kv.device.type == "cpu" and mod is not None
             and dtype in mod.paged_prefill_dtypes()
             and head_dim % 32 == 0 and head_dim <= 256 and cache.block_size in (16, 32))
+
+
+def use_prefill_kernel(mode: str, cache: PagedKVCache, head_dim: int) -> bool:
+    """`EngineConfig.prefill_attention`: "kernel" where it fits, "sdpa" never; "auto" also
+    leaves bf16 to SDPA on CPUs with AMX. There torch's flash attention runs its products
+    on AMX tiles (oneDNN's brgemm), 2.5-3.5x faster than the kernel's AVX512-BF16 dot
+    products even counting the gather copy and masked scores of a later chunk; in fp32 the
+    kernel is 1.2-1.3x faster (BENCHMARKS.md, sixteenth session)."""
+    if mode == "sdpa" or not paged_prefill_fits(cache, head_dim):
+        return False
+    return mode == "kernel" or not (cache.kv.dtype == torch.bfloat16 and "amx_bf16" in cpu_flags())
 
 
 def prefill_mask(start: int, q_len: int, window: int | None) -> torch.Tensor | None:

@@ -179,11 +179,12 @@ class EngineConfig(AlignedKnobs):
         "takes paged where the kernel builds, else picks dense/varlen per batch from the "
         "KV-length spread.",
     )
-    prefill_attention: Literal["auto", "sdpa"] = Field(
+    prefill_attention: Literal["auto", "kernel", "sdpa"] = Field(
         "auto",
-        description="Prefill attention: auto runs chunks through the paged C++ kernel where "
+        description="Prefill attention: kernel runs chunks through the paged C++ kernel where "
         "it takes them (CPU, fp32 or bf16 with AVX512-BF16, head dim a multiple of 32, "
-        "blocks of 16 or 32) and through torch's SDPA elsewhere; sdpa always uses SDPA.",
+        "blocks of 16 or 32) and through torch's SDPA elsewhere; sdpa always uses SDPA; "
+        "auto is kernel, except bf16 on a CPU with AMX, where SDPA (on AMX tiles) is faster.",
     )
     dense_max_padding: float = Field(
         0.25,

@@ -16,7 +16,7 @@ from alignedserve.engine.attention import (
     PrefillChunk,
     build_decode_batch,
     padding_fraction,
-    paged_prefill_fits,
+    use_prefill_kernel,
     prefill_mask,
 )
 from alignedserve.engine.config import EngineConfig, ModelConfig
@@ -66,8 +66,7 @@ class ModelRunner:
         self.max_model_len = self.sizes.max_model_len
         # auto decode attention: the C++ paged kernel where it builds (CPU), else dense/varlen.
         self._paged = self.cache.kv.device.type == "cpu" and kernels() is not None
-        fits = (cfg.prefill_attention == "auto"
-                and paged_prefill_fits(self.cache, self.model_cfg.head_dim))
+        fits = use_prefill_kernel(cfg.prefill_attention, self.cache, self.model_cfg.head_dim)
         self._prefill_kernel = kernels().paged_prefill if fits else None  # type: ignore[union-attr]
         self._generators: dict[str, torch.Generator] = {}
 

@@ -35,9 +35,8 @@ class StoreHostAllocator:
         self._releasing: list[tuple[str, int]] = []  # (owner, blocks) since the last submit
         self._deferred: deque[tuple[int, list[tuple[str, int]]]] = deque()  # (seq, releases)
         # reserve_ahead calls not answered yet: owner -> (call, the owner's held list, blocks
-        # counted against the hint), and the owner of each call.
+        # counted against the hint).
         self._ahead: dict[str, tuple[ray.ObjectRef, list[int], int]] = {}
-        self._ahead_owner: dict[ray.ObjectRef, str] = {}
         self.ahead_refused = 0  # reserve_ahead calls the store could not grant after all
 
     @property
@@ -81,7 +80,6 @@ class StoreHostAllocator:
             return self.reserve(owner, held, total)
         ref = self.store.allocate.remote(owner, total)
         self._ahead[owner] = (ref, held, need)
-        self._ahead_owner[ref] = owner
         self._free -= need
         return True
 
@@ -97,16 +95,15 @@ class StoreHostAllocator:
             self._settle(owner)
 
     def _settle_answered(self) -> None:
-        if not self._ahead_owner:
+        if not self._ahead:
             return
-        refs = list(self._ahead_owner)
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        owner_of = {call[0]: owner for owner, call in self._ahead.items()}
+        ready, _ = ray.wait(list(owner_of), num_returns=len(owner_of), timeout=0)
         for ref in ready:
-            self._apply(self._ahead_owner[ref], ray.get(ref))
+            self._apply(owner_of[ref], ray.get(ref))
 
     def _apply(self, owner: str, got: list[int] | None) -> None:
-        ref, held, counted = self._ahead.pop(owner)
-        del self._ahead_owner[ref]
+        _, held, counted = self._ahead.pop(owner)
         if got is None:
             self._free += counted
             self.ahead_refused += 1

@@ -243,20 +243,36 @@ def test_engine_prefills_through_the_kernel_and_sdpa_is_selectable(dtype, tiny_d
     prompts = [[5 + i for i in range(n)] for n in (3, 40, 130)]
     greedy = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, logprobs=True)
     runs = {}
-    for mode in ("auto", "sdpa"):
+    for mode in ("kernel", "sdpa"):
         calls.clear()
         llm = LLM(str(tiny_dir), dtype=str(dtype).removeprefix("torch."), prefill_attention=mode,
                   max_num_batched_tokens=64, **pools)
         runs[mode] = llm.generate(prompts, greedy, use_tqdm=False)
         layers = llm.engine.model_cfg.num_layers
-        if mode == "auto":  # every layer of every chunk; the 130-token prompt in 3 chunks
+        if mode == "kernel":  # every layer of every chunk; the 130-token prompt in 3 chunks
             assert len(calls) >= layers * 4 and max(calls) > 0
         else:
             assert calls == []
     # The two paths round differently; the first token's logprob barely moves.
     tol = 1e-3 if dtype == torch.float32 else 0.1
-    for a, b in zip(runs["auto"], runs["sdpa"], strict=True):
+    for a, b in zip(runs["kernel"], runs["sdpa"], strict=True):
         assert abs(a.logprobs[0] - b.logprobs[0]) < tol or a.token_ids[0] != b.token_ids[0]
     same = sum(a.token_ids[0] == b.token_ids[0]
-               for a, b in zip(runs["auto"], runs["sdpa"], strict=True))
+               for a, b in zip(runs["kernel"], runs["sdpa"], strict=True))
     assert same >= 2
+
+
+@pytest.mark.parametrize("dtype", _prefill_dtypes())
+def test_auto_prefill_leaves_bf16_to_sdpa_on_amx_only(dtype, monkeypatch):
+    from types import SimpleNamespace
+
+    from alignedserve.engine import attention
+
+    cache = SimpleNamespace(kv=torch.zeros(1, dtype=dtype), block_size=BLOCK)
+    for flags, auto in ((frozenset({"avx512_bf16"}), True),
+                        (frozenset({"avx512_bf16", "amx_bf16"}), dtype == torch.float32)):
+        monkeypatch.setattr(attention, "cpu_flags", lambda f=flags: f)
+        assert attention.use_prefill_kernel("auto", cache, 64) is auto
+        assert attention.use_prefill_kernel("kernel", cache, 64) is True
+        assert attention.use_prefill_kernel("sdpa", cache, 64) is False
+    assert attention.use_prefill_kernel("kernel", cache, 48) is False  # not a fit: SDPA

@@ -16,7 +16,8 @@ node's store serves gRPC to other nodes, and register in Redis. Then one thread 
 4. publish every new token to its request's Redis stream, in one pipeline per step;
 5. keep this replica's state (pool sizes, usage) for the leader and `alignedserve status`.
 
-A heartbeat thread (`liveness.py`) publishes that state every 0.1 s and watches the
+A heartbeat thread (`liveness.py`) publishes that state every 0.25 s (at once when the
+room moves) and watches the
 prefetch worker: if the worker died, the replica withdraws its state and fails its health
 check, so Serve replaces the pair. The routers ask Ray about the actors named in the state
 when it stops refreshing (`deployments/liveness.py`).
@@ -37,7 +38,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from alignedserve.config import ServeConfig
 from alignedserve.deployments.limits import engine_config, serving_limits
 from alignedserve.deployments.metrics import EngineMetrics
-from alignedserve.deployments.replica.liveness import STATE_EVERY_S, ReplicaLiveness, serve_store
+from alignedserve.deployments.replica.liveness import ReplicaLiveness, serve_store
 from alignedserve.engine.llm_engine import EngineParts, LLMEngine
 from alignedserve.global_queue.connection import connect
 from alignedserve.global_queue.events import TokenEvent, publish
@@ -379,36 +380,3 @@ class ComputeReplica(ReplicaLiveness):
             self.host.num_blocks, batch_kv_lengths=list(st.batch_kv_lengths),
             switches=st.counters["switches"], preemptions=st.counters["preemptions"],
             prefetch_bytes=q.stats.bytes, hits=q.hits, misses=q.misses)
-
-    def _state(self) -> ReplicaState:
-        st = self.engine.scheduler.stats()
-        return ReplicaState(
-            replica=self.replica_id, ts=time.time(), requests=self.engine.num_requests,
-            running=st.running, pooled=st.pooled, waiting=st.waiting,
-            free=self._room(),
-            kv_usage=st.device_usage, prefetch_hit_rate=self.transfers.hit_rate,
-            switches=st.counters["switches"],
-            prefill="replica" if self.cfg.replica_prefills else "worker",
-            node=self.node, actors=self._actors,
-            namespace=self._namespace, pids=self._pids,
-        )
-
-    def _room(self) -> int:
-        """Requests the leader may still assign here."""
-        if self._draining.is_set():
-            return 0
-        return max(0, self.cfg.replica_inflight - self.engine.num_requests - len(self.pulling))
-
-    def _publish_state(self) -> None:
-        """Refresh the state the heartbeat publishes (computed here, on the loop's thread,
-        which owns the scheduler) every STATE_EVERY_S, and at once, with a nudge to the
-        heartbeat, when the room moved."""
-        now = time.monotonic()
-        moved = self._room() != self._last_state.free
-        if not moved and now - self._state_at < STATE_EVERY_S:
-            return
-        self._state_at = now
-        self._last_state = self._state()
-        if moved:
-            self._beat.set()
-

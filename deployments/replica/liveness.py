@@ -1,6 +1,9 @@
-"""The compute replica's liveness: its heartbeat and how it fails (`ComputeReplica`).
+"""The compute replica's liveness: the state it publishes, its heartbeat and how it fails
+(`ComputeReplica`).
 
-A heartbeat thread publishes the decode loop's latest state every 0.25 s, and at once when
+The decode loop refreshes the replica's state (its room for more requests, pool sizes,
+usage) every STATE_EVERY_S, on its own thread, which owns the scheduler. A heartbeat
+thread publishes the decode loop's latest state every 0.25 s, and at once when
 the loop reports that the replica's room moved (the leader's dispatch waits on that), and
 pings the prefetch worker: if the worker died, the replica withdraws its state (the routers resume
 its requests elsewhere at once) and fails its health check, so Serve replaces the pair.
@@ -18,9 +21,11 @@ import ray
 import redis
 
 from alignedserve.config import ServeConfig
+from alignedserve.engine.llm_engine import LLMEngine
 from alignedserve.global_queue.keys import RedisKeys
 from alignedserve.global_queue.nodes import StoreInfo, publish_store
-from alignedserve.global_queue.records import ReplicaState, publish_state
+from alignedserve.global_queue.records import ReplicaState, RequestRecord, publish_state
+from alignedserve.prefetch_workers.transfer_client import PrefetchTransferQueue
 
 log = logging.getLogger("alignedserve.replica")
 STATE_EVERY_S = 0.1  # how often the decode loop refreshes the state the heartbeat sends
@@ -34,8 +39,12 @@ _STORE_EVERY_S = 1.0  # how often the node's store info is refreshed in Redis
 
 
 class ReplicaLiveness:
-    """The heartbeat half of `ComputeReplica`; these are the attributes it reads."""
+    """The state and heartbeat half of `ComputeReplica`; these are the attributes it reads."""
 
+    cfg: ServeConfig
+    engine: LLMEngine
+    transfers: PrefetchTransferQueue
+    pulling: dict[str, tuple[ray.ObjectRef, RequestRecord]]
     replica_id: str
     node: str
     store_address: str
@@ -46,9 +55,46 @@ class ReplicaLiveness:
     _stop: threading.Event
     _error: BaseException | None
     _last_state: ReplicaState
+    _state_at: float  # when the decode loop last refreshed _last_state
+    _draining: threading.Event
+    _actors: tuple[str, str]
+    _namespace: str
+    _pids: tuple[int, int]
     _beat: threading.Event  # set by the decode loop: publish now (the room moved)
 
     _published_free: int | None = None  # the room last published
+
+    def _state(self) -> ReplicaState:
+        st = self.engine.scheduler.stats()
+        return ReplicaState(
+            replica=self.replica_id, ts=time.time(), requests=self.engine.num_requests,
+            running=st.running, pooled=st.pooled, waiting=st.waiting,
+            free=self._room(),
+            kv_usage=st.device_usage, prefetch_hit_rate=self.transfers.hit_rate,
+            switches=st.counters["switches"],
+            prefill="replica" if self.cfg.replica_prefills else "worker",
+            node=self.node, actors=self._actors,
+            namespace=self._namespace, pids=self._pids,
+        )
+
+    def _room(self) -> int:
+        """Requests the leader may still assign here."""
+        if self._draining.is_set():
+            return 0
+        return max(0, self.cfg.replica_inflight - self.engine.num_requests - len(self.pulling))
+
+    def _publish_state(self) -> None:
+        """Refresh the state the heartbeat publishes (computed here, on the loop's thread,
+        which owns the scheduler) every STATE_EVERY_S, and at once, with a nudge to the
+        heartbeat, when the room moved."""
+        now = time.monotonic()
+        moved = self._room() != self._last_state.free
+        if not moved and now - self._state_at < STATE_EVERY_S:
+            return
+        self._state_at = now
+        self._last_state = self._state()
+        if moved:
+            self._beat.set()
 
     def _publish_now(self) -> None:
         """Publish the latest state with a fresh timestamp. The leader's dispatch is woken
