@@ -16,8 +16,8 @@ from alignedserve.engine.attention import (
     PrefillChunk,
     build_decode_batch,
     padding_fraction,
-    use_prefill_kernel,
     prefill_mask,
+    use_prefill_kernel,
 )
 from alignedserve.engine.config import EngineConfig, ModelConfig
 from alignedserve.engine.kv_cache import PagedKVCache
