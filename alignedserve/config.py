@@ -45,6 +45,9 @@ class EngineKnobs(AlignedKnobs):
     max_num_seqs: int = Field(64, ge=1, description="Requests per decode step at most.")
     max_num_batched_tokens: int = Field(1024, ge=16, description="Tokens per step at most.")
     max_model_len: int | None = Field(None, ge=2, description="Context length cap.")
+    prefill_attention: Literal["auto", "kernel", "sdpa"] = Field(
+        "auto", description="Prefill attention of the replicas and workers: the paged C++ "
+        "kernel, torch's SDPA, or auto (the kernel, except bf16 on CPUs with AMX: SDPA).")
 
 
 class ServeConfig(BaseSettings):

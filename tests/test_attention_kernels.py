@@ -276,3 +276,15 @@ def test_auto_prefill_leaves_bf16_to_sdpa_on_amx_only(dtype, monkeypatch):
         assert attention.use_prefill_kernel("kernel", cache, 64) is True
         assert attention.use_prefill_kernel("sdpa", cache, 64) is False
     assert attention.use_prefill_kernel("kernel", cache, 48) is False  # not a fit: SDPA
+
+
+def test_the_serve_configs_prefill_attention_reaches_the_replicas_engine(monkeypatch, tiny_dir):
+    from alignedserve.config import ServeConfig
+    from alignedserve.deployments.limits import engine_config
+
+    assert engine_config(ServeConfig(), str(tiny_dir), 2).prefill_attention == "auto"
+    monkeypatch.setenv("ALIGNEDSERVE_ENGINE__PREFILL_ATTENTION", "kernel")
+    cfg = ServeConfig()
+    assert engine_config(cfg, str(tiny_dir), 2).prefill_attention == "kernel"
+    with pytest.raises(ValueError, match="prefill_attention"):
+        ServeConfig(engine={"prefill_attention": "flash"})
