@@ -45,16 +45,24 @@ class DecodeBatch:
 class DecodeBackend(Protocol):
     """Attention of one query token per sequence against its cached KV.
 
-    forward: q [B, heads, head_dim] -> [B, heads, head_dim]. GQA is handled by folding the
-    query heads that share a KV head into the query-length axis, so KV is never repeated.
+    forward: q [B, heads, head_dim] -> [B, heads, head_dim], written into `out` when given
+    (a contiguous tensor of q's shape: the step's attention output rows). GQA is handled by
+    folding the query heads that share a KV head into the query-length axis, so KV is never
+    repeated.
     """
 
     name: str
     align_by: str  # what a misaligned member costs this kernel (AlignedKnobs.align_by)
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b: DecodeBatch, scale: float
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b: DecodeBatch, scale: float,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor: ...
+
+
+def _into(res: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """A torch backend's result, copied into `out` when the caller gave one."""
+    return res if out is None else out.copy_(res)
 
 
 def padding_fraction(kv_lens: list[int]) -> float:
@@ -91,14 +99,14 @@ class DenseDecode:
     name = "dense"
     align_by = "spread"  # every member pays for the longest
 
-    def forward(self, q, k, v, b: DecodeBatch, scale: float) -> torch.Tensor:
+    def forward(self, q, k, v, b: DecodeBatch, scale: float, out=None) -> torch.Tensor:
         n, heads, dim = q.shape
         kv_heads = k.shape[2]
         kp = k.index_select(0, b.tables.flatten()).view(n, -1, kv_heads, dim).transpose(1, 2)
         vp = v.index_select(0, b.tables.flatten()).view(n, -1, kv_heads, dim).transpose(1, 2)
         qg = q.view(n, kv_heads, heads // kv_heads, dim)  # [B, kv_heads, group, dim]
-        out = F.scaled_dot_product_attention(qg, kp, vp, attn_mask=b.mask, scale=scale)
-        return out.reshape(n, heads, dim)
+        res = F.scaled_dot_product_attention(qg, kp, vp, attn_mask=b.mask, scale=scale)
+        return _into(res.reshape(n, heads, dim), out)
 
 
 class VarlenDecode:
@@ -107,12 +115,13 @@ class VarlenDecode:
     name = "varlen"
     align_by = "total"  # one call per sequence, each over all threads
 
-    def forward(self, q, k, v, b: DecodeBatch, scale: float) -> torch.Tensor:
+    def forward(self, q, k, v, b: DecodeBatch, scale: float, out=None) -> torch.Tensor:
         _, heads, dim = q.shape
         kv_heads = k.shape[2]
         kall = k.index_select(0, b.tables).flatten(0, 1)  # [sum blocks*block_size, kv_heads, dim]
         vall = v.index_select(0, b.tables).flatten(0, 1)
-        out = torch.empty_like(q)
+        if out is None:
+            out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         for i, (row, length) in enumerate(zip(b.starts, b.kv_lens, strict=True)):
             lo = max(0, length - b.window) if b.window is not None else 0
             ki = kall[row + lo : row + length].transpose(0, 1)  # [kv_heads, L, dim]
@@ -129,13 +138,16 @@ class PagedDecode:
     name = "paged"
     align_by = "total"  # work split over threads longest first (LPT)
 
-    def forward(self, q, k, v, b: DecodeBatch, scale: float) -> torch.Tensor:
+    def forward(self, q, k, v, b: DecodeBatch, scale: float, out=None) -> torch.Tensor:
         mod = kernels()
         if mod is None:
             raise RuntimeError("the paged backend needs the C++ kernels (engine/native.py)")
         window = b.window if b.window is not None else 0
-        return mod.paged_decode(q.contiguous(), k, v, b.tables, b.table_starts, b.lens,
-                                window, scale)
+        # The kernel reads rows any stride apart (a view of the fused qkv projection: no
+        # copy per layer) as long as each row's heads are contiguous.
+        if q.stride(2) != 1 or q.stride(1) != q.shape[2]:
+            q = q.contiguous()
+        return mod.paged_decode(q, k, v, b.tables, b.table_starts, b.lens, window, scale, out)
 
 
 class FlashAttnDecode:
@@ -144,16 +156,16 @@ class FlashAttnDecode:
     name = "flash"
     align_by = "longest"  # one work unit per sequence: the longest stalls
 
-    def forward(self, q, k, v, b: DecodeBatch, scale: float) -> torch.Tensor:
+    def forward(self, q, k, v, b: DecodeBatch, scale: float, out=None) -> torch.Tensor:
         from flash_attn import flash_attn_with_kvcache
 
         lens = torch.tensor(b.kv_lens, dtype=torch.int32, device=q.device)
         window = (b.window - 1, 0) if b.window is not None else (-1, -1)
-        out = flash_attn_with_kvcache(
+        res = flash_attn_with_kvcache(
             q[:, None], k, v, cache_seqlens=lens, block_table=b.tables.to(q.device, torch.int32),
             softmax_scale=scale, causal=True, window_size=window,
         )
-        return out[:, 0]
+        return _into(res[:, 0], out)
 
 
 DECODE_BACKENDS: dict[str, DecodeBackend] = {
@@ -226,11 +238,11 @@ class AttentionStep:
     def forward(self, layer: int, q, k, v, scale: float) -> torch.Tensor:
         """q: [T, heads, dim]; k, v: [T, kv_heads, dim]. Returns [T, heads*dim]."""
         self.cache.write(layer, k, v, self.slot_blocks, self.slot_offsets)
-        out = torch.empty_like(q)
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous: q is a view
         nd = self.num_decode
         if nd and self.decode is not None:
             kc, vc = self.cache.k[layer], self.cache.v[layer]
-            out[:nd] = self.backend.forward(q[:nd], kc, vc, self.decode, scale)
+            self.backend.forward(q[:nd], kc, vc, self.decode, scale, out[:nd])
         for c in self.prefills:
             rows = slice(c.q_start, c.q_start + c.q_len)
             if self.prefill_kernel is not None:

@@ -288,3 +288,32 @@ def test_the_serve_configs_prefill_attention_reaches_the_replicas_engine(monkeyp
     assert engine_config(cfg, str(tiny_dir), 2).prefill_attention == "kernel"
     with pytest.raises(ValueError, match="prefill_attention"):
         ServeConfig(engine={"prefill_attention": "flash"})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paged_decode_reads_strided_query_rows_and_writes_into_out(dtype):
+    """q as the engine passes it (a view of the fused qkv rows, each row's heads contiguous)
+    and the result written into the caller's rows: the same values as a contiguous call."""
+    lens = [1, 33, 200, 700]
+    q, k, v, tables = _case(9, 3, lens, dtype, dim=64)
+    batch = build_decode_batch(tables, lens, BLOCK, None, False)
+    wide = torch.randn(len(lens), 9 * 64 + 2 * 3 * 64, dtype=dtype)
+    wide[:, : 9 * 64] = q.flatten(1)
+    view = wide[:, : 9 * 64].view(len(lens), 9, 64)
+    assert not view.is_contiguous()
+    paged = DECODE_BACKENDS["paged"]
+    ref = paged.forward(q, k, v, batch, 0.17)
+    out = torch.full((len(lens) + 2, 9, 64), 7.0, dtype=dtype)
+    got = paged.forward(view, k, v, batch, 0.17, out[1:-1])
+    assert torch.equal(out[1:-1], ref) and torch.equal(got, ref)
+    assert (out[0] == 7).all() and (out[-1] == 7).all()  # rows outside `out` untouched
+    for name in ("dense", "varlen"):  # the torch backends honour `out` too
+        dest = torch.empty_like(ref)
+        res = DECODE_BACKENDS[name].forward(view, k, v, build_decode_batch(
+            tables, lens, BLOCK, None, name == "dense"), 0.17, dest)
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(dest.float(), ref.float(), atol=tol, rtol=tol)
+        assert res.data_ptr() == dest.data_ptr()
+    with pytest.raises(RuntimeError, match="out must be"):
+        kernels().paged_decode(q, k, v, batch.tables, batch.table_starts, batch.lens, 0, 0.17,
+                               torch.empty(len(lens), 9, 32, dtype=dtype))

@@ -18,12 +18,17 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
-// q [tokens, heads, dim] contiguous; k_cache, v_cache [blocks, block_size, kv_heads, dim]
-// views of the pool (only the block stride is free), q's dtype, heads a multiple of
-// kv_heads. `what` names q's rows in the message.
+// q [tokens, heads, dim] contiguous (or, with `strided_rows`, each row's heads contiguous
+// and rows any stride apart, as in a view of the fused qkv projection); k_cache, v_cache
+// [blocks, block_size, kv_heads, dim] views of the pool (only the block stride is free),
+// q's dtype, heads a multiple of kv_heads. `what` names q's rows in the message.
 inline void check_paged_views(const at::Tensor& q, const at::Tensor& k_cache,
-                              const at::Tensor& v_cache, const char* what) {
-  TORCH_CHECK(q.dim() == 3 && q.is_contiguous(), "q must be a contiguous [", what, ", heads, dim]");
+                              const at::Tensor& v_cache, const char* what,
+                              bool strided_rows = false) {
+  const bool rows_ok = q.dim() == 3 && (strided_rows ? q.stride(2) == 1 && q.stride(1) == q.size(2)
+                                                     : q.is_contiguous());
+  TORCH_CHECK(rows_ok, "q must be a ", strided_rows ? "row-wise " : "", "contiguous [", what,
+              ", heads, dim]");
   TORCH_CHECK(k_cache.dim() == 4 && v_cache.dim() == 4, "caches must be 4-D");
   TORCH_CHECK(k_cache.stride(3) == 1 && k_cache.stride(2) == k_cache.size(3) &&
                   k_cache.stride(1) == k_cache.size(2) * k_cache.size(3),

@@ -319,6 +319,7 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
                         v_cache.stride(0), kv_heads * dim, dim, dim - dim % kLanes,
                         block_size, group};
   const T* qp = q.data_ptr<T>();
+  const int64_t qs = q.stride(0);  // rows may be a view of the fused qkv projection
   T* op = out.data_ptr<T>();
   const int64_t* tab = tables.data_ptr<int64_t>();
   const int64_t* tstart = table_starts.data_ptr<int64_t>();
@@ -352,7 +353,7 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
         const int64_t len = lens[s];
         const int64_t lo = window > 0 ? std::max<int64_t>(0, len - window) : 0;
         // Query heads h0*group .. (h0+heads_per_item)*group, scaled, as fp32.
-        const T* src = qp + (s * heads + h0 * group) * dim;
+        const T* src = qp + s * qs + h0 * group * dim;
         for (int64_t i = 0; i < hq * dim; ++i) qf[i] = to_float(src[i]) * sc;
         attend(prob, tab + tstart[s], lo, len - lo, h0, hq, qf.data(), src, sc, scratch.data(),
                acc.data(), m.data(), l.data(), next_k, next_v);
@@ -366,13 +367,17 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
   });
 }
 
-// q [seqs, heads, dim]; k_cache, v_cache [blocks, block_size, kv_heads, dim] (inner three
-// dims contiguous); tables [sum of blocks] int64, table_starts [seqs] int64 (offset of each
-// sequence's block ids in tables); kv_lens [seqs] int64, each >= 1; window <= 0: none.
+// q [seqs, heads, dim] (each row's heads contiguous; rows may be any stride apart, as in
+// a view of the fused qkv projection); k_cache, v_cache [blocks, block_size, kv_heads, dim]
+// (inner three dims contiguous); tables [sum of blocks] int64, table_starts [seqs] int64
+// (offset of each sequence's block ids in tables); kv_lens [seqs] int64, each >= 1;
+// window <= 0: none. The result goes into `out` when given (a contiguous tensor of q's
+// shape and dtype, e.g. the decode rows of the step's attention output), else a new one.
 at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                         const at::Tensor& tables, const at::Tensor& table_starts,
-                        const at::Tensor& kv_lens, int64_t window, double scale) {
-  check_paged_views(q, k_cache, v_cache, "seqs");
+                        const at::Tensor& kv_lens, int64_t window, double scale,
+                        const std::optional<at::Tensor>& out_opt) {
+  check_paged_views(q, k_cache, v_cache, "seqs", /*strided_rows=*/true);
   TORCH_CHECK(tables.scalar_type() == at::kLong && table_starts.scalar_type() == at::kLong &&
                   kv_lens.scalar_type() == at::kLong,
               "tables, table_starts and kv_lens must be int64");
@@ -382,7 +387,10 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at
   const int64_t* lp = kl.data_ptr<int64_t>();
   TORCH_CHECK(std::all_of(lp, lp + kl.numel(), [](int64_t n) { return n >= 1; }),
               "every kv_len must be >= 1");
-  at::Tensor out = at::empty_like(q);
+  at::Tensor out = out_opt.has_value() ? *out_opt : at::empty(q.sizes(), q.options());
+  TORCH_CHECK(out.is_contiguous() && out.sizes() == q.sizes() &&
+                  out.scalar_type() == q.scalar_type(),
+              "out must be a contiguous tensor of q's shape and dtype");
   if (q.scalar_type() == at::kFloat) {
     decode_kernel<float>(q, k_cache, v_cache, t, ts, kl, window, scale, out);
   } else if (q.scalar_type() == at::kBFloat16) {
@@ -408,7 +416,10 @@ void rope_bf16_(at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, i
                 int64_t dim);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decode", &paged_decode, "Paged decode attention reading KV blocks in place");
+  m.def("paged_decode", &paged_decode, "Paged decode attention reading KV blocks in place",
+        py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("tables"),
+        py::arg("table_starts"), py::arg("kv_lens"), py::arg("window"), py::arg("scale"),
+        py::arg("out") = py::none());
   m.def("paged_prefill", &paged_prefill, "Paged causal prefill attention of one chunk");
   m.def("paged_prefill_dtypes", &paged_prefill_dtypes,
         "The dtypes paged_prefill takes in this build (bfloat16 needs AVX512-BF16)");
