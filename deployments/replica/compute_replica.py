@@ -17,10 +17,9 @@ node's store serves gRPC to other nodes, and register in Redis. Then one thread 
 5. keep this replica's state (pool sizes, usage) for the leader and `alignedserve status`.
 
 A heartbeat thread (`liveness.py`) publishes that state every 0.25 s (at once when the
-room moves) and watches the
-prefetch worker: if the worker died, the replica withdraws its state and fails its health
-check, so Serve replaces the pair. The routers ask Ray about the actors named in the state
-when it stops refreshing (`deployments/liveness.py`).
+room moves) and watches the prefetch worker: if the worker died, the replica withdraws its
+state and fails its health check, so Serve replaces the pair. The routers ask Ray about
+the actors named in the state when it stops refreshing (`deployments/liveness.py`).
 """
 
 from __future__ import annotations
