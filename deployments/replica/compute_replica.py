@@ -294,8 +294,7 @@ class ComputeReplica(ReplicaLiveness):
         if now - self._cordon_at > _CORDON_EVERY_S:
             self._cordon_at = now
             self._cordoned = self.node in cordoned(self.r, self.keys, "prefill")
-        room = min(self._claim_window - len(self.prefilling),
-                   self.cfg.replica_inflight - self.engine.num_requests - len(self.pulling))
+        room = min(self._claim_window - len(self.prefilling), self._room())
         if room <= 0 or self._cordoned:
             return
         rids = claim_prefill(self.r, self.keys, self.replica_id, room)
